@@ -1,0 +1,50 @@
+// Plain data captured during a stall. Nothing here refers to a Python object: the sampler copies
+// file names, function names and line numbers out while it holds the GIL, so events can be queued,
+// dropped or destroyed on any thread without touching reference counts.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "loopguard/classify.h"
+#include "loopguard/clock.h"
+
+namespace loopguard {
+
+struct FrameInfo {
+  std::string filename;
+  std::string function;
+  int line = 0;
+
+  bool operator==(const FrameInfo& other) const {
+    return line == other.line && filename == other.filename && function == other.function;
+  }
+};
+
+// One look at the loop thread while it is blocked.
+struct Sample {
+  Nanos t = 0;     // monotonic time of the OS reading
+  Nanos cpu = -1;  // loop thread CPU clock at t, -1 when unknown
+  Kind kind = Kind::kUnknown;
+  bool has_stack = false;          // false: the GIL could not be had in time, or stacks are off
+  std::uint64_t token = 0;         // request token from the loop thread's Context, 0 = none
+  std::vector<FrameInfo> frames;   // innermost first, depth bounded by the sampler
+  int culprit = -1;                // index into frames of the innermost application frame
+  std::uint32_t inflight = 0;      // tracked requests in flight at t
+};
+
+struct Event {
+  std::uint64_t token = 0;
+  Nanos start = 0;     // monotonic
+  Nanos duration = 0;
+  Nanos cpu = 0;
+  Kind kind = Kind::kUnknown;
+  std::vector<FrameInfo> stack;  // innermost first
+  int culprit = -1;
+  std::uint32_t victims = 0;
+  std::uint32_t samples = 0;
+  bool stack_missing = false;
+};
+
+}  // namespace loopguard

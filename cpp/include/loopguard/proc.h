@@ -1,0 +1,47 @@
+// Reading what the OS says about another thread of this process, without the GIL.
+#pragma once
+
+#include <pthread.h>
+#include <sys/types.h>
+
+#include "loopguard/classify.h"
+#include "loopguard/clock.h"
+
+namespace loopguard {
+
+class ThreadProbe {
+ public:
+  virtual ~ThreadProbe() = default;
+  virtual OsState state() noexcept = 0;
+  // CPU time the thread has used, or -1 when the platform cannot tell.
+  virtual Nanos cpu_time() noexcept = 0;
+};
+
+// Linux: /proc/self/task/<tid>/{syscall,stat} (kept open and re-read with pread, which the proc
+// seq_file interface supports) and the thread's CPU clock. Elsewhere: CPU clock only when
+// available, state unknown, so kinds degrade to "unknown" while detection keeps working.
+class OsThreadProbe final : public ThreadProbe {
+ public:
+  OsThreadProbe(long tid, pthread_t handle);
+  ~OsThreadProbe() override;
+  OsThreadProbe(const OsThreadProbe&) = delete;
+  OsThreadProbe& operator=(const OsThreadProbe&) = delete;
+
+  OsState state() noexcept override;
+  Nanos cpu_time() noexcept override;
+
+ private:
+  int syscall_fd_ = -1;
+  int stat_fd_ = -1;
+  bool have_cpu_clock_ = false;
+  clockid_t cpu_clock_{};
+};
+
+// The kernel thread id of the calling thread (Linux gettid), or -1 where there is none.
+long current_tid() noexcept;
+
+// Parsers, exposed for unit tests.
+OsState parse_syscall_line(const char* text) noexcept;
+char parse_stat_state(const char* text) noexcept;
+
+}  // namespace loopguard

@@ -1,0 +1,207 @@
+#include "loopguard/classify.h"
+
+#include <array>
+
+#ifdef __linux__
+#include <sys/syscall.h>
+#endif
+
+namespace loopguard {
+
+const char* kind_name(Kind kind) noexcept {
+  switch (kind) {
+    case Kind::kSleep:
+      return "sleep";
+    case Kind::kIo:
+      return "io";
+    case Kind::kCpu:
+      return "cpu";
+    case Kind::kLock:
+      return "lock";
+    case Kind::kIdle:
+      return "idle";
+    case Kind::kUnknown:
+      break;
+  }
+  return "unknown";
+}
+
+namespace {
+
+#ifdef __linux__
+// Syscall numbers differ per architecture and some calls do not exist on newer ones (aarch64 has
+// no plain poll/select/epoll_wait), hence the #ifdef per name.
+bool is_sleep_call(long nr) {
+  switch (nr) {
+#ifdef SYS_clock_nanosleep
+    case SYS_clock_nanosleep:
+#endif
+#ifdef SYS_nanosleep
+    case SYS_nanosleep:
+#endif
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool is_loop_wait_call(long nr) {
+  switch (nr) {
+#ifdef SYS_epoll_wait
+    case SYS_epoll_wait:
+#endif
+#ifdef SYS_epoll_pwait
+    case SYS_epoll_pwait:
+#endif
+#ifdef SYS_epoll_pwait2
+    case SYS_epoll_pwait2:
+#endif
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool is_lock_call(long nr) {
+#ifdef SYS_futex
+  if (nr == SYS_futex) return true;
+#endif
+#ifdef SYS_futex_waitv
+  if (nr == SYS_futex_waitv) return true;
+#endif
+  (void)nr;
+  return false;
+}
+
+bool is_io_call(long nr) {
+  switch (nr) {
+#ifdef SYS_read
+    case SYS_read:
+#endif
+#ifdef SYS_write
+    case SYS_write:
+#endif
+#ifdef SYS_readv
+    case SYS_readv:
+#endif
+#ifdef SYS_writev
+    case SYS_writev:
+#endif
+#ifdef SYS_pread64
+    case SYS_pread64:
+#endif
+#ifdef SYS_pwrite64
+    case SYS_pwrite64:
+#endif
+#ifdef SYS_recvfrom
+    case SYS_recvfrom:
+#endif
+#ifdef SYS_sendto
+    case SYS_sendto:
+#endif
+#ifdef SYS_recvmsg
+    case SYS_recvmsg:
+#endif
+#ifdef SYS_sendmsg
+    case SYS_sendmsg:
+#endif
+#ifdef SYS_connect
+    case SYS_connect:
+#endif
+#ifdef SYS_accept
+    case SYS_accept:
+#endif
+#ifdef SYS_accept4
+    case SYS_accept4:
+#endif
+#ifdef SYS_poll
+    case SYS_poll:
+#endif
+#ifdef SYS_ppoll
+    case SYS_ppoll:
+#endif
+#ifdef SYS_select
+    case SYS_select:
+#endif
+#ifdef SYS_pselect6
+    case SYS_pselect6:
+#endif
+#ifdef SYS_open
+    case SYS_open:
+#endif
+#ifdef SYS_openat
+    case SYS_openat:
+#endif
+#ifdef SYS_fsync
+    case SYS_fsync:
+#endif
+#ifdef SYS_fdatasync
+    case SYS_fdatasync:
+#endif
+#ifdef SYS_wait4
+    case SYS_wait4:
+#endif
+#ifdef SYS_waitid
+    case SYS_waitid:
+#endif
+#ifdef SYS_sendfile
+    case SYS_sendfile:
+#endif
+#ifdef SYS_copy_file_range
+    case SYS_copy_file_range:
+#endif
+      return true;
+    default:
+      return false;
+  }
+}
+#endif  // __linux__
+
+}  // namespace
+
+Kind classify(const OsState& state) noexcept {
+  switch (state.where) {
+    case OsState::Where::kRunning:
+      return Kind::kCpu;
+    case OsState::Where::kSyscall:
+#ifdef __linux__
+      if (is_loop_wait_call(state.syscall)) return Kind::kIdle;
+      if (is_sleep_call(state.syscall)) return Kind::kSleep;
+      if (is_lock_call(state.syscall)) return Kind::kLock;
+      if (is_io_call(state.syscall)) return Kind::kIo;
+#endif
+      // Uninterruptible sleep is almost always disk or network file system I/O.
+      if (state.sched_state == 'D') return Kind::kIo;
+      return Kind::kUnknown;
+    case OsState::Where::kUnknown:
+      break;
+  }
+  return Kind::kUnknown;
+}
+
+Kind majority_kind(const std::vector<Kind>& kinds) noexcept {
+  constexpr std::size_t kKinds = static_cast<std::size_t>(Kind::kIdle) + 1;
+  std::array<std::size_t, kKinds> counts{};
+  std::array<std::size_t, kKinds> first_seen{};
+  first_seen.fill(kinds.size());
+  for (std::size_t i = 0; i < kinds.size(); ++i) {
+    const auto k = static_cast<std::size_t>(kinds[i]);
+    if (k >= kKinds) continue;
+    if (counts[k]++ == 0) first_seen[k] = i;
+  }
+  Kind best = Kind::kUnknown;
+  std::size_t best_count = 0;
+  std::size_t best_first = kinds.size();
+  for (std::size_t k = 0; k < kKinds; ++k) {
+    const auto kind = static_cast<Kind>(k);
+    if (kind == Kind::kUnknown || kind == Kind::kIdle) continue;
+    if (counts[k] > best_count || (counts[k] == best_count && counts[k] > 0 && first_seen[k] < best_first)) {
+      best = kind;
+      best_count = counts[k];
+      best_first = first_seen[k];
+    }
+  }
+  return best;
+}
+
+}  // namespace loopguard

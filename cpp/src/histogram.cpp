@@ -1,0 +1,49 @@
+#include "loopguard/histogram.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace loopguard {
+
+int LagHistogram::bucket_of(Nanos value) noexcept {
+  if (value < (Nanos{1} << kMinExp)) {
+    // Below the first octave: spread linearly over the first octave's sub-buckets.
+    const Nanos v = std::max<Nanos>(value, 0);
+    return static_cast<int>(v >> (kMinExp - kSubBits));
+  }
+  const int exp = 63 - __builtin_clzll(static_cast<unsigned long long>(value));
+  if (exp > kMaxExp) return kBuckets - 1;
+  const int sub = static_cast<int>((value >> (exp - kSubBits)) & (kSub - 1));
+  return (exp - kMinExp) * kSub + sub;
+}
+
+Nanos LagHistogram::upper_edge(int bucket) noexcept {
+  const int exp = kMinExp + bucket / kSub;
+  const int sub = bucket % kSub;
+  if (bucket < kSub) return (Nanos{sub} + 1) << (kMinExp - kSubBits);
+  return (Nanos{1} << exp) + ((Nanos{sub} + 1) << (exp - kSubBits));
+}
+
+void LagHistogram::record(Nanos value) noexcept {
+  value = std::max<Nanos>(value, 0);
+  buckets_[static_cast<std::size_t>(bucket_of(value))].fetch_add(1, std::memory_order_relaxed);
+  count_.fetch_add(1, std::memory_order_relaxed);
+  sum_.fetch_add(value, std::memory_order_relaxed);
+  if (value > max_.load(std::memory_order_relaxed)) max_.store(value, std::memory_order_relaxed);
+}
+
+Nanos LagHistogram::percentile(double q) const noexcept {
+  std::uint64_t total = 0;
+  for (const auto& b : buckets_) total += b.load(std::memory_order_relaxed);
+  if (total == 0) return 0;
+  q = std::clamp(q, 0.0, 1.0);
+  const auto rank = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(q * static_cast<double>(total))));
+  std::uint64_t seen = 0;
+  for (int i = 0; i < kBuckets; ++i) {
+    seen += buckets_[static_cast<std::size_t>(i)].load(std::memory_order_relaxed);
+    if (seen >= rank) return std::min(upper_edge(i), max());
+  }
+  return max();
+}
+
+}  // namespace loopguard

@@ -1,0 +1,38 @@
+// Every CPython-version-specific access of the engine lives here, each with the reason it exists.
+// The sampler reads another thread's state (its frames and its contextvars Context) while holding
+// the GIL; that is exactly the part of CPython that moves between versions.
+#pragma once
+
+#include <Python.h>
+
+namespace loopguard::compat {
+
+// Free-threaded builds have no GIL to serialise the sampler against the loop thread, so reading
+// that thread's frames would race with it. Refused at import until it is designed for.
+#ifdef Py_GIL_DISABLED
+inline constexpr bool kFreeThreaded = true;
+#else
+inline constexpr bool kFreeThreaded = false;
+#endif
+
+// The Context the thread is running in right now (asyncio and uvloop enter the task's Context
+// around every step and callback). There is no API to read *another* thread's Context, so this
+// reads PyThreadState.context, the field contextvars itself uses; it has kept its name and meaning
+// from 3.7 through 3.14. NULL means the thread never entered a Context (the empty one).
+inline PyObject* thread_context(PyThreadState* tstate) { return tstate->context; }
+
+// 3.13 made the finalization check public; before that only the private spelling exists.
+inline bool is_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// co_qualname ("Class.method") exists from 3.11, the oldest version we support; the field is
+// read directly because PyCode_GetXxx accessors for it do not exist and getattr could allocate.
+inline PyObject* code_filename(PyCodeObject* code) { return code->co_filename; }
+inline PyObject* code_qualname(PyCodeObject* code) { return code->co_qualname; }
+
+}  // namespace loopguard::compat

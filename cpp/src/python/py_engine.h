@@ -1,0 +1,69 @@
+// The engine as the extension module sees it: built on the loop thread, wired to CPython through
+// PySampler, and owning the Python references it needs. The binding file converts types only and
+// calls straight into this class.
+#pragma once
+
+#include <Python.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loopguard/watchdog.h"
+
+namespace loopguard {
+
+struct SamplerConfig {
+  std::vector<std::string> library_prefixes;  // frames under these are not application code
+  std::size_t max_depth = 64;
+};
+
+class PyEngine {
+ public:
+  // Must be called on the loop thread, with the GIL: that thread is the one being watched.
+  PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& threshold,
+           const SamplerConfig& sampler, PyObject* request_var);
+  ~PyEngine();
+  PyEngine(const PyEngine&) = delete;
+  PyEngine& operator=(const PyEngine&) = delete;
+
+  void start() { engine().start(); }
+  // Releases the GIL while joining: the sampler thread may be waiting for it.
+  void stop();
+  void abandon_after_fork();
+
+  // The per-iteration calls stay silent no-ops after abandon_after_fork(): a forked child may keep
+  // running a loop whose selector still calls them.
+  void wait_begin() noexcept {
+    if (engine_) engine_->wait_begin();
+  }
+  void wait_end() noexcept {
+    if (engine_) engine_->wait_end();
+  }
+  void heartbeat() noexcept {
+    if (engine_) engine_->heartbeat();
+  }
+  void heartbeat_off() noexcept {
+    if (engine_) engine_->heartbeat_off();
+  }
+  std::uint64_t begin_request() { return engine().begin_request(); }
+  void end_request(std::uint64_t token) { engine().end_request(token); }
+  RequestCounters request_counters(std::uint64_t token) { return engine().request_counters(token); }
+  std::vector<Event> drain() { return engine().drain(); }
+  void calibrate(std::vector<Nanos> lags) { engine().calibrate(std::move(lags)); }
+  bool wants_heartbeat() { return engine().wants_heartbeat(); }
+  int notify_fd() { return engine().notify_fd(); }
+  Nanos threshold() { return engine().threshold(); }
+  Nanos now() { return engine().clock().now(); }
+  EngineStats stats() { return engine().stats(); }
+  bool alive() const noexcept { return engine_ != nullptr; }
+
+ private:
+  Engine& engine();
+
+  std::unique_ptr<Engine> engine_;
+  PyObject* request_var_;  // strong reference, released with the GIL in the destructor
+};
+
+}  // namespace loopguard

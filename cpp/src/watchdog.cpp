@@ -1,0 +1,385 @@
+#include "loopguard/watchdog.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+
+namespace loopguard {
+
+// ---- LoopPulse --------------------------------------------------------------------------------
+
+void LoopPulse::end_busy(Nanos now) noexcept {
+  const std::uint64_t e = epoch_.load(std::memory_order_relaxed);
+  if (e == watched_.load(std::memory_order_acquire)) watched_end_.store(now, std::memory_order_relaxed);
+  // Release: a watchdog that sees the new epoch also sees watched_end_.
+  epoch_.store(e + 1, std::memory_order_release);
+}
+
+void LoopPulse::wait_begin(Nanos now) noexcept {
+  end_busy(now);
+  busy_since_.store(0, std::memory_order_release);
+}
+
+void LoopPulse::beat(Nanos now, Nanos interval) noexcept {
+  end_busy(now);
+  busy_since_.store(now + interval, std::memory_order_release);
+}
+
+void LoopPulse::heartbeat_off(Nanos now) noexcept {
+  end_busy(now);
+  busy_since_.store(0, std::memory_order_release);
+}
+
+void LoopPulse::watch(std::uint64_t epoch) noexcept {
+  watched_end_.store(0, std::memory_order_relaxed);
+  watched_.store(epoch, std::memory_order_release);
+}
+
+// ---- RequestTable -----------------------------------------------------------------------------
+
+std::uint64_t RequestTable::begin() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::uint64_t token = next_++;
+  inflight_.emplace(token, RequestCounters{});
+  return token;
+}
+
+void RequestTable::end(std::uint64_t token) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  inflight_.erase(token);
+}
+
+std::uint32_t RequestTable::inflight() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<std::uint32_t>(inflight_.size());
+}
+
+RequestCounters RequestTable::get(std::uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  RequestCounters out;
+  if (auto it = inflight_.find(token); it != inflight_.end()) out = it->second;
+  for (const auto& [t, duration] : live_) {
+    if (t == token) {
+      ++out.count;
+      out.total += duration;
+    }
+  }
+  return out;
+}
+
+void RequestTable::set_live(Credits credits) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  live_ = std::move(credits);
+}
+
+void RequestTable::commit(const Credits& credits) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [token, duration] : credits) {
+    if (auto it = inflight_.find(token); it != inflight_.end()) {
+      ++it->second.count;
+      it->second.total += duration;
+    }
+  }
+  live_.clear();
+}
+
+// ---- Engine -----------------------------------------------------------------------------------
+
+namespace {
+RequestTable::Credits credits_of(const std::vector<Event>& events) {
+  RequestTable::Credits credits;
+  for (const auto& ev : events) {
+    if (ev.token != 0) credits.emplace_back(ev.token, ev.duration);
+  }
+  return credits;
+}
+}  // namespace
+
+Engine::Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
+               std::unique_ptr<ThreadProbe> probe, std::unique_ptr<StackSampler> sampler,
+               const Clock* clock)
+    : config_(config),
+      clock_(clock != nullptr ? clock : &steady_),
+      probe_(std::move(probe)),
+      sampler_(std::move(sampler)),
+      threshold_(threshold),
+      ring_(config.ring_capacity) {
+  int fds[2];
+  if (::pipe(fds) == 0) {
+    for (int fd : fds) {
+      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+      ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    notify_read_ = fds[0];
+    notify_write_ = fds[1];
+  }
+}
+
+Engine::~Engine() {
+  if (abandoned_) return;
+  stop();
+  if (notify_read_ >= 0) ::close(notify_read_);
+  if (notify_write_ >= 0) ::close(notify_write_);
+}
+
+void Engine::start() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (thread_ || abandoned_) return;
+  stop_ = false;
+  thread_ = std::make_unique<std::thread>([this] { run(); });
+}
+
+void Engine::stop() {
+  if (abandoned_) return;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_ && thread_->joinable()) thread_->join();
+  thread_.reset();
+  if (sampler_) sampler_->shutdown();
+}
+
+void Engine::abandon_after_fork() noexcept {
+  // In the child of a fork only the forking thread exists. The watchdog and sampler threads are
+  // gone, and any mutex they held at the moment of the fork stays locked forever. Joining would
+  // hang and destroying a locked mutex is undefined, so everything is leaked on purpose; the
+  // child builds a fresh engine.
+  abandoned_ = true;
+  (void)thread_.release();
+  (void)sampler_.release();
+  (void)probe_.release();
+}
+
+void Engine::wake() noexcept {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    woken_ = true;
+  }
+  cv_.notify_one();
+}
+
+void Engine::run() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stop_) {
+    lock.unlock();
+    const Nanos next = step(clock_->now());
+    lock.lock();
+    if (stop_) break;
+    if (woken_) {
+      woken_ = false;
+      continue;
+    }
+    const Nanos wait = std::max<Nanos>(next - clock_->now(), 0);
+    cv_.wait_for(lock, std::chrono::nanoseconds(wait), [this] { return stop_ || woken_; });
+    woken_ = false;
+  }
+}
+
+bool Engine::active(Nanos now) const {
+  if (requests_.inflight() > 0) return true;
+  const Nanos last = last_request_end_.load(std::memory_order_relaxed);
+  return last > 0 && now - last < config_.grace;
+}
+
+bool Engine::wants_heartbeat() const noexcept { return active(clock_->now()); }
+
+Nanos Engine::step(Nanos now) {
+  if (stall_.active) {
+    if (pulse_.epoch() == stall_.epoch) {
+      if (now >= stall_.next_sample) {
+        take_sample();
+        stall_.next_sample = clock_->now() + stall_.sample_every;
+      }
+      return stall_.next_sample;
+    }
+    Nanos end = pulse_.watched_end();
+    if (end <= 0) end = stall_.samples.empty() ? now : stall_.samples.back().t;
+    finish_stall(end);
+  }
+
+  const Nanos threshold = threshold_.current();
+  const std::uint64_t epoch = pulse_.epoch();
+  const Nanos busy_since = pulse_.busy_since();
+  if (busy_since > 0 && now >= busy_since) {
+    if (now - busy_since >= threshold) {
+      begin_stall(now, busy_since, epoch);
+      return stall_.next_sample;
+    }
+    // Busy, not yet a stall: note the CPU clock once per busy stretch, so that a stall that
+    // follows knows the CPU share of its first, pre-detection part.
+    if (pre_epoch_ != epoch) {
+      pre_epoch_ = epoch;
+      pre_t_ = now;
+      pre_cpu_ = probe_ ? probe_->cpu_time() : -1;
+    }
+    deep_sleep_.store(false, std::memory_order_relaxed);
+    return std::min(now + config_.interval, busy_since + threshold);
+  }
+
+  Nanos next;
+  if (active(now)) {
+    deep_sleep_.store(false, std::memory_order_relaxed);
+    next = now + config_.interval;
+  } else {
+    // Nothing in flight: wake rarely. begin_request() wakes us early.
+    deep_sleep_.store(true, std::memory_order_relaxed);
+    next = now + config_.idle_tick;
+  }
+  // Heartbeat mode: the next beat is due at busy_since; look again once it is a threshold late.
+  if (busy_since > now) next = std::min(next, busy_since + threshold);
+  return next;
+}
+
+void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
+  stall_ = Stall{};
+  stall_.active = true;
+  stall_.epoch = epoch;
+  stall_.start = busy_since;
+  stall_.threshold = threshold_.current();
+  stall_.sample_every = config_.interval;
+  if (pre_epoch_ == epoch) {
+    stall_.pre_t = pre_t_;
+    stall_.pre_cpu = pre_cpu_;
+  }
+  pulse_.watch(epoch);
+  stalls_.fetch_add(1, std::memory_order_relaxed);
+  (void)now;
+  take_sample();
+  stall_.next_sample = clock_->now() + config_.confirm_delay;
+}
+
+void Engine::take_sample() {
+  Sample s;
+  s.t = clock_->now();
+  if (probe_) {
+    // Read the OS state before asking for the GIL: once the sampler asks, the loop thread may be
+    // parked on the GIL because of us and would look like a lock wait.
+    s.kind = classify(probe_->state());
+    s.cpu = probe_->cpu_time();
+  }
+  s.inflight = requests_.inflight();
+  if (sampler_ && s.kind != Kind::kIdle) {
+    if (!sampler_->sample(s, config_.stack_timeout, config_.capture_stacks)) {
+      stack_timeouts_.fetch_add(1, std::memory_order_relaxed);
+      s.has_stack = false;
+    }
+  }
+  // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to
+  // whatever ran after the stall and must not be pinned on it.
+  if (pulse_.epoch() != stall_.epoch) return;
+  samples_.fetch_add(1, std::memory_order_relaxed);
+  stall_.samples.push_back(std::move(s));
+
+  if (stall_.samples.size() > config_.max_samples) {
+    // A hang: keep every other sample and sample half as often, so memory stays bounded and the
+    // samples still span the whole stall evenly.
+    std::vector<Sample> kept;
+    kept.reserve(stall_.samples.size() / 2 + 1);
+    for (std::size_t i = 0; i < stall_.samples.size(); i += 2) kept.push_back(std::move(stall_.samples[i]));
+    stall_.samples = std::move(kept);
+    stall_.sample_every *= 2;
+  }
+
+  StallInput in{stall_.start, stall_.samples.back().t, stall_.threshold, stall_.pre_t, stall_.pre_cpu};
+  requests_.set_live(credits_of(split_stall(stall_.samples, in).events));
+}
+
+void Engine::finish_stall(Nanos end) {
+  StallInput in{stall_.start, std::max(end, stall_.start), stall_.threshold, stall_.pre_t, stall_.pre_cpu};
+  StallResult result = split_stall(stall_.samples, in);
+  requests_.commit(credits_of(result.events));
+  saturated_.fetch_add(result.saturated, std::memory_order_relaxed);
+  bool queued = false;
+  for (auto& ev : result.events) queued |= ring_.push(std::move(ev));
+  if (queued) signal_loop();
+  stall_ = Stall{};
+}
+
+void Engine::signal_loop() noexcept {
+  if (notify_write_ < 0) return;
+  const char byte = 1;
+  // A full pipe already means "wake up"; nothing else to do on EAGAIN.
+  while (::write(notify_write_, &byte, 1) < 0 && errno == EINTR) {
+  }
+}
+
+void Engine::wait_begin() noexcept {
+  const Nanos now = clock_->now();
+  const Nanos busy_since = pulse_.busy_since();
+  if (busy_since > 0) {
+    const Nanos lag = now - busy_since;
+    lag_.record(lag);
+    // Stalls stay out of the adaptive window, or one bad endpoint would raise the bar for itself.
+    if (lag < threshold_.current()) threshold_.record(lag, now);
+  }
+  pulse_.wait_begin(now);
+}
+
+void Engine::wait_end() noexcept { pulse_.wait_end(clock_->now()); }
+
+void Engine::heartbeat() noexcept {
+  const Nanos now = clock_->now();
+  const Nanos due = pulse_.busy_since();
+  if (due > 0) {
+    const Nanos lag = std::max<Nanos>(now - due, 0);
+    lag_.record(lag);
+    if (lag < threshold_.current()) threshold_.record(lag, now);
+  }
+  pulse_.beat(now, config_.interval);
+}
+
+void Engine::heartbeat_off() noexcept { pulse_.heartbeat_off(clock_->now()); }
+
+std::uint64_t Engine::begin_request() {
+  const std::uint64_t token = requests_.begin();
+  if (deep_sleep_.load(std::memory_order_relaxed) && deep_sleep_.exchange(false)) wake();
+  return token;
+}
+
+void Engine::end_request(std::uint64_t token) {
+  requests_.end(token);
+  last_request_end_.store(clock_->now(), std::memory_order_relaxed);
+}
+
+std::vector<Event> Engine::drain() {
+  if (notify_read_ >= 0) {
+    char buf[64];
+    while (::read(notify_read_, buf, sizeof buf) > 0) {
+    }
+  }
+  return ring_.drain();
+}
+
+EngineStats Engine::stats() const {
+  EngineStats s;
+  s.stalls = stalls_.load(std::memory_order_relaxed);
+  s.events_emitted = ring_.pushed();
+  s.events_dropped = ring_.dropped();
+  s.samples = samples_.load(std::memory_order_relaxed);
+  s.stack_timeouts = stack_timeouts_.load(std::memory_order_relaxed);
+  s.saturated = saturated_.load(std::memory_order_relaxed);
+  s.threshold = threshold_.current();
+  s.baseline = threshold_.baseline();
+  s.lag_count = lag_.count();
+  s.lag_p50 = lag_.percentile(0.50);
+  s.lag_p90 = lag_.percentile(0.90);
+  s.lag_p99 = lag_.percentile(0.99);
+  s.lag_max = lag_.max();
+  s.inflight = requests_.inflight();
+  if (sampler_) {
+    if (const LagHistogram* pause = sampler_->pause_histogram()) {
+      s.pause_count = pause->count();
+      s.pause_p50 = pause->percentile(0.50);
+      s.pause_p99 = pause->percentile(0.99);
+      s.pause_max = pause->max();
+    }
+  }
+  return s;
+}
+
+}  // namespace loopguard

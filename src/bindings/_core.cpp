@@ -1,0 +1,108 @@
+// The one binding file: it converts types between Python and the engine and holds no logic.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "loopguard/classify.h"
+#include "loopguard/event.h"
+#include "loopguard/watchdog.h"
+#include "py_engine.h"
+
+namespace nb = nanobind;
+using namespace loopguard;
+
+NB_MODULE(_core, m) {
+  m.doc() = "fastapi-loopguard native engine";
+
+  nb::class_<WatchdogConfig>(m, "WatchdogConfig")
+      .def(nb::init<>())
+      .def_rw("interval_ns", &WatchdogConfig::interval)
+      .def_rw("idle_tick_ns", &WatchdogConfig::idle_tick)
+      .def_rw("grace_ns", &WatchdogConfig::grace)
+      .def_rw("confirm_delay_ns", &WatchdogConfig::confirm_delay)
+      .def_rw("stack_timeout_ns", &WatchdogConfig::stack_timeout)
+      .def_rw("max_samples", &WatchdogConfig::max_samples)
+      .def_rw("ring_capacity", &WatchdogConfig::ring_capacity)
+      .def_rw("capture_stacks", &WatchdogConfig::capture_stacks);
+
+  nb::class_<ThresholdConfig>(m, "ThresholdConfig")
+      .def(nb::init<>())
+      .def_rw("multiplier", &ThresholdConfig::multiplier)
+      .def_rw("fallback_ns", &ThresholdConfig::fallback)
+      .def_rw("adaptive", &ThresholdConfig::adaptive)
+      .def_rw("window", &ThresholdConfig::window)
+      .def_rw("percentile", &ThresholdConfig::percentile)
+      .def_rw("min_samples", &ThresholdConfig::min_samples)
+      .def_rw("update_interval_ns", &ThresholdConfig::update_interval);
+
+  nb::class_<SamplerConfig>(m, "SamplerConfig")
+      .def(nb::init<>())
+      .def_rw("library_prefixes", &SamplerConfig::library_prefixes)
+      .def_rw("max_depth", &SamplerConfig::max_depth);
+
+  nb::class_<FrameInfo>(m, "FrameInfo")
+      .def_ro("filename", &FrameInfo::filename)
+      .def_ro("function", &FrameInfo::function)
+      .def_ro("line", &FrameInfo::line);
+
+  nb::class_<Event>(m, "Event")
+      .def_ro("token", &Event::token)
+      .def_ro("start_ns", &Event::start)
+      .def_ro("duration_ns", &Event::duration)
+      .def_ro("cpu_ns", &Event::cpu)
+      .def_prop_ro("kind", [](const Event& e) { return kind_name(e.kind); })
+      .def_ro("stack", &Event::stack)
+      .def_ro("culprit", &Event::culprit)
+      .def_ro("victims", &Event::victims)
+      .def_ro("samples", &Event::samples)
+      .def_ro("stack_missing", &Event::stack_missing);
+
+  nb::class_<RequestCounters>(m, "RequestCounters")
+      .def_ro("count", &RequestCounters::count)
+      .def_ro("total_ns", &RequestCounters::total);
+
+  nb::class_<EngineStats>(m, "EngineStats")
+      .def_ro("stalls", &EngineStats::stalls)
+      .def_ro("events_emitted", &EngineStats::events_emitted)
+      .def_ro("events_dropped", &EngineStats::events_dropped)
+      .def_ro("samples", &EngineStats::samples)
+      .def_ro("stack_timeouts", &EngineStats::stack_timeouts)
+      .def_ro("saturated_ns", &EngineStats::saturated)
+      .def_ro("threshold_ns", &EngineStats::threshold)
+      .def_ro("baseline_ns", &EngineStats::baseline)
+      .def_ro("lag_count", &EngineStats::lag_count)
+      .def_ro("lag_p50_ns", &EngineStats::lag_p50)
+      .def_ro("lag_p90_ns", &EngineStats::lag_p90)
+      .def_ro("lag_p99_ns", &EngineStats::lag_p99)
+      .def_ro("lag_max_ns", &EngineStats::lag_max)
+      .def_ro("inflight", &EngineStats::inflight)
+      .def_ro("pause_count", &EngineStats::pause_count)
+      .def_ro("pause_p50_ns", &EngineStats::pause_p50)
+      .def_ro("pause_p99_ns", &EngineStats::pause_p99)
+      .def_ro("pause_max_ns", &EngineStats::pause_max);
+
+  nb::class_<PyEngine>(m, "Engine")
+      .def(
+          "__init__",
+          [](PyEngine* self, const WatchdogConfig& w, const ThresholdConfig& t, const SamplerConfig& s,
+             nb::handle request_var) { new (self) PyEngine(w, t, s, request_var.ptr()); },
+          nb::arg("watchdog"), nb::arg("threshold"), nb::arg("sampler"), nb::arg("request_var"))
+      .def("start", &PyEngine::start)
+      .def("stop", &PyEngine::stop)
+      .def("abandon_after_fork", &PyEngine::abandon_after_fork)
+      .def("wait_begin", &PyEngine::wait_begin)
+      .def("wait_end", &PyEngine::wait_end)
+      .def("heartbeat", &PyEngine::heartbeat)
+      .def("heartbeat_off", &PyEngine::heartbeat_off)
+      .def("begin_request", &PyEngine::begin_request)
+      .def("end_request", &PyEngine::end_request)
+      .def("request_counters", &PyEngine::request_counters)
+      .def("drain", &PyEngine::drain)
+      .def("calibrate", &PyEngine::calibrate)
+      .def("wants_heartbeat", &PyEngine::wants_heartbeat)
+      .def("notify_fd", &PyEngine::notify_fd)
+      .def("threshold_ns", &PyEngine::threshold)
+      .def("now_ns", &PyEngine::now)
+      .def("stats", &PyEngine::stats)
+      .def_prop_ro("alive", &PyEngine::alive);
+}

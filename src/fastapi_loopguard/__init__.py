@@ -1,0 +1,18 @@
+"""fastapi-loopguard: find the request and the line that blocked your event loop.
+
+Quick start::
+
+    from fastapi import FastAPI
+    from fastapi_loopguard import LoopGuardMiddleware, LoopGuardConfig
+
+    app = FastAPI()
+    app.add_middleware(LoopGuardMiddleware, config=LoopGuardConfig(dev_mode=True))
+"""
+
+from .config import LoopGuardConfig
+from .events import BlockingEvent, Frame
+from .guard import LoopGuard
+from .middleware import LoopGuardMiddleware
+
+__all__ = ["BlockingEvent", "Frame", "LoopGuard", "LoopGuardConfig", "LoopGuardMiddleware"]
+__version__ = "0.4.0"

@@ -1,0 +1,15 @@
+"""Loads the C++ engine, refusing interpreters it cannot watch safely."""
+
+from __future__ import annotations
+
+import sysconfig
+
+if sysconfig.get_config_var("Py_GIL_DISABLED"):
+    raise ImportError(
+        "fastapi_loopguard does not support free-threaded Python (Py_GIL_DISABLED) yet: its "
+        "sampler relies on the GIL to read the event-loop thread's frames safely."
+    )
+
+from . import _core  # noqa: E402
+
+__all__ = ["_core"]

@@ -1,0 +1,33 @@
+"""Making untrusted text (paths, header values) safe for log lines and headers."""
+
+from __future__ import annotations
+
+import re
+
+MAX_PATH_CHARS = 200
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def escape(text: str, limit: int = MAX_PATH_CHARS) -> str:
+    """Escapes control and other non-printable characters and truncates long text.
+
+    A path can carry CR/LF (log injection) or ANSI escapes (terminal tricks); neither reaches a
+    log line raw. Long text is cut so one hostile request cannot flood the log.
+    """
+    out: list[str] = []
+    for ch in text[:limit]:
+        if ch.isprintable() and ch != "\\":
+            out.append(ch)
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    if len(text) > limit:
+        out.append(f"...(+{len(text) - limit} chars)")
+    return "".join(out)
+
+
+def valid_request_id(value: str) -> bool:
+    """Whether an incoming X-Request-Id may be reused as it is (asgi-correlation-id's rule)."""
+    return _REQUEST_ID.fullmatch(value) is not None

@@ -1,0 +1,99 @@
+"""LoopGuardConfig: every option of the seed README, with its name and default, validated.
+
+A wrong value raises ``ValueError`` naming the option and what it accepts, at construction time,
+so a typo fails on deploy rather than silently switching monitoring off.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import BlockingEvent
+
+DEFAULT_EXCLUDE_PATHS: frozenset[str] = frozenset({"/health", "/healthz", "/ready", "/metrics"})
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float, *, integer: bool = False
+) -> None:
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        raise ValueError(f"{name} must be {kind} in [{low:g}, {high:g}], got {value!r}")
+    assert isinstance(value, int | float)
+    if math.isnan(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be {kind} in [{low:g}, {high:g}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoopGuardConfig:
+    """Configuration of the guard. Defaults are the seed README's."""
+
+    enabled: bool = True
+    monitor_interval_ms: float = 10
+    threshold_multiplier: float = 5
+    dev_mode: bool = False
+    log_blocking_events: bool = True
+    prometheus_enabled: bool = False
+    exclude_paths: frozenset[str] = field(default_factory=lambda: DEFAULT_EXCLUDE_PATHS)
+    adaptive_threshold: bool = False
+    adaptive_window_size: int = 1000
+    adaptive_percentile: float = 0.95
+    adaptive_min_samples: int = 100
+    adaptive_update_interval_ms: float = 1000
+    fallback_threshold_ms: float = 50.0
+    calibration_iterations: int = 10
+    on_blocking: Callable[[BlockingEvent], Any] | None = None
+    capture_stacks: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "enabled",
+            "dev_mode",
+            "log_blocking_events",
+            "prometheus_enabled",
+            "adaptive_threshold",
+            "capture_stacks",
+        ):
+            _check_bool(name, getattr(self, name))
+        _check_number("monitor_interval_ms", self.monitor_interval_ms, 1, 1000)
+        _check_number("threshold_multiplier", self.threshold_multiplier, 1, 1000)
+        _check_number("adaptive_window_size", self.adaptive_window_size, 10, 1_000_000, integer=True)
+        _check_number("adaptive_percentile", self.adaptive_percentile, 0.5, 0.99)
+        _check_number(
+            "adaptive_min_samples", self.adaptive_min_samples, 1, self.adaptive_window_size,
+            integer=True,
+        )
+        _check_number("adaptive_update_interval_ms", self.adaptive_update_interval_ms, 10, 3_600_000)
+        _check_number("fallback_threshold_ms", self.fallback_threshold_ms, 1, 3_600_000)
+        _check_number("calibration_iterations", self.calibration_iterations, 0, 10_000, integer=True)
+        if self.on_blocking is not None and not callable(self.on_blocking):
+            raise ValueError(f"on_blocking must be a callable or None, got {self.on_blocking!r}")
+        object.__setattr__(self, "exclude_paths", _paths("exclude_paths", self.exclude_paths))
+        if self.prometheus_enabled:
+            warnings.warn(
+                "LoopGuardConfig(prometheus_enabled=True): Prometheus export is not implemented "
+                "in this version of fastapi-loopguard yet; no metrics will be exposed.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _paths(name: str, value: object) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a set of paths starting with '/', got {value!r}")
+    paths = frozenset(value)
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"{name} must be a set of paths starting with '/', got {path!r}")
+    return paths

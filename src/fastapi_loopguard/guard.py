@@ -1,0 +1,404 @@
+"""The engine's lifecycle on a running event loop, usable without any web framework.
+
+``LoopGuard`` starts the C++ watchdog for the loop it is started on, feeds it a pulse, tells it
+which request each piece of code belongs to (through a ContextVar that the watchdog reads from
+the loop thread's current Context), and turns the events it hands back into ``BlockingEvent``
+objects, log records and callbacks. All of that Python work happens on the loop thread, after a
+stall: the watchdog thread never runs Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import logging
+import os
+import selectors
+import site
+import sysconfig
+import time
+import uuid
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._native import _core
+from ._text import escape
+from .config import LoopGuardConfig
+from .events import BlockingEvent, Frame
+
+logger = logging.getLogger("fastapi_loopguard")
+
+_NS_PER_MS = 1_000_000
+# Finished requests kept so that an event drained after its request ended still names it.
+_RECENT_REQUESTS = 4096
+_KEPT_EVENTS = 1000
+
+
+@dataclass
+class RequestInfo:
+    """What we know of one tracked request (or labelled unit of work)."""
+
+    token: int
+    request_id: str
+    method: str | None
+    path: str | None
+    scope: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def route(self) -> str | None:
+        if self.scope is None:
+            return None
+        route = self.scope.get("route")
+        template = getattr(route, "path", None)
+        return template if isinstance(template, str) else None
+
+
+def _library_prefixes() -> list[str]:
+    """Directories whose frames are never the culprit: stdlib, site-packages, this package."""
+    paths = sysconfig.get_paths()
+    prefixes = {paths.get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    prefixes.update(site.getsitepackages())
+    if site.ENABLE_USER_SITE and site.USER_SITE:
+        prefixes.add(site.USER_SITE)
+    prefixes.add(os.path.dirname(os.path.abspath(__file__)))
+    return sorted(os.path.join(p, "") for p in prefixes if p)
+
+
+_LIBRARY_PREFIXES = _library_prefixes()
+_live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
+
+
+class LoopGuard:
+    """Watches one event loop. Start it on the loop, inside a coroutine or callback.
+
+    Usable directly in any asyncio program::
+
+        async with LoopGuard(LoopGuardConfig()) as guard:
+            ...
+            print(guard.stats())
+    """
+
+    def __init__(self, config: LoopGuardConfig | None = None) -> None:
+        self.config = config or LoopGuardConfig()
+        # One ContextVar per guard: two guards in one process never read each other's tokens.
+        self._request_var: contextvars.ContextVar[int] = contextvars.ContextVar(
+            f"loopguard_request_{id(self):x}"
+        )
+        self._engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._requests: dict[int, RequestInfo] = {}
+        self._recent: OrderedDict[int, RequestInfo] = OrderedDict()
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._heartbeat_mode = False
+        self._restore_pulse: Callable[[], None] | None = None
+        self._calibration: asyncio.Task[None] | None = None
+        self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._engine is not None
+
+    def start(self) -> None:
+        """Starts watching the running loop (idempotent). Call on the loop thread."""
+        loop = asyncio.get_running_loop()
+        if self._engine is not None:
+            if self._loop is loop:
+                return
+            self.stop()  # a new loop (tests, reload): watch that one instead
+        cfg = self.config
+        watchdog = _core.WatchdogConfig()
+        watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
+        watchdog.capture_stacks = cfg.capture_stacks
+        threshold = _core.ThresholdConfig()
+        threshold.multiplier = float(cfg.threshold_multiplier)
+        threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
+        threshold.adaptive = cfg.adaptive_threshold
+        threshold.window = cfg.adaptive_window_size
+        threshold.percentile = float(cfg.adaptive_percentile)
+        threshold.min_samples = cfg.adaptive_min_samples
+        threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
+        sampler = _core.SamplerConfig()
+        sampler.library_prefixes = _LIBRARY_PREFIXES
+        engine = _core.Engine(watchdog, threshold, sampler, self._request_var)
+        self._engine = engine
+        self._loop = loop
+        engine.start()
+        self._restore_pulse = _install_selector_pulse(loop, engine)
+        self._heartbeat_mode = self._restore_pulse is None
+        loop.add_reader(engine.notify_fd(), self._drain)
+        if cfg.calibration_iterations > 0:
+            self._calibration = loop.create_task(self._calibrate())
+        _live_guards.add(self)
+
+    def stop(self) -> None:
+        """Stops the watchdog and delivers what it still held. Safe to call twice."""
+        engine, loop = self._engine, self._loop
+        if engine is None:
+            return
+        if self._calibration is not None:
+            self._calibration.cancel()
+            self._calibration = None
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        if self._restore_pulse is not None:
+            self._restore_pulse()
+            self._restore_pulse = None
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.remove_reader(engine.notify_fd())
+            except (RuntimeError, ValueError):  # loop closing under us
+                pass
+        engine.stop()
+        self._drain()
+        self._engine = None
+        self._loop = None
+        _live_guards.discard(self)
+
+    async def __aenter__(self) -> LoopGuard:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _abandon_after_fork(self) -> None:
+        if self._engine is not None:
+            self._engine.abandon_after_fork()
+        self._engine = None
+        self._loop = None
+        self._heartbeat = None
+        self._restore_pulse = None
+        self._calibration = None
+
+    async def _calibrate(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.monitor_interval_ms / 1000
+        lags: list[int] = []
+        for _ in range(self.config.calibration_iterations):
+            t0 = loop.time()
+            await asyncio.sleep(interval)
+            lags.append(int((loop.time() - t0 - interval) * 1e9))
+        if self._engine is not None:
+            self._engine.calibrate(lags)
+
+    # -- attribution ----------------------------------------------------------------------------
+
+    def begin(
+        self,
+        request_id: str,
+        method: str | None = None,
+        path: str | None = None,
+        scope: dict[str, Any] | None = None,
+    ) -> tuple[RequestInfo, contextvars.Token[int]]:
+        """Marks the current Context as belonging to one request until ``end``."""
+        self.start()
+        engine = self._engine
+        token = engine.begin_request()
+        info = RequestInfo(token, request_id, method, path, scope)
+        self._requests[token] = info
+        if self._heartbeat_mode and self._heartbeat is None:
+            self._beat()
+        return info, self._request_var.set(token)
+
+    def end(self, info: RequestInfo, var_token: contextvars.Token[int]) -> None:
+        self._request_var.reset(var_token)
+        self._requests.pop(info.token, None)
+        self._recent[info.token] = info
+        if len(self._recent) > _RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+        if self._engine is not None:
+            self._engine.end_request(info.token)
+
+    @contextmanager
+    def label(self, name: str) -> Iterator[RequestInfo]:
+        """Attributes blocking inside the block to ``name`` (for work that is not a request)."""
+        info, var_token = self.begin(name)
+        try:
+            yield info
+        finally:
+            self.end(info, var_token)
+
+    def blocking_of(self, info: RequestInfo) -> tuple[int, float]:
+        """Blocks this request's own code caused so far: (count, total ms), live during a stall."""
+        if self._engine is None:
+            return 0, 0.0
+        counters = self._engine.request_counters(info.token)
+        return counters.count, counters.total_ns / _NS_PER_MS
+
+    def stats(self) -> dict[str, float | int]:
+        """Loop-lag percentiles, threshold, and event counters, from the engine."""
+        if self._engine is None:
+            return {}
+        s = self._engine.stats()
+        ms = _NS_PER_MS
+        return {
+            "threshold_ms": s.threshold_ns / ms,
+            "baseline_ms": s.baseline_ns / ms,
+            "lag_count": s.lag_count,
+            "lag_p50_ms": s.lag_p50_ns / ms,
+            "lag_p90_ms": s.lag_p90_ns / ms,
+            "lag_p99_ms": s.lag_p99_ns / ms,
+            "lag_max_ms": s.lag_max_ns / ms,
+            "stalls": s.stalls,
+            "events_emitted": s.events_emitted,
+            "events_dropped": s.events_dropped,
+            "samples": s.samples,
+            "stack_timeouts": s.stack_timeouts,
+            "saturation_ms": s.saturated_ns / ms,
+            "sample_pause_count": s.pause_count,
+            "sample_pause_p50_us": s.pause_p50_ns / 1000,
+            "sample_pause_p99_us": s.pause_p99_ns / 1000,
+            "sample_pause_max_us": s.pause_max_ns / 1000,
+            "inflight": s.inflight,
+        }
+
+    # -- pulse and delivery ---------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        """Heartbeat for loops without a selector hook (uvloop): only while there is work."""
+        engine, loop = self._engine, self._loop
+        if engine is None or loop is None:
+            self._heartbeat = None
+            return
+        engine.heartbeat()
+        if engine.wants_heartbeat():
+            self._heartbeat = loop.call_later(self.config.monitor_interval_ms / 1000, self._beat)
+        else:
+            engine.heartbeat_off()
+            self._heartbeat = None
+
+    def _drain(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            raw_events = engine.drain()
+            now_ns = engine.now_ns()
+            wall = time.time()
+        except Exception:  # the guard must never break the loop it watches
+            logger.exception("fastapi_loopguard: draining events failed")
+            return
+        for raw in raw_events:
+            try:
+                self._dispatch(self._convert(raw, now_ns, wall))
+            except Exception:
+                logger.exception("fastapi_loopguard: handling a blocking event failed")
+
+    def _convert(self, raw: Any, now_ns: int, wall: float) -> BlockingEvent:
+        info = self._requests.get(raw.token) or self._recent.get(raw.token)
+        frames = [Frame(f.filename, f.line, f.function) for f in raw.stack]
+        culprit = frames[raw.culprit] if 0 <= raw.culprit < len(frames) else None
+        return BlockingEvent(
+            duration_ms=raw.duration_ns / _NS_PER_MS,
+            kind=raw.kind,
+            request_id=info.request_id if info else None,
+            method=info.method if info else None,
+            path=info.path if info else None,
+            route=info.route if info else None,
+            stack=tuple(reversed(frames)),
+            culprit=culprit,
+            cpu_ms=raw.cpu_ns / _NS_PER_MS,
+            victims=raw.victims,
+            started_at=wall - (now_ns - raw.start_ns) / 1e9,
+            samples=raw.samples,
+            stack_missing=raw.stack_missing,
+        )
+
+    def _dispatch(self, event: BlockingEvent) -> None:
+        self.events.append(event)
+        if self.config.log_blocking_events:
+            logger.warning(format_event(event))
+        callback = self.config.on_blocking
+        if callback is not None:
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("fastapi_loopguard: on_blocking callback raised")
+
+
+def format_event(event: BlockingEvent) -> str:
+    """The seed's log line, then the details; every untrusted part escaped."""
+    if event.method is not None or event.path is not None:
+        head = (
+            f"Event loop blocked for {event.duration_ms:.2f}ms during "
+            f"{escape(event.method or '?')} {escape(event.path or '?')}"
+        )
+    elif event.request_id is not None:
+        head = f"Event loop blocked for {event.duration_ms:.2f}ms during {escape(event.request_id)}"
+    else:
+        head = f"Event loop blocked for {event.duration_ms:.2f}ms (no active request)"
+    details = [f"kind={event.kind}"]
+    if event.route is not None:
+        details.insert(0, f"route={escape(event.route)}")
+    if event.culprit is not None:
+        details.append(f"culprit={escape(str(event.culprit), 400)}")
+    elif event.stack_missing:
+        details.append("culprit=<stack unavailable>")
+    details.append(f"victims={event.victims}")
+    if event.request_id is not None and event.method is not None:
+        details.append(f"request_id={escape(event.request_id)}")
+    return f"{head} [{' '.join(details)}]"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _install_selector_pulse(
+    loop: asyncio.AbstractEventLoop, engine: Any
+) -> Callable[[], None] | None:
+    """On selector loops, brackets each ``select`` call: exact busy periods, no timer at all.
+
+    Returns the undo function, or None when the loop has no selector to hook (uvloop), in which
+    case the guard falls back to a heartbeat that runs only while requests are in flight.
+    """
+    selector = getattr(loop, "_selector", None)
+    if not isinstance(loop, asyncio.SelectorEventLoop) or not isinstance(
+        selector, selectors.BaseSelector
+    ):
+        return None
+    original = selector.select
+    wait_begin, wait_end = engine.wait_begin, engine.wait_end
+
+    def select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        wait_begin()
+        try:
+            return original(timeout)
+        finally:
+            wait_end()
+
+    selector.select = select  # type: ignore[method-assign]
+    engine.wait_end()  # this very iteration is busy from now on
+
+    def restore() -> None:
+        if selector.__dict__.get("select") is select:
+            del selector.select
+
+    return restore
+
+
+def _stop_all_at_exit() -> None:
+    # Interpreter exit: the sampler thread must not be waiting for the GIL once finalization
+    # starts, so every engine is stopped (GIL released while joining) before that.
+    for guard in list(_live_guards):
+        engine = guard._engine
+        if engine is not None:
+            engine.stop()
+
+
+def _after_fork_in_child() -> None:
+    for guard in list(_live_guards):
+        guard._abandon_after_fork()
+    _live_guards.clear()
+
+
+atexit.register(_stop_all_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)

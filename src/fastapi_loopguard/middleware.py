@@ -1,0 +1,129 @@
+"""LoopGuardMiddleware: a pure ASGI middleware (no BaseHTTPMiddleware, no extra task per request).
+
+Per request it does three cheap things: tags the request's Context with a token the native
+watchdog can read, adds dev-mode headers at ``http.response.start``, and removes the tag at the
+end. Every guard call is failsafe: if the guard breaks, the request is served without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ._text import valid_request_id
+from .config import LoopGuardConfig
+from .guard import LoopGuard, RequestInfo, new_request_id
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("fastapi_loopguard")
+
+
+def _incoming_request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers") or ():
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            # Reused only when harmless; anything else (CRLF, too long, non-ASCII) is replaced.
+            return candidate if valid_request_id(candidate) else new_request_id()
+    return new_request_id()
+
+
+class LoopGuardMiddleware:
+    """Detects event-loop blocking and attributes it to the request whose code caused it."""
+
+    def __init__(self, app: ASGIApp, config: LoopGuardConfig | None = None) -> None:
+        self.app = app
+        self.config = config if config is not None else LoopGuardConfig()
+        self.guard = LoopGuard(self.config)
+        self._warned = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if not self.config.enabled:
+            await self.app(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        elif kind in ("http", "websocket") and scope.get("path") not in self.config.exclude_paths:
+            await self._tracked(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _failed(self, what: str) -> None:
+        # Logged once with its traceback, then silently: a broken guard must not flood the log.
+        if not self._warned:
+            self._warned = True
+            logger.exception("fastapi_loopguard: %s failed; serving without the guard", what)
+
+    async def _tracked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            method = "WEBSOCKET" if scope["type"] == "websocket" else scope.get("method", "?")
+            info, var_token = self.guard.begin(
+                _incoming_request_id(scope), method, scope.get("path"), dict_scope(scope)
+            )
+        except Exception:
+            self._failed("starting to track a request")
+            await self.app(scope, receive, send)
+            return
+        try:
+            if self.config.dev_mode and scope["type"] == "http":
+                await self.app(scope, receive, self._dev_send(info, send))
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            try:
+                self.guard.end(info, var_token)
+            except Exception:
+                self._failed("finishing a request")
+
+    def _dev_send(self, info: RequestInfo, send: Send) -> Send:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                try:
+                    message = self._with_headers(message, info)
+                except Exception:
+                    self._failed("adding dev-mode headers")
+            await send(message)
+
+        return send_with_headers
+
+    def _with_headers(self, message: Message, info: RequestInfo) -> Message:
+        # Read now, not from drained events: the block this request caused usually ended in this
+        # very loop iteration, and only the watchdog's live counters know about it yet.
+        count, total_ms = self.guard.blocking_of(info)
+        headers = list(message.get("headers") or ())
+        headers += [
+            (b"x-request-id", info.request_id.encode("ascii")),
+            (b"x-blocking-count", str(count).encode("ascii")),
+            (b"x-blocking-total-ms", f"{total_ms:.2f}".encode("ascii")),
+            (b"x-blocking-detected", b"true" if count else b"false"),
+        ]
+        return {**message, "headers": headers}
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_and_start() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.guard.start()
+                except Exception:
+                    self._failed("starting the engine")
+            return message
+
+        async def send_and_stop(message: Message) -> None:
+            await send(message)
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    self.guard.stop()
+                except Exception:
+                    self._failed("stopping the engine")
+
+        await self.app(scope, receive_and_start, send_and_stop)
+
+
+def dict_scope(scope: Scope) -> dict[str, Any] | None:
+    return scope if isinstance(scope, dict) else None
