@@ -1,0 +1,94 @@
+"""A FastAPI app with one endpoint per kind of culprit, run by the tests under real uvicorn.
+
+Lines marked ``# culprit:NAME`` are where the tests expect the blame to land. The events the
+guard reports are collected through ``on_blocking`` and served at ``/_events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+import urllib.request
+
+from fastapi import FastAPI, WebSocket
+
+from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+EVENTS: list[BlockingEvent] = []
+
+app = FastAPI()
+app.add_middleware(
+    LoopGuardMiddleware,
+    config=LoopGuardConfig(
+        dev_mode=os.environ.get("LOOPGUARD_TEST_DEV_MODE", "1") == "1",
+        on_blocking=EVENTS.append,
+        exclude_paths={"/_events", "/health"},
+    ),
+)
+
+
+def burn(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end: pass  # culprit:cpu  # noqa: E701
+
+
+@app.get("/innocent")
+async def innocent() -> dict[str, bool]:
+    await asyncio.sleep(0.8)
+    return {"ok": True}
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/sleep/{ms}")
+async def sleep(ms: int) -> dict[str, int]:
+    time.sleep(ms / 1000)  # culprit:sleep
+    return {"slept": ms}
+
+
+@app.get("/cpu")
+async def cpu() -> dict[str, bool]:
+    burn(0.3)
+    return {"ok": True}
+
+
+@app.get("/io")
+async def io(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slow", timeout=5) as r:  # culprit:io
+        body = r.read()
+    return {"bytes": len(body)}
+
+
+async def child_sleep() -> None:
+    time.sleep(0.3)  # culprit:child
+
+
+@app.get("/child")
+async def child() -> dict[str, bool]:
+    await asyncio.create_task(child_sleep())
+    return {"ok": True}
+
+
+@app.websocket("/ws")
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.receive_text()
+    time.sleep(0.2)  # culprit:ws
+    await websocket.send_text("done")
+    await websocket.close()
+
+
+@app.get("/_events")
+async def events() -> list[dict[str, object]]:
+    return [dataclasses.asdict(e) for e in EVENTS]
+
+
+@app.delete("/_events")
+async def clear_events() -> dict[str, bool]:
+    EVENTS.clear()
+    return {"ok": True}

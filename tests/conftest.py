@@ -1,0 +1,117 @@
+"""Real servers on loopback: uvicorn running the test apps, on asyncio and on uvloop.
+
+Every server-backed test runs once per loop, the way uvloop's own suites run twice.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPS = ["asyncio", "uvloop"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    loop: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    app: str, loop: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> Server:
+    port = free_port()
+    log_path = tmp_path / f"uvicorn-{loop}-{port}.log"
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--loop", loop, "--lifespan", "on", "--no-access-log"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = Server(f"http://127.0.0.1:{port}", loop, log_path, process)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited early:\n{server.log()}")
+        try:
+            httpx.get(server.url + "/health", timeout=0.5)
+            return server
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"uvicorn did not start:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(params=LOOPS)
+def loop_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def culprit_server(loop_name: str, tmp_path: Path) -> Iterator[Server]:
+    server = start_server("tests.apps.culprits:app", loop_name, tmp_path)
+    yield server
+    stop_server(server)
+
+
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        time.sleep(0.3)
+        body = b"slow peer"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def slow_peer() -> Iterator[int]:
+    """A local HTTP peer that takes 300 ms to answer: the target of blocking I/O."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+def culprit_line(path: Path, name: str) -> int:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if f"# culprit:{name}" in line:
+            return number
+    raise LookupError(name)
