@@ -1,0 +1,104 @@
+"""LoopGuardConfig: the seed's names and defaults, and a clear ValueError for every bad value."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from fastapi_loopguard import LoopGuardConfig
+
+SEED_DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "monitor_interval_ms": 10,
+    "threshold_multiplier": 5,
+    "dev_mode": False,
+    "log_blocking_events": True,
+    "prometheus_enabled": False,
+    "exclude_paths": {"/health", "/healthz", "/ready", "/metrics"},
+    "adaptive_threshold": False,
+    "adaptive_window_size": 1000,
+    "adaptive_percentile": 0.95,
+    "adaptive_min_samples": 100,
+    "adaptive_update_interval_ms": 1000,
+    "fallback_threshold_ms": 50.0,
+    "calibration_iterations": 10,
+    "on_blocking": None,
+    "capture_stacks": True,
+}
+
+
+def test_every_seed_option_with_its_default() -> None:
+    config = LoopGuardConfig()
+    for name, default in SEED_DEFAULTS.items():
+        assert getattr(config, name) == default, name
+    assert {f.name for f in dataclasses.fields(LoopGuardConfig)} == set(SEED_DEFAULTS)
+
+
+def test_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LoopGuardConfig().dev_mode = True  # type: ignore[misc]
+
+
+def test_seed_examples_construct() -> None:
+    LoopGuardConfig(
+        adaptive_threshold=True,
+        adaptive_window_size=2000,
+        adaptive_percentile=0.99,
+        fallback_threshold_ms=100.0,
+    )
+    LoopGuardConfig(threshold_multiplier=8)
+
+
+def test_prometheus_enabled_is_not_silent() -> None:
+    with pytest.warns(UserWarning, match="Prometheus export is not implemented"):
+        LoopGuardConfig(dev_mode=True, prometheus_enabled=True)
+
+
+BOOLS = ["enabled", "dev_mode", "log_blocking_events", "adaptive_threshold", "capture_stacks"]
+
+# option -> (values that must be refused, text the message must contain)
+BAD: dict[str, tuple[list[Any], str]] = {
+    "monitor_interval_ms": ([0, -1, 1001, float("nan"), "10", None, True], "[1, 1000]"),
+    "threshold_multiplier": ([0.5, 0, -5, 1001, "5", None], "[1, 1000]"),
+    "adaptive_window_size": ([9, 0, 10.5, "1000", 2_000_000], "[10, 1e+06]"),
+    "adaptive_percentile": ([0.49, 0.995, 1, 0, -0.5, "0.9", None], "[0.5, 0.99]"),
+    "adaptive_min_samples": ([0, -1, 1001, 2.5], "[1, 1000]"),
+    "adaptive_update_interval_ms": ([0, 9, -1, "1s"], "[10, 3.6e+06]"),
+    "fallback_threshold_ms": ([0, 0.5, -10, float("inf"), "50"], "[1, 3.6e+06]"),
+    "calibration_iterations": ([-1, 1.5, 10_001, "10"], "[0, 10000]"),
+    "exclude_paths": (["/health", {"health"}, {1}, 5, None], "paths starting with '/'"),
+    "on_blocking": ([5, "print"], "callable"),
+}
+
+
+@pytest.mark.parametrize("name", BOOLS)
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_bool_options_refuse_non_bools(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be True or False"):
+        LoopGuardConfig(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [(name, value, allowed) for name, (values, allowed) in BAD.items() for value in values],
+)
+def test_bad_values_name_the_option_and_the_range(name: str, value: Any, allowed: str) -> None:
+    with pytest.raises(ValueError) as info:
+        LoopGuardConfig(**{name: value})
+    message = str(info.value)
+    assert message.startswith(name), message
+    assert allowed in message, message
+
+
+def test_min_samples_bounded_by_window() -> None:
+    LoopGuardConfig(adaptive_window_size=50, adaptive_min_samples=50)
+    with pytest.raises(ValueError, match="adaptive_min_samples"):
+        LoopGuardConfig(adaptive_window_size=50, adaptive_min_samples=51)
+
+
+def test_exclude_paths_accepts_any_iterable_and_is_frozen() -> None:
+    config = LoopGuardConfig(exclude_paths=["/a", "/b"])
+    assert config.exclude_paths == frozenset({"/a", "/b"})
+    assert isinstance(config.exclude_paths, frozenset)
