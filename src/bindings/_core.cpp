@@ -38,6 +38,7 @@ NB_MODULE(_core, m) {
   nb::class_<SamplerConfig>(m, "SamplerConfig")
       .def(nb::init<>())
       .def_rw("library_prefixes", &SamplerConfig::library_prefixes)
+      .def_rw("application_prefixes", &SamplerConfig::application_prefixes)
       .def_rw("max_depth", &SamplerConfig::max_depth);
 
   nb::class_<FrameInfo>(m, "FrameInfo")

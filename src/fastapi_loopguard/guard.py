@@ -70,6 +70,8 @@ def _library_prefixes() -> list[str]:
 
 
 _LIBRARY_PREFIXES = _library_prefixes()
+# The bundled demo app is application code, although it is installed inside this package.
+_APPLICATION_PREFIXES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "")]
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
 
 
@@ -126,6 +128,7 @@ class LoopGuard:
         threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
         sampler = _core.SamplerConfig()
         sampler.library_prefixes = _LIBRARY_PREFIXES
+        sampler.application_prefixes = _APPLICATION_PREFIXES
         engine = _core.Engine(watchdog, threshold, sampler, self._request_var)
         self._engine = engine
         self._loop = loop
