@@ -15,7 +15,8 @@
 namespace loopguard {
 
 struct SamplerConfig {
-  std::vector<std::string> library_prefixes;  // frames under these are not application code
+  std::vector<std::string> library_prefixes;      // frames under these are not application code
+  std::vector<std::string> application_prefixes;  // ... unless they are also under one of these
   std::size_t max_depth = 64;
 };
 

@@ -126,6 +126,9 @@ class PySampler final : public StackSampler {
 
   bool is_application(const std::string& filename) const {
     if (filename.empty() || filename[0] == '<') return false;  // <frozen ...>, <string>
+    for (const auto& prefix : config_.application_prefixes) {
+      if (filename.compare(0, prefix.size(), prefix) == 0) return true;
+    }
     for (const auto& prefix : config_.library_prefixes) {
       if (filename.compare(0, prefix.size(), prefix) == 0) return false;
     }
