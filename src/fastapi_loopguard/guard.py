@@ -99,6 +99,7 @@ class LoopGuard:
         self._heartbeat_mode = False
         self._restore_pulse: Callable[[], None] | None = None
         self._calibration: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -229,6 +230,13 @@ class LoopGuard:
         finally:
             self.end(info, var_token)
 
+    def add_listener(self, listener: Callable[[BlockingEvent], object]) -> None:
+        """Calls ``listener`` on the loop thread for every event (exporters hook in here)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[BlockingEvent], object]) -> None:
+        self._listeners.remove(listener)
+
     def blocking_of(self, info: RequestInfo) -> tuple[int, float]:
         """Blocks this request's own code caused so far: (count, total ms), live during a stall."""
         if self._engine is None:
@@ -319,6 +327,11 @@ class LoopGuard:
         self.events.append(event)
         if self.config.log_blocking_events:
             logger.warning(format_event(event))
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("fastapi_loopguard: event listener %r raised", listener)
         callback = self.config.on_blocking
         if callback is not None:
             try:
