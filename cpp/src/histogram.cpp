@@ -7,18 +7,19 @@ namespace loopguard {
 
 int LagHistogram::bucket_of(Nanos value) noexcept {
   if (value < (Nanos{1} << kMinExp)) {
-    // Below the first octave: spread linearly over the first octave's sub-buckets.
+    // Below the first octave: spread linearly over the sub-buckets of group 0.
     const Nanos v = std::max<Nanos>(value, 0);
     return static_cast<int>(v >> (kMinExp - kSubBits));
   }
   const int exp = 63 - __builtin_clzll(static_cast<unsigned long long>(value));
   if (exp > kMaxExp) return kBuckets - 1;
   const int sub = static_cast<int>((value >> (exp - kSubBits)) & (kSub - 1));
-  return (exp - kMinExp) * kSub + sub;
+  // Group 0 holds the values below 2^kMinExp, so octave kMinExp starts at group 1.
+  return (exp - kMinExp + 1) * kSub + sub;
 }
 
 Nanos LagHistogram::upper_edge(int bucket) noexcept {
-  const int exp = kMinExp + bucket / kSub;
+  const int exp = kMinExp + bucket / kSub - 1;
   const int sub = bucket % kSub;
   if (bucket < kSub) return (Nanos{sub} + 1) << (kMinExp - kSubBits);
   return (Nanos{1} << exp) + ((Nanos{sub} + 1) << (exp - kSubBits));

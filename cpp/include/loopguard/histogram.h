@@ -18,7 +18,8 @@ class LagHistogram {
   static constexpr int kSub = 1 << kSubBits;
   static constexpr int kMinExp = 10;  // values below 2^10 ns (~1 us) share the first buckets
   static constexpr int kMaxExp = 42;  // ~73 minutes; larger values go to the last bucket
-  static constexpr int kBuckets = (kMaxExp - kMinExp + 1) * kSub;
+  // One group for [0, 2^kMinExp), then one per octave kMinExp..kMaxExp.
+  static constexpr int kBuckets = (kMaxExp - kMinExp + 2) * kSub;
 
   void record(Nanos value) noexcept;
   // Value at quantile q (0..1): the upper edge of the bucket holding that rank.
