@@ -1,0 +1,153 @@
+# Build, test and lint plumbing for fastapi-loopguard.
+#
+#   make test    # everything the README promises: C++ unit tests + Python tests
+#   make help    # list the targets
+#
+# Works on a fresh Debian machine (as root, or with sudo) with Python >= 3.11: missing Debian
+# packages are installed on demand, and everything Python lives in .venv.
+
+# Fail a recipe on the first failing command, on unset variables and inside pipelines, instead
+# of make's default `sh -c` that happily carries on.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# Several targets mutate shared state (apt, .venv, build/) and `test` relies on running
+# install -> test-cpp -> test-py in order, so never run targets of this file in parallel. The
+# compilers still use several cores through cmake's -j.
+.NOTPARALLEL:
+MAKEFLAGS += --no-builtin-rules
+
+# ---- knobs (override on the command line: make test-cpp JOBS=8) -------------------------------
+# The interpreter the venv is created from: the system python3 (the first on PATH). Not called
+# PYTHON, which CI images sometimes export for their own purposes.
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+CMAKE ?= cmake
+CTEST ?= ctest
+CLANG_FORMAT ?= clang-format
+JOBS ?= 2
+BUILD_TYPE ?= Release
+# Extra arguments for pytest and for the demo, e.g. make test-py PYTEST_ARGS='-k attribution -x'
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CPPTEST_DIR := build/cpptest
+
+# Debian packages: compiler + cmake + GoogleTest for the C++ tests; headers and venv support
+# for the system python3 (only needed when it is Debian's own; harmless otherwise).
+SYSTEM_PKGS := g++ cmake libgtest-dev python3-dev python3-venv
+LINT_PKGS := clang-format
+
+# Python dirs to lint; $(wildcard) drops ones that do not exist (yet), which ruff would report
+# as an error.
+PY_DIRS := $(wildcard src tests benchmarks)
+# Lazily expanded so `find` only runs for lint/format.
+CPP_SOURCES = $(shell find cpp \( -name '*.h' -o -name '*.cpp' \) -type f | sort) \
+	$(wildcard src/bindings/*.cpp)
+
+# Keep pip quiet about its own version and never let it wait for input (no stdin in CI).
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+.PHONY: help system-deps lint-deps venv install dev test test-cpp test-py demo lint format \
+	clean distclean
+
+help: ## Show this help
+	@echo "Usage: make <target> [VAR=value ...]"
+	@echo
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) \
+		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables: PYTEST_ARGS, DEMO_ARGS, JOBS (=$(JOBS)), BUILD_TYPE (=$(BUILD_TYPE)),"
+	@echo "           SYSTEM_PYTHON (=$(SYSTEM_PYTHON)), VENV (=$(VENV))"
+
+# ---- environment -------------------------------------------------------------------------------
+
+system-deps: ## Install missing Debian build/test packages (apt, uses sudo if not root)
+	@scripts/system-deps.sh $(SYSTEM_PKGS)
+
+# Only the C++ formatter comes from Debian. ruff, mypy and the runtime dependencies (so mypy can
+# follow imports of starlette) go into the venv, with the version floors from pyproject.toml and
+# without building the extension as `pip install '.[dev]'` would. When they are already
+# satisfied this is a quick, offline no-op.
+lint-deps: venv ## Install the linters: clang-format (Debian), ruff + mypy (.venv)
+	@scripts/system-deps.sh $(LINT_PKGS)
+	@$(PIP) install -q $$($(PY) scripts/requirements.py lint)
+
+venv: ## Create .venv from the system python3 (>= 3.11) and upgrade pip; reused if present
+	@scripts/ensure-venv.sh $(VENV) $(SYSTEM_PYTHON)
+
+# ---- build -------------------------------------------------------------------------------------
+
+# A regular (non-editable) install, like a user would get: pip builds a wheel in an isolated
+# environment that fetches scikit-build-core and nanobind from PyPI. pip always rebuilds a local
+# directory, and scikit-build-core reuses build/<wheel tag>/ so that is incremental.
+install: system-deps venv ## Build and install the package with its test extras into .venv
+	$(PIP) install '.[test]'
+
+# Editable install for the edit-compile-test loop. With editable.rebuild=true, importing
+# fastapi_loopguard re-runs the CMake build in build/<wheel tag>/ first, so C++ edits are picked
+# up without reinstalling. That rebuild runs long after pip has exited, so it cannot use pip's
+# throw-away isolated build environment: the build dependencies must live in the venv itself,
+# hence installing them here and --no-build-isolation. (`make clean` deletes that build dir;
+# run `make dev` again afterwards.)
+dev: system-deps venv ## Editable install (rebuilds the C++ extension on import) + dev tools
+	$(PIP) install $$($(PY) scripts/requirements.py build)
+	$(PIP) install --no-build-isolation -Ceditable.rebuild=true -e '.[dev]'
+
+# ---- tests -------------------------------------------------------------------------------------
+
+test: install test-cpp test-py ## Run all tests (C++ + Python) -- the command the README gives
+
+# The engine is built without Python here (LOOPGUARD_BUILD_MODULE=OFF): the unit tests drive it
+# with fake clocks and samplers, so they need neither the venv nor nanobind. --no-tests=error:
+# a test binary that registers nothing (a broken or empty test file) must fail, not pass.
+test-cpp: system-deps ## Build the C++ unit tests into build/cpptest and run them with ctest
+	$(CMAKE) -S . -B $(CPPTEST_DIR) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+		-DLOOPGUARD_BUILD_TESTS=ON -DLOOPGUARD_BUILD_MODULE=OFF
+	$(CMAKE) --build $(CPPTEST_DIR) -j $(JOBS)
+	$(CTEST) --test-dir $(CPPTEST_DIR) --output-on-failure --no-tests=error
+
+# Runs against whatever `make install` or `make dev` put into the venv (the src/ layout means
+# the checkout itself is not importable), so it does not reinstall by itself; `make test` does.
+test-py: ## Run the Python tests with .venv's pytest (PYTEST_ARGS=...)
+	@$(PY) -c 'import importlib.util as u, sys; \
+		sys.exit(not (u.find_spec("pytest") and u.find_spec("fastapi_loopguard")))' \
+		2>/dev/null || { echo "test-py: pytest or fastapi_loopguard is not installed in" \
+		"$(VENV); run 'make install' (or 'make dev') first." >&2; exit 1; }
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install ## Install, then run the demo app (DEMO_ARGS=...)
+	$(PY) -m fastapi_loopguard.demo $(DEMO_ARGS)
+
+# ---- code style --------------------------------------------------------------------------------
+
+# Runs every check even when an earlier one fails, so one CI run reports all problems, then
+# fails if any did.
+lint: lint-deps ## Check style: ruff check + ruff format --check, mypy, clang-format
+	@status=0; \
+	echo "--- ruff check"; $(VENV)/bin/ruff check $(PY_DIRS) || status=1; \
+	echo "--- ruff format --check"; $(VENV)/bin/ruff format --check $(PY_DIRS) || status=1; \
+	echo "--- mypy"; $(VENV)/bin/mypy || status=1; \
+	echo "--- clang-format"; \
+	$(CLANG_FORMAT) --dry-run --Werror $(CPP_SOURCES) && echo "C++ sources formatted" \
+		|| status=1; \
+	exit $$status
+
+# Fix first, then format: some fixes (import sorting) need reformatting. --exit-zero because the
+# leftovers are reported (and enforced) by `make lint`; formatting should still happen.
+format: lint-deps ## Apply ruff fixes + ruff format and clang-format in place
+	$(VENV)/bin/ruff check --fix --exit-zero $(PY_DIRS)
+	$(VENV)/bin/ruff format $(PY_DIRS)
+	$(CLANG_FORMAT) -i $(CPP_SOURCES)
+
+# ---- cleanup -----------------------------------------------------------------------------------
+
+clean: ## Remove build output (build/, dist/) and tool caches; keeps .venv
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find $(wildcard src tests) -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## clean, and also remove .venv
+	rm -rf $(VENV)
