@@ -40,9 +40,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(
-    app: str, loop: str, tmp_path: Path, env: dict[str, str] | None = None
-) -> Server:
+def start_server(app: str, loop: str, tmp_path: Path, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     log_path = tmp_path / f"uvicorn-{loop}-{port}.log"
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]

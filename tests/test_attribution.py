@@ -19,7 +19,9 @@ APP_FILE = ROOT / "tests" / "apps" / "culprits.py"
 INNOCENTS = 20
 
 
-async def _fire(server: Server, guilty_path: str, guilty_id: str) -> tuple[httpx.Response, list[httpx.Response]]:
+async def _fire(
+    server: Server, guilty_path: str, guilty_id: str
+) -> tuple[httpx.Response, list[httpx.Response]]:
     limits = httpx.Limits(max_connections=INNOCENTS + 5)
     async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits) as client:
         innocents = [
@@ -47,7 +49,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "path", "route", "kind", "marker"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "path", "route", "kind", "marker"), CASES, ids=[c[0] for c in CASES]
+)
 def test_exact_request_and_line_blamed(
     culprit_server: Server, slow_peer: int, name: str, path: str, route: str, kind: str, marker: str
 ) -> None:

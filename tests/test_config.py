@@ -29,11 +29,19 @@ SEED_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Options this package adds beyond the seed's tables.
+ADDED_DEFAULTS: dict[str, Any] = {
+    "hang_threshold_ms": 1000,
+}
+
+
 def test_every_seed_option_with_its_default() -> None:
     config = LoopGuardConfig()
-    for name, default in SEED_DEFAULTS.items():
+    for name, default in {**SEED_DEFAULTS, **ADDED_DEFAULTS}.items():
         assert getattr(config, name) == default, name
-    assert {f.name for f in dataclasses.fields(LoopGuardConfig)} == set(SEED_DEFAULTS)
+    assert {f.name for f in dataclasses.fields(LoopGuardConfig)} == set(SEED_DEFAULTS) | set(
+        ADDED_DEFAULTS
+    )
 
 
 def test_frozen() -> None:
@@ -68,6 +76,7 @@ BAD: dict[str, tuple[list[Any], str]] = {
     "adaptive_update_interval_ms": ([0, 9, -1, "1s"], "[10, 3.6e+06]"),
     "fallback_threshold_ms": ([0, 0.5, -10, float("inf"), "50"], "[1, 3.6e+06]"),
     "calibration_iterations": ([-1, 1.5, 10_001, "10"], "[0, 10000]"),
+    "hang_threshold_ms": ([-1, 3_600_001, "1s", None], "[0, 3.6e+06]"),
     "exclude_paths": (["/health", {"health"}, {1}, 5, None], "paths starting with '/'"),
     "on_blocking": ([5, "print"], "callable"),
 }

@@ -58,7 +58,10 @@ def test_plain_asyncio_program_with_labels(loop_name: str) -> None:
     event = events[0]
     assert event.kind == "sleep"
     assert event.culprit is not None
-    assert (event.culprit.filename, event.culprit.lineno) == (THIS_FILE, line_of("marker:label-sleep"))
+    assert (event.culprit.filename, event.culprit.lineno) == (
+        THIS_FILE,
+        line_of("marker:label-sleep"),
+    )
     assert event.culprit.function.endswith("job")
     assert event.victims == 2
     assert 150 <= event.duration_ms < 1000
@@ -226,7 +229,9 @@ def test_request_id_reused_only_when_valid(incoming: str, kept: bool) -> None:
 
     async def main() -> list[dict[str, Any]]:
         middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
-        sent = await call(middleware, http_scope("/", [(b"x-request-id", incoming.encode("latin-1"))]))
+        sent = await call(
+            middleware, http_scope("/", [(b"x-request-id", incoming.encode("latin-1"))])
+        )
         middleware.guard.stop()
         return sent
 

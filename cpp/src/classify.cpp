@@ -18,6 +18,14 @@ const char* kind_name(Kind kind) noexcept {
       return "cpu";
     case Kind::kLock:
       return "lock";
+    case Kind::kGil:
+      return "gil";
+    case Kind::kNative:
+      return "native";
+    case Kind::kGc:
+      return "gc";
+    case Kind::kStarved:
+      return "starved";
     case Kind::kIdle:
       return "idle";
     case Kind::kUnknown:
@@ -195,7 +203,8 @@ Kind majority_kind(const std::vector<Kind>& kinds) noexcept {
   for (std::size_t k = 0; k < kKinds; ++k) {
     const auto kind = static_cast<Kind>(k);
     if (kind == Kind::kUnknown || kind == Kind::kIdle) continue;
-    if (counts[k] > best_count || (counts[k] == best_count && counts[k] > 0 && first_seen[k] < best_first)) {
+    if (counts[k] > best_count ||
+        (counts[k] == best_count && counts[k] > 0 && first_seen[k] < best_first)) {
       best = kind;
       best_count = counts[k];
       best_first = first_seen[k];

@@ -1,9 +1,11 @@
 #include "loopguard/proc.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,7 +38,20 @@ OsState parse_syscall_line(const char* text) noexcept {
   if (nr < 0) return st;
   st.where = OsState::Where::kSyscall;
   st.syscall = nr;
+  st.arg0 = std::strtoull(end, nullptr, 16);  // "0x..." after the number
   return st;
+}
+
+Nanos parse_schedstat_run_delay(const char* text) noexcept {
+  // "<cpu time ns> <run delay ns> <timeslices>"
+  if (text == nullptr) return -1;
+  char* end = nullptr;
+  (void)std::strtoll(text, &end, 10);
+  if (end == text) return -1;
+  const char* second = end;
+  const long long delay = std::strtoll(second, &end, 10);
+  if (end == second) return -1;
+  return static_cast<Nanos>(delay);
 }
 
 char parse_stat_state(const char* text) noexcept {
@@ -63,11 +78,12 @@ bool read_at_zero(int fd, char* buf, std::size_t size) {
 }
 }  // namespace
 
-OsThreadProbe::OsThreadProbe(long tid, pthread_t handle) {
+OsThreadProbe::OsThreadProbe(long tid, pthread_t handle) : tid_(tid) {
 #ifdef __linux__
   if (tid > 0) {
     syscall_fd_ = open_task_file(tid, "syscall");
     stat_fd_ = open_task_file(tid, "stat");
+    schedstat_fd_ = open_task_file(tid, "schedstat");
   }
 #else
   (void)tid;
@@ -78,6 +94,7 @@ OsThreadProbe::OsThreadProbe(long tid, pthread_t handle) {
 OsThreadProbe::~OsThreadProbe() {
   if (syscall_fd_ >= 0) ::close(syscall_fd_);
   if (stat_fd_ >= 0) ::close(stat_fd_);
+  if (schedstat_fd_ >= 0) ::close(schedstat_fd_);
 }
 
 OsState OsThreadProbe::state() noexcept {
@@ -85,7 +102,42 @@ OsState OsThreadProbe::state() noexcept {
   OsState st;
   if (read_at_zero(syscall_fd_, buf, sizeof buf)) st = parse_syscall_line(buf);
   if (read_at_zero(stat_fd_, buf, sizeof buf)) st.sched_state = parse_stat_state(buf);
+  if (read_at_zero(schedstat_fd_, buf, sizeof buf)) st.run_delay = parse_schedstat_run_delay(buf);
   return st;
+}
+
+OsState read_thread_syscall(long tid) noexcept {
+  OsState st;
+#ifdef __linux__
+  const int fd = open_task_file(tid, "syscall");
+  char buf[512];
+  if (read_at_zero(fd, buf, sizeof buf)) st = parse_syscall_line(buf);
+  if (fd >= 0) ::close(fd);
+#else
+  (void)tid;
+#endif
+  return st;
+}
+
+std::vector<long> OsThreadProbe::running_threads(const std::vector<long>& exclude) {
+  std::vector<long> out;
+#ifdef __linux__
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return out;
+  // Bounded: a process with thousands of threads is scanned only partly.
+  int seen = 0;
+  while (dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
+    if (++seen > 256) break;
+    const long tid = std::strtol(entry->d_name, nullptr, 10);
+    if (std::find(exclude.begin(), exclude.end(), tid) != exclude.end()) continue;
+    if (read_thread_syscall(tid).where == OsState::Where::kRunning) out.push_back(tid);
+  }
+  ::closedir(dir);
+#else
+  (void)exclude;
+#endif
+  return out;
 }
 
 Nanos OsThreadProbe::cpu_time() noexcept {

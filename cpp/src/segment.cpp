@@ -66,7 +66,8 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
 
   double r = -1.0;
   if (last > first) r = cpu_ratio(s[first]->t, s[first]->cpu, s[last]->t, s[last]->cpu);
-  if (r < 0 && first > 0) r = cpu_ratio(s[first - 1]->t, s[first - 1]->cpu, s[first]->t, s[first]->cpu);
+  if (r < 0 && first > 0)
+    r = cpu_ratio(s[first - 1]->t, s[first - 1]->cpu, s[first]->t, s[first]->cpu);
   if (r < 0 && first == 0) r = cpu_ratio(in.pre_t, in.pre_cpu, s[first]->t, s[first]->cpu);
   if (r < 0) r = ev.kind == Kind::kCpu ? 1.0 : 0.0;
   ev.cpu = static_cast<Nanos>(r * static_cast<double>(ev.duration));
@@ -88,7 +89,8 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
   StallResult out;
   std::vector<const Sample*> s;
   for (const auto& sample : samples) {
-    if (sample.kind != Kind::kIdle && sample.t >= in.start && sample.t <= in.end) s.push_back(&sample);
+    if (sample.kind != Kind::kIdle && sample.t >= in.start && sample.t <= in.end)
+      s.push_back(&sample);
   }
   const Nanos length = std::max<Nanos>(0, in.end - in.start);
   if (samples.empty() && length >= in.threshold) {

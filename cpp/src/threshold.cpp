@@ -12,7 +12,8 @@ Nanos percentile_of(std::vector<Nanos>& values, double q) {
   auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(values.size())));
   if (rank > 0) --rank;
   rank = std::min(rank, values.size() - 1);
-  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(rank), values.end());
+  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(rank),
+                   values.end());
   return values[rank];
 }
 

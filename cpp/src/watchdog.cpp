@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <string>
 
 namespace loopguard {
 
@@ -13,7 +15,8 @@ namespace loopguard {
 
 void LoopPulse::end_busy(Nanos now) noexcept {
   const std::uint64_t e = epoch_.load(std::memory_order_relaxed);
-  if (e == watched_.load(std::memory_order_acquire)) watched_end_.store(now, std::memory_order_relaxed);
+  if (e == watched_.load(std::memory_order_acquire))
+    watched_end_.store(now, std::memory_order_relaxed);
   // Release: a watchdog that sees the new epoch also sees watched_end_.
   epoch_.store(e + 1, std::memory_order_release);
 }
@@ -40,11 +43,22 @@ void LoopPulse::watch(std::uint64_t epoch) noexcept {
 
 // ---- RequestTable -----------------------------------------------------------------------------
 
-std::uint64_t RequestTable::begin() {
+std::uint64_t RequestTable::begin(std::string label) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::uint64_t token = next_++;
-  inflight_.emplace(token, RequestCounters{});
+  inflight_.emplace(token, Entry{RequestCounters{}, std::move(label)});
   return token;
+}
+
+bool RequestTable::contains(std::uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return inflight_.count(token) != 0;
+}
+
+std::string RequestTable::label(std::uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = inflight_.find(token);
+  return it == inflight_.end() ? std::string() : it->second.label;
 }
 
 void RequestTable::end(std::uint64_t token) {
@@ -60,7 +74,7 @@ std::uint32_t RequestTable::inflight() const {
 RequestCounters RequestTable::get(std::uint64_t token) const {
   std::lock_guard<std::mutex> lock(mutex_);
   RequestCounters out;
-  if (auto it = inflight_.find(token); it != inflight_.end()) out = it->second;
+  if (auto it = inflight_.find(token); it != inflight_.end()) out = it->second.counters;
   for (const auto& [t, duration] : live_) {
     if (t == token) {
       ++out.count;
@@ -79,8 +93,8 @@ void RequestTable::commit(const Credits& credits) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& [token, duration] : credits) {
     if (auto it = inflight_.find(token); it != inflight_.end()) {
-      ++it->second.count;
-      it->second.total += duration;
+      ++it->second.counters.count;
+      it->second.counters.total += duration;
     }
   }
   live_.clear();
@@ -164,6 +178,7 @@ void Engine::wake() noexcept {
 }
 
 void Engine::run() {
+  watchdog_tid_ = current_tid();
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stop_) {
     lock.unlock();
@@ -195,7 +210,13 @@ Nanos Engine::step(Nanos now) {
         take_sample();
         stall_.next_sample = clock_->now() + stall_.sample_every;
       }
-      return stall_.next_sample;
+      report_hang(clock_->now());
+      Nanos next = stall_.next_sample;
+      if (config_.hang_threshold > 0) {
+        next = std::min(
+            next, stall_.hang ? stall_.next_hang_report : stall_.start + config_.hang_threshold);
+      }
+      return next;
     }
     Nanos end = pulse_.watched_end();
     if (end <= 0) end = stall_.samples.empty() ? now : stall_.samples.back().t;
@@ -253,45 +274,173 @@ void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
   stall_.next_sample = clock_->now() + config_.confirm_delay;
 }
 
+Kind Engine::refine_kind(const OsState& os, Nanos t, Kind kind) {
+  if (kind == Kind::kIdle) return kind;
+  if (in_gc_.load(std::memory_order_relaxed)) return Kind::kGc;
+  // Runnable but not running for most of the time since the last look: the thread was starved
+  // of CPU (cgroup throttling, an overloaded host), whatever it was doing.
+  if (os.run_delay >= 0 && stall_.prev_run_delay >= 0 && t > stall_.prev_t &&
+      (os.run_delay - stall_.prev_run_delay) * 2 > t - stall_.prev_t) {
+    return Kind::kStarved;
+  }
+  if (kind == Kind::kLock && sampler_ && sampler_->is_gil_futex(os.arg0)) return Kind::kGil;
+  return kind;
+}
+
 void Engine::take_sample() {
   Sample s;
   s.t = clock_->now();
+  OsState os;
   if (probe_) {
     // Read the OS state before asking for the GIL: once the sampler asks, the loop thread may be
     // parked on the GIL because of us and would look like a lock wait.
-    s.kind = classify(probe_->state());
+    os = probe_->state();
     s.cpu = probe_->cpu_time();
+    s.kind = refine_kind(os, s.t, classify(os));
   }
   s.inflight = requests_.inflight();
   if (sampler_ && s.kind != Kind::kIdle) {
-    if (!sampler_->sample(s, config_.stack_timeout, config_.capture_stacks)) {
+    bool ok = false;
+    if (s.kind == Kind::kGil && probe_) {
+      // The loop waits for the GIL: the culprit is the thread running Python meanwhile (a sync
+      // endpoint in the threadpool carries its request's Context, so it names its request).
+      const auto running =
+          probe_->running_threads({probe_->tid(), watchdog_tid_, sampler_->thread_id()});
+      if (!running.empty()) {
+        ok = sampler_->sample_thread(s, config_.stack_timeout, config_.capture_stacks,
+                                     running.front());
+      }
+    }
+    if (!ok) ok = sampler_->sample(s, config_.stack_timeout, config_.capture_stacks);
+    if (!ok) {
       stack_timeouts_.fetch_add(1, std::memory_order_relaxed);
       s.has_stack = false;
+      // Nobody could get the GIL in time. A loop thread that is running holds it itself, in
+      // native code (a regex, a big json or pickle, a C extension); one that waits on a futex
+      // waits for it while another thread holds it.
+      if (s.kind == Kind::kCpu) s.kind = Kind::kNative;
+      if (s.kind == Kind::kLock) s.kind = Kind::kGil;
     }
   }
   // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to
   // whatever ran after the stall and must not be pinned on it.
   if (pulse_.epoch() != stall_.epoch) return;
+  stall_.prev_t = s.t;
+  stall_.prev_run_delay = os.run_delay;
   samples_.fetch_add(1, std::memory_order_relaxed);
   stall_.samples.push_back(std::move(s));
+  fill_late_stack(clock_->now());
 
   if (stall_.samples.size() > config_.max_samples) {
-    // A hang: keep every other sample and sample half as often, so memory stays bounded and the
-    // samples still span the whole stall evenly.
+    // A hang: keep every other sample, and always the newest, and sample half as often, so
+    // memory stays bounded and the samples still span the whole stall evenly.
     std::vector<Sample> kept;
-    kept.reserve(stall_.samples.size() / 2 + 1);
-    for (std::size_t i = 0; i < stall_.samples.size(); i += 2) kept.push_back(std::move(stall_.samples[i]));
+    kept.reserve(stall_.samples.size() / 2 + 2);
+    const std::size_t last = stall_.samples.size() - 1;
+    for (std::size_t i = 0; i < last; i += 2) kept.push_back(std::move(stall_.samples[i]));
+    kept.push_back(std::move(stall_.samples[last]));
     stall_.samples = std::move(kept);
     stall_.sample_every *= 2;
   }
 
-  StallInput in{stall_.start, stall_.samples.back().t, stall_.threshold, stall_.pre_t, stall_.pre_cpu};
+  StallInput in{stall_.start, stall_.samples.back().t, stall_.threshold, stall_.pre_t,
+                stall_.pre_cpu};
   requests_.set_live(credits_of(split_stall(stall_.samples, in).events));
 }
 
+void Engine::fill_late_stack(Nanos until) {
+  if (!sampler_) return;
+  Sample late;
+  if (!sampler_->take_late(late)) return;
+  // Taken once native code let go of the GIL: right after the call that held it, in the frame
+  // that made it. It names the samples that had to go without a stack, if it is from this stall.
+  if (late.t < stall_.start || late.t > until || !late.has_stack) return;
+  bool used = false;
+  for (auto& s : stall_.samples) {
+    if (s.has_stack || s.t > late.t) continue;
+    s.token = late.token;
+    s.frames = late.frames;
+    s.culprit = late.culprit;
+    s.has_stack = true;
+    used = true;
+  }
+  if (used) late_stacks_.fetch_add(1, std::memory_order_relaxed);
+}
+
+namespace {
+// Native hang lines go straight to a file descriptor; keep what we print to plain ASCII.
+void append_safe(std::string& out, const std::string& text, std::size_t limit) {
+  for (std::size_t i = 0; i < text.size() && i < limit; ++i) {
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    out.push_back(c < 0x20 || c == 0x7f ? '?' : static_cast<char>(c));
+  }
+  if (text.size() > limit) out += "...";
+}
+}  // namespace
+
+void Engine::report_hang(Nanos now) {
+  if (config_.hang_threshold <= 0 || config_.hang_fd < 0) return;
+  if (now - stall_.start < config_.hang_threshold || now < stall_.next_hang_report) return;
+  if (!stall_.hang) {
+    stall_.hang = true;
+    stall_.hang_every = config_.hang_threshold;
+    hangs_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    stall_.hang_every = std::min<Nanos>(stall_.hang_every * 2, 60'000 * kMs);
+  }
+  stall_.next_hang_report = now + stall_.hang_every;
+
+  const Sample* latest = stall_.samples.empty() ? nullptr : &stall_.samples.back();
+  const Sample* named = nullptr;
+  for (auto it = stall_.samples.rbegin(); it != stall_.samples.rend() && named == nullptr; ++it) {
+    if (it->has_stack && !it->frames.empty()) named = &*it;
+  }
+  char head[96];
+  std::snprintf(head, sizeof head, "loopguard: event loop blocked for %.2f s and still blocked",
+                static_cast<double>(now - stall_.start) / 1e9);
+  std::string line = head;
+  const std::uint64_t token = named != nullptr ? named->token : (latest ? latest->token : 0);
+  const std::string label = token != 0 ? requests_.label(token) : std::string();
+  if (!label.empty()) {
+    line += " during ";
+    append_safe(line, label, 300);
+  } else {
+    line += " (no active request)";
+  }
+  line += "; kind=";
+  line += kind_name(latest != nullptr ? latest->kind : Kind::kUnknown);
+  if (named != nullptr) {
+    const auto idx = static_cast<std::size_t>(named->culprit >= 0 ? named->culprit : 0);
+    const FrameInfo& f = named->frames[idx];
+    line += "; culprit=";
+    append_safe(line, f.filename, 400);
+    line += ":" + std::to_string(f.line) + " in ";
+    append_safe(line, f.function, 200);
+  } else {
+    line += "; culprit=<stack unavailable>";
+  }
+  line += "\n";
+  std::size_t done = 0;
+  while (done < line.size()) {
+    const ssize_t n = ::write(config_.hang_fd, line.data() + done, line.size() - done);
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;  // a closed or full stderr must not stop the watchdog
+    }
+  }
+}
+
 void Engine::finish_stall(Nanos end) {
-  StallInput in{stall_.start, std::max(end, stall_.start), stall_.threshold, stall_.pre_t, stall_.pre_cpu};
+  fill_late_stack(end);
+  StallInput in{stall_.start, std::max(end, stall_.start), stall_.threshold, stall_.pre_t,
+                stall_.pre_cpu};
   StallResult result = split_stall(stall_.samples, in);
+  for (auto& ev : result.events) {
+    ev.hang = stall_.hang && config_.hang_threshold > 0 && ev.duration >= config_.hang_threshold;
+  }
   requests_.commit(credits_of(result.events));
   saturated_.fetch_add(result.saturated, std::memory_order_relaxed);
   bool queued = false;
@@ -335,8 +484,8 @@ void Engine::heartbeat() noexcept {
 
 void Engine::heartbeat_off() noexcept { pulse_.heartbeat_off(clock_->now()); }
 
-std::uint64_t Engine::begin_request() {
-  const std::uint64_t token = requests_.begin();
+std::uint64_t Engine::begin_request(std::string label) {
+  const std::uint64_t token = requests_.begin(std::move(label));
   if (deep_sleep_.load(std::memory_order_relaxed) && deep_sleep_.exchange(false)) wake();
   return token;
 }
@@ -362,6 +511,8 @@ EngineStats Engine::stats() const {
   s.events_dropped = ring_.dropped();
   s.samples = samples_.load(std::memory_order_relaxed);
   s.stack_timeouts = stack_timeouts_.load(std::memory_order_relaxed);
+  s.hangs = hangs_.load(std::memory_order_relaxed);
+  s.late_stacks = late_stacks_.load(std::memory_order_relaxed);
   s.saturated = saturated_.load(std::memory_order_relaxed);
   s.threshold = threshold_.current();
   s.baseline = threshold_.baseline();

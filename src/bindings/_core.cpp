@@ -23,7 +23,9 @@ NB_MODULE(_core, m) {
       .def_rw("stack_timeout_ns", &WatchdogConfig::stack_timeout)
       .def_rw("max_samples", &WatchdogConfig::max_samples)
       .def_rw("ring_capacity", &WatchdogConfig::ring_capacity)
-      .def_rw("capture_stacks", &WatchdogConfig::capture_stacks);
+      .def_rw("capture_stacks", &WatchdogConfig::capture_stacks)
+      .def_rw("hang_threshold_ns", &WatchdogConfig::hang_threshold)
+      .def_rw("hang_fd", &WatchdogConfig::hang_fd);
 
   nb::class_<ThresholdConfig>(m, "ThresholdConfig")
       .def(nb::init<>())
@@ -56,7 +58,8 @@ NB_MODULE(_core, m) {
       .def_ro("culprit", &Event::culprit)
       .def_ro("victims", &Event::victims)
       .def_ro("samples", &Event::samples)
-      .def_ro("stack_missing", &Event::stack_missing);
+      .def_ro("stack_missing", &Event::stack_missing)
+      .def_ro("hang", &Event::hang);
 
   nb::class_<RequestCounters>(m, "RequestCounters")
       .def_ro("count", &RequestCounters::count)
@@ -68,6 +71,8 @@ NB_MODULE(_core, m) {
       .def_ro("events_dropped", &EngineStats::events_dropped)
       .def_ro("samples", &EngineStats::samples)
       .def_ro("stack_timeouts", &EngineStats::stack_timeouts)
+      .def_ro("hangs", &EngineStats::hangs)
+      .def_ro("late_stacks", &EngineStats::late_stacks)
       .def_ro("saturated_ns", &EngineStats::saturated)
       .def_ro("threshold_ns", &EngineStats::threshold)
       .def_ro("baseline_ns", &EngineStats::baseline)
@@ -85,7 +90,8 @@ NB_MODULE(_core, m) {
   nb::class_<PyEngine>(m, "Engine")
       .def(
           "__init__",
-          [](PyEngine* self, const WatchdogConfig& w, const ThresholdConfig& t, const SamplerConfig& s,
+          [](PyEngine* self, const WatchdogConfig& w, const ThresholdConfig& t,
+             const SamplerConfig& s,
              nb::handle request_var) { new (self) PyEngine(w, t, s, request_var.ptr()); },
           nb::arg("watchdog"), nb::arg("threshold"), nb::arg("sampler"), nb::arg("request_var"))
       .def("start", &PyEngine::start)
@@ -95,6 +101,8 @@ NB_MODULE(_core, m) {
       .def("wait_end", &PyEngine::wait_end)
       .def("heartbeat", &PyEngine::heartbeat)
       .def("heartbeat_off", &PyEngine::heartbeat_off)
+      .def("gc_begin", &PyEngine::gc_begin)
+      .def("gc_end", &PyEngine::gc_end)
       .def("begin_request", &PyEngine::begin_request)
       .def("end_request", &PyEngine::end_request)
       .def("request_counters", &PyEngine::request_counters)

@@ -10,6 +10,7 @@ if sysconfig.get_config_var("Py_GIL_DISABLED"):
         "sampler relies on the GIL to read the event-loop thread's frames safely."
     )
 
-from . import _core  # noqa: E402
+# Imported only after the check above, so a free-threaded interpreter never loads it.
+import fastapi_loopguard._core as _core
 
 __all__ = ["_core"]

@@ -55,6 +55,7 @@ class LoopGuardConfig:
     calibration_iterations: int = 10
     on_blocking: Callable[[BlockingEvent], Any] | None = None
     capture_stacks: bool = True
+    hang_threshold_ms: float = 1000
 
     def __post_init__(self) -> None:
         for name in (
@@ -68,15 +69,25 @@ class LoopGuardConfig:
             _check_bool(name, getattr(self, name))
         _check_number("monitor_interval_ms", self.monitor_interval_ms, 1, 1000)
         _check_number("threshold_multiplier", self.threshold_multiplier, 1, 1000)
-        _check_number("adaptive_window_size", self.adaptive_window_size, 10, 1_000_000, integer=True)
+        _check_number(
+            "adaptive_window_size", self.adaptive_window_size, 10, 1_000_000, integer=True
+        )
         _check_number("adaptive_percentile", self.adaptive_percentile, 0.5, 0.99)
         _check_number(
-            "adaptive_min_samples", self.adaptive_min_samples, 1, self.adaptive_window_size,
+            "adaptive_min_samples",
+            self.adaptive_min_samples,
+            1,
+            self.adaptive_window_size,
             integer=True,
         )
-        _check_number("adaptive_update_interval_ms", self.adaptive_update_interval_ms, 10, 3_600_000)
+        _check_number(
+            "adaptive_update_interval_ms", self.adaptive_update_interval_ms, 10, 3_600_000
+        )
         _check_number("fallback_threshold_ms", self.fallback_threshold_ms, 1, 3_600_000)
-        _check_number("calibration_iterations", self.calibration_iterations, 0, 10_000, integer=True)
+        _check_number(
+            "calibration_iterations", self.calibration_iterations, 0, 10_000, integer=True
+        )
+        _check_number("hang_threshold_ms", self.hang_threshold_ms, 0, 3_600_000)
         if self.on_blocking is not None and not callable(self.on_blocking):
             raise ValueError(f"on_blocking must be a callable or None, got {self.on_blocking!r}")
         object.__setattr__(self, "exclude_paths", _paths("exclude_paths", self.exclude_paths))

@@ -21,7 +21,8 @@ class Frame:
 class BlockingEvent:
     """One stretch of blocking caused by one culprit.
 
-    ``kind`` is one of ``sleep``, ``io``, ``cpu``, ``lock`` or ``unknown``. ``stack`` runs from
+    ``kind`` is one of ``sleep``, ``io``, ``cpu``, ``lock``, ``gil``, ``native``, ``gc``,
+    ``starved`` or ``unknown`` (docs/architecture.md says how each is decided). ``stack`` runs from
     the outermost frame to the innermost; ``culprit`` is the innermost frame of application code
     (not the standard library, not site-packages, not this package). ``victims`` counts the
     *other* requests in flight while the loop was blocked.
@@ -40,3 +41,4 @@ class BlockingEvent:
     started_at: float
     samples: int = 0
     stack_missing: bool = False
+    hang: bool = False

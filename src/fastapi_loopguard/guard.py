@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import contextvars
+import gc
 import logging
 import os
 import selectors
 import site
 import sysconfig
+import threading
 import time
 import uuid
 import weakref
@@ -99,6 +102,7 @@ class LoopGuard:
         self._heartbeat_mode = False
         self._restore_pulse: Callable[[], None] | None = None
         self._calibration: asyncio.Task[None] | None = None
+        self._gc_callback: Callable[[str, dict[str, int]], None] | None = None
         self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
 
@@ -119,6 +123,7 @@ class LoopGuard:
         watchdog = _core.WatchdogConfig()
         watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
         watchdog.capture_stacks = cfg.capture_stacks
+        watchdog.hang_threshold_ns = int(cfg.hang_threshold_ms * _NS_PER_MS)
         threshold = _core.ThresholdConfig()
         threshold.multiplier = float(cfg.threshold_multiplier)
         threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
@@ -137,6 +142,8 @@ class LoopGuard:
         self._restore_pulse = _install_selector_pulse(loop, engine)
         self._heartbeat_mode = self._restore_pulse is None
         loop.add_reader(engine.notify_fd(), self._drain)
+        self._gc_callback = _gc_tracker(engine)
+        gc.callbacks.append(self._gc_callback)
         if cfg.calibration_iterations > 0:
             self._calibration = loop.create_task(self._calibrate())
         _live_guards.add(self)
@@ -155,11 +162,11 @@ class LoopGuard:
         if self._restore_pulse is not None:
             self._restore_pulse()
             self._restore_pulse = None
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):  # loop closing under us
                 loop.remove_reader(engine.notify_fd())
-            except (RuntimeError, ValueError):  # loop closing under us
-                pass
         engine.stop()
         self._drain()
         self._engine = None
@@ -174,6 +181,8 @@ class LoopGuard:
         self.stop()
 
     def _abandon_after_fork(self) -> None:
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
         if self._engine is not None:
             self._engine.abandon_after_fork()
         self._engine = None
@@ -181,6 +190,7 @@ class LoopGuard:
         self._heartbeat = None
         self._restore_pulse = None
         self._calibration = None
+        self._gc_callback = None
 
     async def _calibrate(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,7 +215,10 @@ class LoopGuard:
         """Marks the current Context as belonging to one request until ``end``."""
         self.start()
         engine = self._engine
-        token = engine.begin_request()
+        # The label names the request in the watchdog's native hang reports; it is escaped here
+        # because that report is written without Python.
+        label = f"{method} {escape(path or '')}" if method else escape(request_id)
+        token = engine.begin_request(f"{label} request_id={escape(request_id, 128)}")
         info = RequestInfo(token, request_id, method, path, scope)
         self._requests[token] = info
         if self._heartbeat_mode and self._heartbeat is None:
@@ -321,6 +334,7 @@ class LoopGuard:
             started_at=wall - (now_ns - raw.start_ns) / 1e9,
             samples=raw.samples,
             stack_missing=raw.stack_missing,
+            hang=raw.hang,
         )
 
     def _dispatch(self, event: BlockingEvent) -> None:
@@ -354,6 +368,8 @@ def format_event(event: BlockingEvent) -> str:
     details = [f"kind={event.kind}"]
     if event.route is not None:
         details.insert(0, f"route={escape(event.route)}")
+    if event.hang:
+        details.append("hang=true")
     if event.culprit is not None:
         details.append(f"culprit={escape(str(event.culprit), 400)}")
     elif event.stack_missing:
@@ -362,6 +378,19 @@ def format_event(event: BlockingEvent) -> str:
     if event.request_id is not None and event.method is not None:
         details.append(f"request_id={escape(event.request_id)}")
     return f"{head} [{' '.join(details)}]"
+
+
+def _gc_tracker(engine: Any) -> Callable[[str, dict[str, int]], None]:
+    """A gc.callbacks hook telling the engine when the loop thread is inside a collection."""
+    loop_thread = threading.get_ident()
+    begin, end = engine.gc_begin, engine.gc_end
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        # Collections on other threads are not the loop's stall.
+        if threading.get_ident() == loop_thread:
+            (begin if phase == "start" else end)()
+
+    return on_gc
 
 
 def new_request_id() -> str:

@@ -11,15 +11,21 @@
 #include <string>
 #include <vector>
 
+#include "loopguard/clock.h"
+
 namespace loopguard {
 
 enum class Kind : std::uint8_t {
   kUnknown = 0,
-  kSleep,  // clock_nanosleep/nanosleep: time.sleep and friends
-  kIo,     // blocked in a read/write/recv/send/connect/poll/select style call or in disk wait
-  kCpu,    // running Python or native code in user space
-  kLock,   // blocked on a futex: threading.Lock, queue.get, a condition variable
-  kIdle,   // back in epoll_wait/select of the loop itself: not a culprit, discard the sample
+  kSleep,    // clock_nanosleep/nanosleep: time.sleep and friends
+  kIo,       // blocked in a read/write/recv/send/connect/poll/select style call or in disk wait
+  kCpu,      // running Python or native code in user space
+  kLock,     // blocked on a futex: threading.Lock, queue.get, a condition variable
+  kGil,      // waiting for the GIL while another thread holds it
+  kNative,   // running native code that holds the GIL (the sampler cannot get it)
+  kGc,       // inside a cyclic garbage collection
+  kStarved,  // runnable but not scheduled: CPU throttling or an overloaded host
+  kIdle,     // back in epoll_wait/select of the loop itself: not a culprit, discard the sample
 };
 
 const char* kind_name(Kind kind) noexcept;
@@ -27,8 +33,10 @@ const char* kind_name(Kind kind) noexcept;
 struct OsState {
   enum class Where : std::uint8_t { kUnknown, kRunning, kSyscall };
   Where where = Where::kUnknown;
-  long syscall = -1;     // valid when where == kSyscall
-  char sched_state = 0;  // 'R', 'S', 'D', ... or 0 when unknown
+  long syscall = -1;       // valid when where == kSyscall
+  std::uint64_t arg0 = 0;  // first syscall argument (for futex: the address waited on)
+  char sched_state = 0;    // 'R', 'S', 'D', ... or 0 when unknown
+  Nanos run_delay = -1;    // total time spent runnable but not running (schedstat), -1 unknown
 };
 
 // Classify one reading. Waiting in epoll (both the selector loop and libuv wait there) means the

@@ -27,16 +27,17 @@ struct Sample {
   Nanos t = 0;     // monotonic time of the OS reading
   Nanos cpu = -1;  // loop thread CPU clock at t, -1 when unknown
   Kind kind = Kind::kUnknown;
-  bool has_stack = false;          // false: the GIL could not be had in time, or stacks are off
-  std::uint64_t token = 0;         // request token from the loop thread's Context, 0 = none
-  std::vector<FrameInfo> frames;   // innermost first, depth bounded by the sampler
-  int culprit = -1;                // index into frames of the innermost application frame
-  std::uint32_t inflight = 0;      // tracked requests in flight at t
+  bool has_stack = false;         // false: the GIL could not be had in time, or stacks are off
+  bool found = true;              // false: the sampled thread runs no Python (anymore)
+  std::uint64_t token = 0;        // request token from the loop thread's Context, 0 = none
+  std::vector<FrameInfo> frames;  // innermost first, depth bounded by the sampler
+  int culprit = -1;               // index into frames of the innermost application frame
+  std::uint32_t inflight = 0;     // tracked requests in flight at t
 };
 
 struct Event {
   std::uint64_t token = 0;
-  Nanos start = 0;     // monotonic
+  Nanos start = 0;  // monotonic
   Nanos duration = 0;
   Nanos cpu = 0;
   Kind kind = Kind::kUnknown;
@@ -45,6 +46,7 @@ struct Event {
   std::uint32_t victims = 0;
   std::uint32_t samples = 0;
   bool stack_missing = false;
+  bool hang = false;  // the stall passed the hang threshold (and was reported while ongoing)
 };
 
 }  // namespace loopguard

@@ -4,6 +4,8 @@
 #include <pthread.h>
 #include <sys/types.h>
 
+#include <vector>
+
 #include "loopguard/classify.h"
 #include "loopguard/clock.h"
 
@@ -15,6 +17,14 @@ class ThreadProbe {
   virtual OsState state() noexcept = 0;
   // CPU time the thread has used, or -1 when the platform cannot tell.
   virtual Nanos cpu_time() noexcept = 0;
+  // Threads of this process running in user space right now, except `exclude`: when the loop
+  // waits for the GIL, the thread holding it is among these.
+  virtual std::vector<long> running_threads(const std::vector<long>& exclude) {
+    (void)exclude;
+    return {};
+  }
+  // Kernel id of the watched thread, -1 when unknown.
+  virtual long tid() const noexcept { return -1; }
 };
 
 // Linux: /proc/self/task/<tid>/{syscall,stat} (kept open and re-read with pread, which the proc
@@ -29,10 +39,14 @@ class OsThreadProbe final : public ThreadProbe {
 
   OsState state() noexcept override;
   Nanos cpu_time() noexcept override;
+  std::vector<long> running_threads(const std::vector<long>& exclude) override;
+  long tid() const noexcept override { return tid_; }
 
  private:
+  long tid_ = -1;
   int syscall_fd_ = -1;
   int stat_fd_ = -1;
+  int schedstat_fd_ = -1;
   bool have_cpu_clock_ = false;
   clockid_t cpu_clock_{};
 };
@@ -40,8 +54,12 @@ class OsThreadProbe final : public ThreadProbe {
 // The kernel thread id of the calling thread (Linux gettid), or -1 where there is none.
 long current_tid() noexcept;
 
+// Reads /proc/self/task/<tid>/syscall once: what another thread is doing right now.
+OsState read_thread_syscall(long tid) noexcept;
+
 // Parsers, exposed for unit tests.
 OsState parse_syscall_line(const char* text) noexcept;
 char parse_stat_state(const char* text) noexcept;
+Nanos parse_schedstat_run_delay(const char* text) noexcept;
 
 }  // namespace loopguard

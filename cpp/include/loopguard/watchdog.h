@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -68,10 +69,13 @@ struct RequestCounters {
 // iteration that its block ends in, before any event could be drained.
 class RequestTable {
  public:
-  std::uint64_t begin();
+  // `label` names the request in native hang reports ("GET /path id=..."), already escaped.
+  std::uint64_t begin(std::string label = {});
   void end(std::uint64_t token);
   std::uint32_t inflight() const;
+  bool contains(std::uint64_t token) const;
   RequestCounters get(std::uint64_t token) const;
+  std::string label(std::uint64_t token) const;
 
   using Credits = std::vector<std::pair<std::uint64_t, Nanos>>;
   void set_live(Credits credits);
@@ -80,7 +84,11 @@ class RequestTable {
  private:
   mutable std::mutex mutex_;
   std::uint64_t next_ = 1;
-  std::unordered_map<std::uint64_t, RequestCounters> inflight_;
+  struct Entry {
+    RequestCounters counters;
+    std::string label;
+  };
+  std::unordered_map<std::uint64_t, Entry> inflight_;
   Credits live_;
 };
 
@@ -91,6 +99,24 @@ class StackSampler {
   virtual ~StackSampler() = default;
   // Fills out.token, and with `frames` also out.frames/culprit/has_stack.
   virtual bool sample(Sample& out, Nanos timeout, bool frames) = 0;
+  // The same for another thread, by kernel thread id: the one holding the GIL the loop waits for.
+  virtual bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) {
+    (void)out, (void)timeout, (void)frames, (void)tid;
+    return false;
+  }
+  // A loop-thread sample that completed after sample() gave up on it (native code held the GIL
+  // until then); out.t is when it was taken. At most one is kept.
+  virtual bool take_late(Sample& out) {
+    (void)out;
+    return false;
+  }
+  // Whether a futex address belongs to the GIL (learned by watching the sampler wait for it).
+  virtual bool is_gil_futex(std::uint64_t address) const {
+    (void)address;
+    return false;
+  }
+  // The sampler's own kernel thread id, -1 if it has no thread.
+  virtual long thread_id() const { return -1; }
   // Stops the sampler's own thread. Called without the GIL.
   virtual void shutdown() {}
   // How long each sample held the loop thread off the GIL, if the sampler measures it.
@@ -98,14 +124,18 @@ class StackSampler {
 };
 
 struct WatchdogConfig {
-  Nanos interval = 10 * kMs;     // tick while there is work; sampling period during a stall
-  Nanos idle_tick = 1000 * kMs;  // tick while nothing is in flight (the idle CPU budget)
-  Nanos grace = 1000 * kMs;      // stay on `interval` this long after the last request ended
-  Nanos confirm_delay = 2 * kMs; // second sample right after detection (see segment.h)
+  Nanos interval = 10 * kMs;      // tick while there is work; sampling period during a stall
+  Nanos idle_tick = 1000 * kMs;   // tick while nothing is in flight (the idle CPU budget)
+  Nanos grace = 1000 * kMs;       // stay on `interval` this long after the last request ended
+  Nanos confirm_delay = 2 * kMs;  // second sample right after detection (see segment.h)
   Nanos stack_timeout = 20 * kMs;
   std::size_t max_samples = 256;  // per stall; beyond it samples are thinned and slowed down
   std::size_t ring_capacity = 1024;
   bool capture_stacks = true;
+  // A stall this long is a hang: reported to hang_fd at once, from the watchdog, then again at
+  // doubling intervals while it lasts. 0 disables.
+  Nanos hang_threshold = 1000 * kMs;
+  int hang_fd = 2;
 };
 
 struct EngineStats {
@@ -114,6 +144,8 @@ struct EngineStats {
   std::uint64_t events_dropped = 0;
   std::uint64_t samples = 0;
   std::uint64_t stack_timeouts = 0;
+  std::uint64_t hangs = 0;
+  std::uint64_t late_stacks = 0;
   Nanos saturated = 0;
   Nanos threshold = 0;
   Nanos baseline = 0;
@@ -145,8 +177,11 @@ class Engine {
   void wait_end() noexcept;
   void heartbeat() noexcept;
   void heartbeat_off() noexcept;
-  std::uint64_t begin_request();
+  std::uint64_t begin_request(std::string label = {});
   void end_request(std::uint64_t token);
+  // Loop thread, from gc.callbacks: a collection started/finished on the loop thread.
+  void gc_begin() noexcept { in_gc_.store(true, std::memory_order_relaxed); }
+  void gc_end() noexcept { in_gc_.store(false, std::memory_order_relaxed); }
   RequestCounters request_counters(std::uint64_t token) const { return requests_.get(token); }
   std::vector<Event> drain();
   void calibrate(std::vector<Nanos> lags) { threshold_.calibrate(std::move(lags)); }
@@ -171,6 +206,10 @@ class Engine {
     Nanos next_sample = 0;
     Nanos sample_every = 0;
     Nanos pre_t = -1, pre_cpu = -1;
+    Nanos prev_t = -1, prev_run_delay = -1;  // for the starvation share between samples
+    Nanos next_hang_report = 0;
+    Nanos hang_every = 0;
+    bool hang = false;
     std::vector<Sample> samples;
   };
 
@@ -178,6 +217,9 @@ class Engine {
   bool active(Nanos now) const;
   void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
   void take_sample();
+  Kind refine_kind(const OsState& os, Nanos t, Kind kind);
+  void fill_late_stack(Nanos until);
+  void report_hang(Nanos now);
   void finish_stall(Nanos end);
   void signal_loop() noexcept;
   void wake() noexcept;
@@ -199,6 +241,8 @@ class Engine {
   bool stop_ = false;
   bool woken_ = false;
   std::atomic<bool> deep_sleep_{false};
+  std::atomic<bool> in_gc_{false};
+  long watchdog_tid_ = -1;
   std::atomic<Nanos> last_request_end_{0};
   bool abandoned_ = false;
 
@@ -214,6 +258,8 @@ class Engine {
   std::atomic<std::uint64_t> stalls_{0};
   std::atomic<std::uint64_t> samples_{0};
   std::atomic<std::uint64_t> stack_timeouts_{0};
+  std::atomic<std::uint64_t> hangs_{0};
+  std::atomic<std::uint64_t> late_stacks_{0};
   std::atomic<Nanos> saturated_{0};
 };
 

@@ -21,6 +21,10 @@ inline constexpr bool kFreeThreaded = false;
 // from 3.7 through 3.14. NULL means the thread never entered a Context (the empty one).
 inline PyObject* thread_context(PyThreadState* tstate) { return tstate->context; }
 
+// The kernel thread id of a thread state, to find the thread /proc says is running. The field
+// exists (under this name, set at thread start) from 3.8 through 3.14.
+inline unsigned long thread_native_id(PyThreadState* tstate) { return tstate->native_thread_id; }
+
 // 3.13 made the finalization check public; before that only the private spelling exists.
 inline bool is_finalizing() {
 #if PY_VERSION_HEX >= 0x030D0000

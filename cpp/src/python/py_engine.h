@@ -48,7 +48,15 @@ class PyEngine {
   void heartbeat_off() noexcept {
     if (engine_) engine_->heartbeat_off();
   }
-  std::uint64_t begin_request() { return engine().begin_request(); }
+  std::uint64_t begin_request(std::string label) {
+    return engine().begin_request(std::move(label));
+  }
+  void gc_begin() noexcept {
+    if (engine_) engine_->gc_begin();
+  }
+  void gc_end() noexcept {
+    if (engine_) engine_->gc_end();
+  }
   void end_request(std::uint64_t token) { engine().end_request(token); }
   RequestCounters request_counters(std::uint64_t token) { return engine().request_counters(token); }
   std::vector<Event> drain() { return engine().drain(); }

@@ -10,7 +10,10 @@
 // a UTF-8 cache), because a collection would run __del__ methods on this thread.
 #include <Python.h>
 #include <frameobject.h>
+#include <sys/syscall.h>
 
+#include <array>
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -44,24 +47,33 @@ class PySampler final : public StackSampler {
   ~PySampler() override { shutdown(); }
 
   bool sample(Sample& out, Nanos timeout, bool frames) override {
-    std::unique_lock<std::mutex> lock(mutex_);
-    // A previous request still waiting for the GIL: native code holds it. Do not queue more.
-    if (stop_ || state_ != State::kIdle) return false;
-    state_ = State::kRequested;
-    want_frames_ = frames;
-    cv_.notify_all();
-    if (!cv_.wait_for(lock, std::chrono::nanoseconds(timeout), [this] { return state_ == State::kDone; })) {
-      state_ = State::kAbandoned;
-      return false;
-    }
-    state_ = State::kIdle;
-    if (!result_ok_) return false;
-    out.token = result_.token;
-    out.has_stack = result_.has_stack;
-    out.frames = std::move(result_.frames);
-    out.culprit = result_.culprit;
+    return request(out, timeout, frames, 0);
+  }
+
+  bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) override {
+    return request(out, timeout, frames, tid);
+  }
+
+  bool take_late(Sample& out) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!late_ready_) return false;
+    late_ready_ = false;
+    out = std::move(late_);
     return true;
   }
+
+  bool is_gil_futex(std::uint64_t address) const override {
+    if (address == 0) return false;
+    for (const auto& known : gil_futexes_) {
+      const std::uint64_t k = known.load(std::memory_order_relaxed);
+      // The GIL's mutex and condition variables sit side by side in one struct; waiters sleep on
+      // words inside them, so anything within a few hundred bytes of a learned word is the GIL.
+      if (k != 0 && (address > k ? address - k : k - address) < kGilSpan) return true;
+    }
+    return false;
+  }
+
+  long thread_id() const override { return tid_.load(std::memory_order_relaxed); }
 
   void shutdown() override {
     {
@@ -74,26 +86,90 @@ class PySampler final : public StackSampler {
 
   const LagHistogram* pause_histogram() const override { return &pause_; }
 
+  // Called on the loop thread, which holds the GIL, right after construction: the new sampler
+  // thread is about to wait for the GIL, which is the moment to learn where the GIL's futex is.
+  void learn_gil_while_held() {
+    for (int i = 0; i < 50 && gil_futexes_[0].load(std::memory_order_relaxed) == 0; ++i) {
+      learn_gil_address();
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
+
  private:
   enum class State { kIdle, kRequested, kDone, kAbandoned };
+  enum class Phase { kOther, kAcquiringGil };
+  static constexpr std::uint64_t kGilSpan = 256;
+
+  bool request(Sample& out, Nanos timeout, bool frames, long target) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    // A previous request still waiting for the GIL: native code holds it. Do not queue more.
+    if (stop_ || state_ != State::kIdle) return false;
+    state_ = State::kRequested;
+    want_frames_ = frames;
+    target_ = target;
+    cv_.notify_all();
+    const auto done = [this] { return state_ == State::kDone; };
+    // After a millisecond the sampler is surely waiting for the GIL: a chance to learn its address.
+    const Nanos first = std::min<Nanos>(timeout, kMs);
+    if (!cv_.wait_for(lock, std::chrono::nanoseconds(first), done)) {
+      lock.unlock();
+      learn_gil_address();
+      lock.lock();
+      if (!cv_.wait_for(lock, std::chrono::nanoseconds(timeout - first), done)) {
+        state_ = State::kAbandoned;
+        return false;
+      }
+    }
+    state_ = State::kIdle;
+    if (!result_ok_) return false;
+    out.token = result_.token;
+    out.has_stack = result_.has_stack;
+    out.frames = std::move(result_.frames);
+    out.culprit = result_.culprit;
+    return result_.found;
+  }
+
+  void learn_gil_address() {
+    const long tid = tid_.load(std::memory_order_acquire);
+    if (tid <= 0 || phase_.load(std::memory_order_acquire) != Phase::kAcquiringGil) return;
+    const OsState st = read_thread_syscall(tid);
+    // Only trust the reading if the thread was still acquiring the GIL after it was taken.
+    if (phase_.load(std::memory_order_acquire) != Phase::kAcquiringGil) return;
+#ifdef SYS_futex
+    if (st.where != OsState::Where::kSyscall || st.syscall != SYS_futex || st.arg0 == 0) return;
+    if (is_gil_futex(st.arg0)) return;
+    const std::size_t slot =
+        next_slot_.fetch_add(1, std::memory_order_relaxed) % gil_futexes_.size();
+    gil_futexes_[slot].store(st.arg0, std::memory_order_relaxed);
+#else
+    (void)st;
+#endif
+  }
 
   void run() {
+    tid_.store(current_tid(), std::memory_order_release);
     if (compat::is_finalizing()) return;
     // One thread state for the life of the thread, so a sample costs a GIL hand-over only.
+    phase_.store(Phase::kAcquiringGil, std::memory_order_release);
     const PyGILState_STATE gil = PyGILState_Ensure();
+    phase_.store(Phase::kOther, std::memory_order_release);
     PyThreadState* self = PyEval_SaveThread();
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
       cv_.wait(lock, [this] { return stop_ || state_ == State::kRequested; });
       if (stop_) break;
       const bool frames = want_frames_;
+      const long target = target_;
       lock.unlock();
       Sample local;
       bool ok = false;
       if (!compat::is_finalizing()) {
+        phase_.store(Phase::kAcquiringGil, std::memory_order_release);
         PyEval_RestoreThread(self);
+        phase_.store(Phase::kOther, std::memory_order_release);
         const Nanos t0 = monotonic_now();
-        capture(local, frames);
+        local.t = t0;
+        capture(local, frames, target);
         pause_.record(monotonic_now() - t0);
         self = PyEval_SaveThread();
         ok = true;
@@ -105,7 +181,13 @@ class PySampler final : public StackSampler {
         state_ = State::kDone;
         cv_.notify_all();
       } else {
-        state_ = State::kIdle;  // the watchdog gave up on this one
+        // The watchdog gave up waiting: native code held the GIL. Keep what we saw once it let
+        // go; the watchdog fills the stall's missing stacks with it.
+        if (ok && target == 0 && local.has_stack) {
+          late_ = std::move(local);
+          late_ready_ = true;
+        }
+        state_ = State::kIdle;
       }
     }
     lock.unlock();
@@ -116,12 +198,17 @@ class PySampler final : public StackSampler {
     PyGILState_Release(gil);
   }
 
-  bool loop_thread_alive() const {
+  // The thread state to sample: the loop thread's, or the one whose kernel id is `target`.
+  PyThreadState* find_thread(long target) const {
     PyInterpreterState* interp = PyThreadState_GetInterpreter(PyThreadState_Get());
-    for (PyThreadState* t = PyInterpreterState_ThreadHead(interp); t != nullptr; t = PyThreadState_Next(t)) {
-      if (t == loop_) return true;
+    for (PyThreadState* t = PyInterpreterState_ThreadHead(interp); t != nullptr;
+         t = PyThreadState_Next(t)) {
+      if (target == 0 ? t == loop_
+                      : compat::thread_native_id(t) == static_cast<unsigned long>(target)) {
+        return t;
+      }
     }
-    return false;
+    return nullptr;  // the loop thread is gone, or the target runs no Python
   }
 
   bool is_application(const std::string& filename) const {
@@ -135,8 +222,8 @@ class PySampler final : public StackSampler {
     return true;
   }
 
-  std::uint64_t read_token() const {
-    PyObject* ctx = compat::thread_context(loop_);
+  std::uint64_t read_token(PyThreadState* tstate) const {
+    PyObject* ctx = compat::thread_context(tstate);
     if (ctx == nullptr) return 0;
     // Context is a mapping; contains + getitem are plain HAMT lookups (a ContextVar's hash is
     // computed once at creation), so no Python code runs and no KeyError is raised.
@@ -161,12 +248,15 @@ class PySampler final : public StackSampler {
     return token;
   }
 
-  void capture(Sample& out, bool frames) {
-    if (!loop_thread_alive()) return;
+  void capture(Sample& out, bool frames, long target) {
+    out.found = false;
+    PyThreadState* tstate = find_thread(target);
+    if (tstate == nullptr) return;
+    out.found = true;
     const int gc_was_enabled = PyGC_Disable();
-    out.token = read_token();
+    out.token = read_token(tstate);
     if (frames) {
-      PyFrameObject* frame = PyThreadState_GetFrame(loop_);
+      PyFrameObject* frame = PyThreadState_GetFrame(tstate);
       while (frame != nullptr && out.frames.size() < config_.max_depth) {
         PyCodeObject* code = PyFrame_GetCode(frame);
         FrameInfo info;
@@ -174,7 +264,8 @@ class PySampler final : public StackSampler {
         info.filename = utf8_of(compat::code_filename(code));
         info.function = utf8_of(compat::code_qualname(code));
         Py_DECREF(code);
-        if (out.culprit < 0 && is_application(info.filename)) out.culprit = static_cast<int>(out.frames.size());
+        if (out.culprit < 0 && is_application(info.filename))
+          out.culprit = static_cast<int>(out.frames.size());
         out.frames.push_back(std::move(info));
         PyFrameObject* back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
@@ -191,6 +282,10 @@ class PySampler final : public StackSampler {
   PyObject* const request_var_;  // borrowed: PyEngine owns it and outlives this sampler
   const SamplerConfig config_;
   LagHistogram pause_;
+  std::array<std::atomic<std::uint64_t>, 4> gil_futexes_{};
+  std::atomic<std::size_t> next_slot_{0};
+  std::atomic<long> tid_{-1};
+  std::atomic<Phase> phase_{Phase::kOther};
 
   std::thread thread_;
   std::mutex mutex_;
@@ -198,8 +293,11 @@ class PySampler final : public StackSampler {
   bool stop_ = false;
   State state_ = State::kIdle;
   bool want_frames_ = true;
+  long target_ = 0;
   Sample result_;
   bool result_ok_ = false;
+  Sample late_;
+  bool late_ready_ = false;
 };
 
 }  // namespace
@@ -210,6 +308,7 @@ PyEngine::PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& thresh
   Py_INCREF(request_var_);
   auto probe = std::make_unique<OsThreadProbe>(current_tid(), pthread_self());
   auto stacks = std::make_unique<PySampler>(PyThreadState_Get(), request_var_, sampler);
+  stacks->learn_gil_while_held();
   engine_ = std::make_unique<Engine>(watchdog, threshold, std::move(probe), std::move(stacks));
 }
 
@@ -221,8 +320,7 @@ PyEngine::~PyEngine() {
 
 void PyEngine::stop() {
   if (!engine_) return;
-  Py_BEGIN_ALLOW_THREADS
-  engine_->stop();
+  Py_BEGIN_ALLOW_THREADS engine_->stop();
   Py_END_ALLOW_THREADS
 }
 

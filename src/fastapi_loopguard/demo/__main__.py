@@ -51,7 +51,9 @@ def report(events: list[dict[str, Any]], stats: dict[str, Any]) -> str:
     for e in events:
         by_route[f"{e['method'] or '-'} {e['route'] or e['path'] or '(no request)'}"].append(e)
     add(f"{'route':<34} {'events':>6} {'total ms':>9} {'worst ms':>9}  kinds")
-    for route, evs in sorted(by_route.items(), key=lambda kv: -sum(e["duration_ms"] for e in kv[1])):
+    for route, evs in sorted(
+        by_route.items(), key=lambda kv: -sum(e["duration_ms"] for e in kv[1])
+    ):
         kinds = ", ".join(f"{k} x{n}" for k, n in Counter(e["kind"] for e in evs).most_common())
         add(
             f"{route[:34]:<34} {len(evs):>6} {sum(e['duration_ms'] for e in evs):>9.0f} "
@@ -78,8 +80,9 @@ def report(events: list[dict[str, Any]], stats: dict[str, Any]) -> str:
 
     if stats:
         add(
-            "\nLoop lag: p50 {lag_p50_ms:.2f} ms, p90 {lag_p90_ms:.2f} ms, p99 {lag_p99_ms:.2f} ms, "
-            "max {lag_max_ms:.2f} ms over {lag_count} loop iterations".format(**stats)
+            "\nLoop lag: p50 {lag_p50_ms:.2f} ms, p90 {lag_p90_ms:.2f} ms, "
+            "p99 {lag_p99_ms:.2f} ms, max {lag_max_ms:.2f} ms "
+            "over {lag_count} loop iterations".format(**stats)
         )
         add(
             "Engine: threshold {threshold_ms:.1f} ms, {stalls} stalls, {events_emitted} events, "
