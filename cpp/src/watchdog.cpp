@@ -205,7 +205,11 @@ bool Engine::wants_heartbeat() const noexcept { return active(clock_->now()); }
 
 Nanos Engine::step(Nanos now) {
   if (stall_.active) {
-    if (pulse_.epoch() == stall_.epoch) {
+    // Back in epoll_wait: the loop waits again even if the pulse has not said so (the pulse is
+    // silent while uvloop's heartbeat is off, and the OS noticed this stall, not the pulse).
+    const bool os_idle = stall_.os_detected && !stall_.samples.empty() &&
+                         stall_.samples.back().kind == Kind::kIdle;
+    if (pulse_.epoch() == stall_.epoch && !os_idle) {
       if (now >= stall_.next_sample) {
         take_sample();
         stall_.next_sample = clock_->now() + stall_.sample_every;
@@ -218,14 +222,24 @@ Nanos Engine::step(Nanos now) {
       }
       return next;
     }
-    Nanos end = pulse_.watched_end();
+    Nanos end = pulse_.epoch() != stall_.epoch ? pulse_.watched_end() : 0;
     if (end <= 0) end = stall_.samples.empty() ? now : stall_.samples.back().t;
     finish_stall(end);
   }
 
   const Nanos threshold = threshold_.current();
   const std::uint64_t epoch = pulse_.epoch();
-  const Nanos busy_since = pulse_.busy_since();
+  const Nanos pulse_since = pulse_.busy_since();
+  Nanos busy_since = pulse_since;
+  if (busy_since <= 0 || busy_since > now) {
+    // The pulse says the loop waits (or its next beat is not due). Ask the OS as well: a loop
+    // thread that left epoll_wait but cannot report it (waiting for the GIL after select), or
+    // one blocked while uvloop's heartbeat is off, is busy all the same.
+    const Nanos os_since = os_busy_since(now, epoch);
+    busy_since = os_since > 0 ? os_since : 0;
+  } else {
+    os_busy_since_ = 0;
+  }
   if (busy_since > 0 && now >= busy_since) {
     if (now - busy_since >= threshold) {
       begin_stall(now, busy_since, epoch);
@@ -251,9 +265,24 @@ Nanos Engine::step(Nanos now) {
     deep_sleep_.store(true, std::memory_order_relaxed);
     next = now + config_.idle_tick;
   }
-  // Heartbeat mode: the next beat is due at busy_since; look again once it is a threshold late.
-  if (busy_since > now) next = std::min(next, busy_since + threshold);
+  // Heartbeat mode: the next beat is due at pulse_since; look again once it is a threshold late.
+  if (pulse_since > now) next = std::min(next, pulse_since + threshold);
   return next;
+}
+
+Nanos Engine::os_busy_since(Nanos now, std::uint64_t epoch) {
+  if (!probe_) return 0;
+  const OsState os = probe_->state();
+  if (os.where == OsState::Where::kUnknown || classify(os) == Kind::kIdle) {
+    os_busy_since_ = 0;
+    return 0;
+  }
+  // First seen busy now, or busy since a loop iteration that has ended meanwhile: start over.
+  if (os_busy_since_ == 0 || os_busy_epoch_ != epoch) {
+    os_busy_since_ = now;
+    os_busy_epoch_ = epoch;
+  }
+  return os_busy_since_;
 }
 
 void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
@@ -267,6 +296,9 @@ void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
     stall_.pre_t = pre_t_;
     stall_.pre_cpu = pre_cpu_;
   }
+  stall_.os_detected = os_busy_since_ > 0 && busy_since == os_busy_since_;
+  // Whatever happens next is judged afresh: a later busy stretch never inherits this start.
+  os_busy_since_ = 0;
   pulse_.watch(epoch);
   stalls_.fetch_add(1, std::memory_order_relaxed);
   (void)now;

@@ -210,11 +210,13 @@ class Engine {
     Nanos next_hang_report = 0;
     Nanos hang_every = 0;
     bool hang = false;
+    bool os_detected = false;  // noticed by the OS check, not the pulse (see os_busy_since)
     std::vector<Sample> samples;
   };
 
   void run();
   bool active(Nanos now) const;
+  Nanos os_busy_since(Nanos now, std::uint64_t epoch);
   void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
   void take_sample();
   Kind refine_kind(const OsState& os, Nanos t, Kind kind);
@@ -251,7 +253,8 @@ class Engine {
 
   // Watchdog-thread state.
   Stall stall_;
-  Nanos pre_epoch_read_ = -1;
+  Nanos os_busy_since_ = 0;  // the OS saw the loop thread out of epoll_wait since then
+  std::uint64_t os_busy_epoch_ = 0;
   std::uint64_t pre_epoch_ = ~std::uint64_t{0};
   Nanos pre_t_ = -1, pre_cpu_ = -1;
 

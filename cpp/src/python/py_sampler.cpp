@@ -183,7 +183,7 @@ class PySampler final : public StackSampler {
       } else {
         // The watchdog gave up waiting: native code held the GIL. Keep what we saw once it let
         // go; the watchdog fills the stall's missing stacks with it.
-        if (ok && target == 0 && local.has_stack) {
+        if (ok && local.found && local.has_stack) {
           late_ = std::move(local);
           late_ready_ = true;
         }
