@@ -24,7 +24,7 @@ double cpu_ratio(Nanos t0, Nanos cpu0, Nanos t1, Nanos cpu1) {
 Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::size_t last,
                  Nanos start, Nanos end, const StallInput& in) {
   Event ev;
-  ev.token = s[first]->token;
+  for (std::size_t i = first; i <= last && ev.token == 0; ++i) ev.token = s[i]->token;
   ev.start = start;
   ev.duration = end - start;
   ev.samples = static_cast<std::uint32_t>(last - first + 1);
@@ -69,15 +69,24 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
   if (r < 0 && first > 0)
     r = cpu_ratio(s[first - 1]->t, s[first - 1]->cpu, s[first]->t, s[first]->cpu);
   if (r < 0 && first == 0) r = cpu_ratio(in.pre_t, in.pre_cpu, s[first]->t, s[first]->cpu);
-  if (r < 0) r = ev.kind == Kind::kCpu ? 1.0 : 0.0;
+  // No CPU clock at all: the kinds that run on the CPU get all of it.
+  if (r < 0)
+    r = ev.kind == Kind::kCpu || ev.kind == Kind::kNative || ev.kind == Kind::kGc ? 1.0 : 0.0;
   ev.cpu = static_cast<Nanos>(r * static_cast<double>(ev.duration));
   return ev;
 }
+
+bool identified(const Sample& s) { return s.has_stack || s.token != 0; }
 
 }  // namespace
 
 bool same_culprit(const Sample& a, const Sample& b) noexcept {
   if (a.token != b.token) return false;
+  // Outside any request, library and loop code (no application frame) is where a saturated loop
+  // spends its time, and samples can only land where the loop releases the GIL, so many short
+  // callbacks look alike (the same uvicorn or stdlib function each time). Such samples are never
+  // taken for one long culprit. Samples without any stack (the GIL was held) still join up.
+  if (a.token == 0 && a.has_stack && b.has_stack && (a.culprit < 0 || b.culprit < 0)) return false;
   const FrameInfo* fa = key_frame(a);
   const FrameInfo* fb = key_frame(b);
   // Without a stack on one side the request is all we can compare.
@@ -93,13 +102,10 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
       s.push_back(&sample);
   }
   const Nanos length = std::max<Nanos>(0, in.end - in.start);
-  if (samples.empty() && length >= in.threshold) {
-    // The stall ended before any sample could be taken: it is still a block, just without a name.
-    Event ev;
-    ev.start = in.start;
-    ev.duration = length;
-    ev.stack_missing = true;
-    out.events.push_back(std::move(ev));
+  if (samples.empty()) {
+    // Over before a single sample: one culprit or many short callbacks, nobody can tell. An
+    // event without request, line or kind would only be noise; the time counts as saturation.
+    out.saturated = length;
     return out;
   }
   if (s.empty() || length == 0) {
@@ -107,16 +113,26 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
     return out;
   }
 
+  // A sample that names nothing (no stack, no request: the sampler did not get the GIL in time)
+  // joins the run it falls in instead of breaking it; runs compare identified samples only.
   std::vector<std::pair<std::size_t, std::size_t>> runs;
   std::size_t run_first = 0;
-  for (std::size_t i = 1; i <= s.size(); ++i) {
-    if (i == s.size() || !same_culprit(*s[i - 1], *s[i])) {
-      runs.emplace_back(run_first, i - 1);
-      run_first = i;
+  const Sample* key = identified(*s[0]) ? s[0] : nullptr;
+  std::size_t first_run_identified = key != nullptr ? 1 : 0;
+  for (std::size_t i = 1; i < s.size(); ++i) {
+    if (!identified(*s[i])) continue;
+    if (key == nullptr || same_culprit(*key, *s[i])) {
+      if (key == nullptr) key = s[i];
+      if (runs.empty()) ++first_run_identified;
+      continue;
     }
+    runs.emplace_back(run_first, i - 1);
+    run_first = i;
+    key = s[i];
   }
+  runs.emplace_back(run_first, s.size() - 1);
 
-  const bool confirmed = runs.size() == 1 || runs[0].second > runs[0].first;
+  const bool confirmed = runs.size() == 1 || first_run_identified > 1;
   Nanos start = in.start;
   if (!confirmed) {
     start = std::max(in.start, s[0]->t - (s[1]->t - s[0]->t) / 2);

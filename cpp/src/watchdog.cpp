@@ -207,8 +207,8 @@ Nanos Engine::step(Nanos now) {
   if (stall_.active) {
     // Back in epoll_wait: the loop waits again even if the pulse has not said so (the pulse is
     // silent while uvloop's heartbeat is off, and the OS noticed this stall, not the pulse).
-    const bool os_idle = stall_.os_detected && !stall_.samples.empty() &&
-                         stall_.samples.back().kind == Kind::kIdle;
+    const bool os_idle =
+        stall_.os_detected && !stall_.samples.empty() && stall_.samples.back().kind == Kind::kIdle;
     if (pulse_.epoch() == stall_.epoch && !os_idle) {
       if (now >= stall_.next_sample) {
         take_sample();
@@ -275,12 +275,16 @@ Nanos Engine::os_busy_since(Nanos now, std::uint64_t epoch) {
   const OsState os = probe_->state();
   if (os.where == OsState::Where::kUnknown || classify(os) == Kind::kIdle) {
     os_busy_since_ = 0;
+    pre_epoch_ = ~std::uint64_t{0};
     return 0;
   }
   // First seen busy now, or busy since a loop iteration that has ended meanwhile: start over.
   if (os_busy_since_ == 0 || os_busy_epoch_ != epoch) {
     os_busy_since_ = now;
     os_busy_epoch_ = epoch;
+    // The pre-detection CPU reading is per busy stretch; with a silent pulse the epoch does not
+    // tell stretches apart, so forget the old one here.
+    pre_epoch_ = ~std::uint64_t{0};
   }
   return os_busy_since_;
 }
@@ -386,7 +390,10 @@ void Engine::fill_late_stack(Nanos until) {
   if (!sampler_->take_late(late)) return;
   // Taken once native code let go of the GIL: right after the call that held it, in the frame
   // that made it. It names the samples that had to go without a stack, if it is from this stall.
-  if (late.t < stall_.start || late.t > until || !late.has_stack) return;
+  // Another thread's stack (the GIL holder's) still says where it was once it let go, even if
+  // the loop got the GIL first and finished its iteration: allow it a little past the end.
+  const Nanos limit = late.thread != 0 ? until + config_.stack_timeout : until;
+  if (late.t < stall_.start || late.t > limit || !late.has_stack) return;
   bool used = false;
   for (auto& s : stall_.samples) {
     if (s.has_stack || s.t > late.t) continue;
@@ -411,7 +418,7 @@ void append_safe(std::string& out, const std::string& text, std::size_t limit) {
 }  // namespace
 
 void Engine::report_hang(Nanos now) {
-  if (config_.hang_threshold <= 0 || config_.hang_fd < 0) return;
+  if (config_.hang_threshold <= 0) return;
   if (now - stall_.start < config_.hang_threshold || now < stall_.next_hang_report) return;
   if (!stall_.hang) {
     stall_.hang = true;
@@ -421,6 +428,7 @@ void Engine::report_hang(Nanos now) {
     stall_.hang_every = std::min<Nanos>(stall_.hang_every * 2, 60'000 * kMs);
   }
   stall_.next_hang_report = now + stall_.hang_every;
+  if (config_.hang_fd < 0) return;  // counted and marked, but nowhere to write
 
   const Sample* latest = stall_.samples.empty() ? nullptr : &stall_.samples.back();
   const Sample* named = nullptr;
@@ -466,6 +474,12 @@ void Engine::report_hang(Nanos now) {
 }
 
 void Engine::finish_stall(Nanos end) {
+  const bool missing =
+      std::any_of(stall_.samples.begin(), stall_.samples.end(),
+                  [](const Sample& s) { return !s.has_stack && s.kind != Kind::kIdle; });
+  // The GIL was just released; the sampler is about to get it and see who held it. Worth a
+  // bounded wait, or the event goes out without its stack.
+  if (missing && sampler_) sampler_->wait_late(config_.stack_timeout);
   fill_late_stack(end);
   StallInput in{stall_.start, std::max(end, stall_.start), stall_.threshold, stall_.pre_t,
                 stall_.pre_cpu};

@@ -34,6 +34,19 @@ TEST(ParseSyscallLine, SyscallNumberAndArguments) {
   EXPECT_EQ(st.sched_state, 0);  // the stat file supplies that, not this one
 }
 
+// The first argument is kept (hex): for futex it is the address waited on, which tells the GIL's
+// futex from any other lock.
+TEST(ParseSyscallLine, FirstArgumentIsHex) {
+  const OsState st = parse_syscall_line("202 0x7f12345678 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f12\n");
+  EXPECT_EQ(st.where, OsState::Where::kSyscall);
+  EXPECT_EQ(st.syscall, 202);
+  EXPECT_EQ(st.arg0, 0x7f12345678u);
+  EXPECT_EQ(parse_syscall_line("230 0x1 0x0 0x7ffd3c1e9a40").arg0, 1u);
+  EXPECT_EQ(parse_syscall_line("7 0xffffffffffffffff 0x1").arg0, 0xffffffffffffffffu);
+  EXPECT_EQ(parse_syscall_line("running").arg0, 0u);
+  EXPECT_EQ(parse_syscall_line("-1 0x7ff 0x7ff").arg0, 0u);
+}
+
 // "-1 sp pc" means blocked outside a syscall (e.g. a page fault): not a syscall number to map.
 TEST(ParseSyscallLine, MinusOneIsUnknown) {
   const OsState st = parse_syscall_line("-1 0x7ff 0x7ff");
@@ -70,6 +83,25 @@ TEST(ParseStatState, Malformed) {
   EXPECT_EQ(parse_stat_state("1234 python3 S 1"), 0);  // no ')'
   EXPECT_EQ(parse_stat_state("1234 (python3)"), 0);    // truncated after comm
   EXPECT_EQ(parse_stat_state("1234 (python3) "), 0);
+}
+
+// ---- /proc/self/task/<tid>/schedstat -----------------------------------------------------------
+
+// "<time on cpu> <time runnable but waiting> <timeslices>": the run delay is the second field.
+TEST(ParseSchedstat, RunDelayIsTheSecondField) {
+  EXPECT_EQ(parse_schedstat_run_delay("123 456 7\n"), 456);
+  EXPECT_EQ(parse_schedstat_run_delay("0 0 0\n"), 0);
+  EXPECT_EQ(parse_schedstat_run_delay("98765432100 12345678901 4242"), 12'345'678'901);
+}
+
+TEST(ParseSchedstat, MalformedIsMinusOne) {
+  EXPECT_EQ(parse_schedstat_run_delay(nullptr), -1);
+  EXPECT_EQ(parse_schedstat_run_delay(""), -1);
+  EXPECT_EQ(parse_schedstat_run_delay("\n"), -1);
+  EXPECT_EQ(parse_schedstat_run_delay("123"), -1);    // no second field
+  EXPECT_EQ(parse_schedstat_run_delay("123\n"), -1);  // the same, with the newline
+  EXPECT_EQ(parse_schedstat_run_delay("abc 456 7"), -1);
+  EXPECT_EQ(parse_schedstat_run_delay("123 abc 7"), -1);
 }
 
 // ---- classify ----------------------------------------------------------------------------------
@@ -154,6 +186,10 @@ TEST(KindName, Names) {
   EXPECT_STREQ(kind_name(Kind::kIo), "io");
   EXPECT_STREQ(kind_name(Kind::kCpu), "cpu");
   EXPECT_STREQ(kind_name(Kind::kLock), "lock");
+  EXPECT_STREQ(kind_name(Kind::kGil), "gil");
+  EXPECT_STREQ(kind_name(Kind::kNative), "native");
+  EXPECT_STREQ(kind_name(Kind::kGc), "gc");
+  EXPECT_STREQ(kind_name(Kind::kStarved), "starved");
   EXPECT_STREQ(kind_name(Kind::kIdle), "idle");
   EXPECT_STREQ(kind_name(Kind::kUnknown), "unknown");
 }

@@ -202,20 +202,31 @@ TEST(SplitStall, SamplesOutsideStallIgnored) {
 }
 
 // The stall ended before the watchdog could take any sample: still a block, just without a name.
-TEST(SplitStall, NoSamplesLongStallGivesAnonymousEvent) {
+// Over before any sample: nobody can say whether one culprit or many short callbacks ran, so
+// no nameless event; the time is saturation.
+TEST(SplitStall, NoSamplesIsSaturationNotAnEvent) {
   const StallResult r = split_stall({}, Input(kT0, At(80)));
-  ASSERT_EQ(r.events.size(), 1u);
-  EXPECT_EQ(r.events[0].token, 0u);
-  EXPECT_TRUE(r.events[0].stack_missing);
-  EXPECT_TRUE(r.events[0].stack.empty());
-  EXPECT_EQ(r.events[0].start, kT0);
-  EXPECT_EQ(r.events[0].duration, 80 * kMs);
-  EXPECT_EQ(r.events[0].samples, 0u);
+  EXPECT_TRUE(r.events.empty());
+  EXPECT_EQ(r.saturated, At(80) - kT0);
 }
 
 TEST(SplitStall, NoSamplesShortStallGivesNothing) {
   const StallResult r = split_stall({}, Input(kT0, At(49)));
   EXPECT_TRUE(r.events.empty());
+}
+
+// Outside any request, library code without an application frame never forms a run: a saturated
+// loop's samples land on the same uvicorn/stdlib functions again and again.
+TEST(SplitStall, LibraryOnlySamplesOutsideRequestsDoNotJoin) {
+  std::vector<Sample> samples{Make(At(50), 0, "parse"), Make(At(52), 0, "parse"),
+                              Make(At(62), 0, "parse"), Make(At(72), 0, "parse")};
+  for (auto& s : samples) s.culprit = -1;
+  const StallResult r = split_stall(samples, Input(kT0, At(80)));
+  EXPECT_TRUE(r.events.empty());
+  EXPECT_EQ(r.saturated, At(80) - kT0);
+  // The same samples with an application frame are one culprit.
+  for (auto& s : samples) s.culprit = 0;
+  EXPECT_EQ(split_stall(samples, Input(kT0, At(80))).events.size(), 1u);
 }
 
 // Victims are the other requests in flight, the most seen in the run; the culprit's own request

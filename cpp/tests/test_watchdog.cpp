@@ -1,11 +1,15 @@
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -17,19 +21,44 @@ namespace {
 
 // What the fake OS reports about the loop thread; the test changes it while the engine runs.
 struct FakeOs {
-  OsState state;
+  OsState state;             // what the loop thread does while it is busy
+  bool loop_waiting = true;  // true: it sits in epoll_wait, whatever `state` says
   Nanos cpu = -1;
   int state_reads = 0;
+  long loop_tid = -1;         // what tid() says
+  std::vector<long> running;  // threads running_threads() finds, before the exclusions
+  std::vector<long> last_exclude;
+  int running_calls = 0;
 };
+
+OsState EpollWait() {
+  OsState st;
+#if defined(SYS_epoll_pwait)
+  st.where = OsState::Where::kSyscall;
+  st.syscall = SYS_epoll_pwait;
+  st.sched_state = 'S';
+#endif
+  return st;
+}
 
 class FakeProbe final : public ThreadProbe {
  public:
   explicit FakeProbe(std::shared_ptr<FakeOs> os) : os_(std::move(os)) {}
   OsState state() noexcept override {
     ++os_->state_reads;
-    return os_->state;
+    return os_->loop_waiting ? EpollWait() : os_->state;
   }
   Nanos cpu_time() noexcept override { return os_->cpu; }
+  std::vector<long> running_threads(const std::vector<long>& exclude) override {
+    ++os_->running_calls;
+    os_->last_exclude = exclude;
+    std::vector<long> out;
+    for (long tid : os_->running) {
+      if (std::find(exclude.begin(), exclude.end(), tid) == exclude.end()) out.push_back(tid);
+    }
+    return out;
+  }
+  long tid() const noexcept override { return os_->loop_tid; }
 
  private:
   std::shared_ptr<FakeOs> os_;
@@ -45,6 +74,18 @@ struct FakePython {
   int calls = 0;
   Nanos last_timeout = -1;
   bool last_wanted_frames = false;
+  // Another thread, sampled by kernel id (the GIL holder). Fails by default, like the base class.
+  bool thread_succeed = false;
+  std::uint64_t thread_token = 0;
+  std::vector<FrameInfo> thread_frames;
+  int thread_culprit = -1;
+  int thread_calls = 0;
+  long last_thread = -1;
+  // A loop-thread sample that completed late; take_late() hands it out once.
+  std::optional<Sample> late;
+  int late_taken = 0;
+  std::vector<std::uint64_t> gil_futexes;  // addresses is_gil_futex() knows
+  long sampler_tid = -1;
 };
 
 class FakeSampler final : public StackSampler {
@@ -64,6 +105,31 @@ class FakeSampler final : public StackSampler {
     }
     return true;
   }
+  bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) override {
+    ++py_->thread_calls;
+    py_->last_thread = tid;
+    py_->last_timeout = timeout;
+    if (!py_->thread_succeed) return false;
+    out.token = py_->thread_token;
+    if (frames) {
+      out.frames = py_->thread_frames;
+      out.culprit = py_->thread_culprit;
+      out.has_stack = true;
+    }
+    return true;
+  }
+  bool take_late(Sample& out) override {
+    if (!py_->late) return false;
+    out = *py_->late;
+    py_->late.reset();
+    ++py_->late_taken;
+    return true;
+  }
+  bool is_gil_futex(std::uint64_t address) const override {
+    return std::find(py_->gil_futexes.begin(), py_->gil_futexes.end(), address) !=
+           py_->gil_futexes.end();
+  }
+  long thread_id() const override { return py_->sampler_tid; }
 
  private:
   std::shared_ptr<FakePython> py_;
@@ -95,6 +161,39 @@ bool NotifyReadable(int fd) {
   return ::poll(&p, 1, 0) == 1 && (p.revents & POLLIN) != 0;
 }
 
+// A pipe standing in for stderr in the hang tests: the engine writes, the test reads.
+class HangPipe {
+ public:
+  HangPipe() {
+    int fds[2];
+    if (::pipe(fds) == 0) {
+      read_ = fds[0];
+      write_ = fds[1];
+      ::fcntl(read_, F_SETFL, ::fcntl(read_, F_GETFL) | O_NONBLOCK);
+    }
+  }
+  ~HangPipe() {
+    if (read_ >= 0) ::close(read_);
+    if (write_ >= 0) ::close(write_);
+  }
+  HangPipe(const HangPipe&) = delete;
+  HangPipe& operator=(const HangPipe&) = delete;
+  bool ok() const { return read_ >= 0; }
+  int write_fd() const { return write_; }
+  // Everything written since the last call.
+  std::string Read() {
+    std::string out;
+    char buf[512];
+    ssize_t n;
+    while ((n = ::read(read_, buf, sizeof buf)) > 0) out.append(buf, static_cast<std::size_t>(n));
+    return out;
+  }
+
+ private:
+  int read_ = -1;
+  int write_ = -1;
+};
+
 // The engine is driven by hand: no watchdog thread, a fake clock, step(now) called by the test.
 class EngineTest : public testing::Test {
  protected:
@@ -111,19 +210,28 @@ class EngineTest : public testing::Test {
   void SetUp() override { Make(); }
 
   Nanos Step() { return engine_->step(clock_.now()); }
+  // The loop leaves select (busy) / goes back to it: the pulse and what the OS shows agree.
+  void LoopBusy() {
+    os_->loop_waiting = false;
+    engine_->wait_end();
+  }
+  void LoopWaits() {
+    engine_->wait_begin();
+    os_->loop_waiting = true;
+  }
   Nanos Now() const { return clock_.now(); }
   void Advance(Nanos dt) { clock_.advance(dt); }
 
   // Loop leaves select, stays busy for `busy` (the watchdog stepping every `every`), and goes back.
   void Stall(Nanos busy, Nanos every = 1 * kMs) {
-    engine_->wait_end();
+    LoopBusy();
     const Nanos end = Now() + busy;
     Step();
     while (Now() < end) {
       Advance(std::min(every, end - Now()));
       Step();
     }
-    engine_->wait_begin();
+    LoopWaits();
     Step();
   }
 
@@ -138,13 +246,13 @@ TEST_F(EngineTest, NoStallBelowThreshold) {
   const std::uint64_t token = engine_->begin_request();
   py_->token = token;
   const Nanos t0 = Now();
-  engine_->wait_end();
+  LoopBusy();
   // Busy but young: look again after one interval.
   EXPECT_EQ(Step(), t0 + 10 * kMs);
   Advance(49 * kMs);
   // Close to the threshold: look again exactly when it would be crossed.
   EXPECT_EQ(Step(), t0 + 50 * kMs);
-  engine_->wait_begin();
+  LoopWaits();
   Step();
   EXPECT_EQ(py_->calls, 0);
   EXPECT_TRUE(engine_->drain().empty());
@@ -163,7 +271,7 @@ TEST_F(EngineTest, StallDetectedSampledAndReported) {
   const std::uint64_t token = engine_->begin_request();
   py_->token = token;
   const Nanos t0 = Now();
-  engine_->wait_end();
+  LoopBusy();
   Step();
   Advance(50 * kMs);
   EXPECT_EQ(Step(), t0 + 52 * kMs);  // next: the confirmation sample
@@ -191,7 +299,7 @@ TEST_F(EngineTest, StallDetectedSampledAndReported) {
   EXPECT_FALSE(NotifyReadable(engine_->notify_fd()));
   EXPECT_TRUE(engine_->drain().empty());  // still going on: nothing to report yet
   Advance(3 * kMs);
-  engine_->wait_begin();  // back in select at t0 + 75 ms
+  LoopWaits();  // back in select at t0 + 75 ms
   Step();
   EXPECT_TRUE(NotifyReadable(engine_->notify_fd()));  // the loop is told to drain
 
@@ -224,7 +332,7 @@ TEST_F(EngineTest, RequestCountersLiveDuringStall) {
   const std::uint64_t culprit = engine_->begin_request();
   const std::uint64_t victim = engine_->begin_request();
   py_->token = culprit;
-  engine_->wait_end();
+  LoopBusy();
   Step();
   EXPECT_EQ(engine_->request_counters(culprit).count, 0u);
   Advance(50 * kMs);
@@ -241,7 +349,7 @@ TEST_F(EngineTest, RequestCountersLiveDuringStall) {
 
   // The loop is back, but the watchdog has not looked yet: still the live value.
   Advance(8 * kMs);
-  engine_->wait_begin();
+  LoopWaits();
   EXPECT_EQ(engine_->request_counters(culprit).count, 1u);
   Step();
   const RequestCounters committed = engine_->request_counters(culprit);
@@ -299,7 +407,8 @@ TEST_F(EngineTest, HeartbeatStall) {
   EXPECT_EQ(engine_->stats().stalls, 0u);
 
   const Nanos last_beat = Now();
-  Advance(59 * kMs);  // due at +10, so 49 ms late
+  os_->loop_waiting = false;  // the loop is stuck in a callback from here on
+  Advance(59 * kMs);          // due at +10, so 49 ms late
   Step();
   EXPECT_EQ(engine_->stats().stalls, 0u);
   Advance(1 * kMs);
@@ -307,6 +416,7 @@ TEST_F(EngineTest, HeartbeatStall) {
   EXPECT_EQ(engine_->stats().stalls, 1u);
   EXPECT_EQ(py_->calls, 1);
   Advance(20 * kMs);
+  os_->loop_waiting = true;
   engine_->heartbeat();  // the loop is back at last_beat + 80 ms
   Step();
 
@@ -417,12 +527,13 @@ TEST_F(EngineTest, CaptureStacksOff) {
 }
 
 // The loop moved on while the sampler waited for the GIL: that stack belongs to whatever ran next
-// and is thrown away; the stall is still reported, without a name.
+// and is thrown away. The stall is left without a single sample, so nobody can tell one culprit
+// from many short callbacks: no nameless event, the time counts as saturation.
 TEST_F(EngineTest, SampleTakenAfterLoopMovedOnIsDiscarded) {
-  py_->token = engine_->begin_request();
-  py_->during = [this] { engine_->wait_begin(); };
-  const Nanos t0 = Now();
-  engine_->wait_end();
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  py_->during = [this] { LoopWaits(); };
+  LoopBusy();
   Step();
   Advance(50 * kMs);
   Step();
@@ -430,12 +541,12 @@ TEST_F(EngineTest, SampleTakenAfterLoopMovedOnIsDiscarded) {
   EXPECT_EQ(engine_->stats().samples, 0u);
   py_->during = nullptr;
   Step();
-  const std::vector<Event> events = engine_->drain();
-  ASSERT_EQ(events.size(), 1u);
-  EXPECT_EQ(events[0].token, 0u);
-  EXPECT_TRUE(events[0].stack_missing);
-  EXPECT_EQ(events[0].start, t0);
-  EXPECT_EQ(events[0].duration, 50 * kMs);
+  EXPECT_TRUE(engine_->drain().empty());
+  const EngineStats s = engine_->stats();
+  EXPECT_EQ(s.stalls, 1u);
+  EXPECT_EQ(s.events_emitted, 0u);
+  EXPECT_EQ(s.saturated, 50 * kMs);
+  EXPECT_EQ(engine_->request_counters(token).count, 0u);  // the discarded stack blamed nobody
 }
 
 // The OS says the thread sleeps in clock_nanosleep and its CPU clock stands still: a sleep event
@@ -459,13 +570,13 @@ TEST_F(EngineTest, KindAndCpuFromProbe) {
 TEST_F(EngineTest, PreDetectionCpuReading) {
   py_->token = engine_->begin_request();
   os_->cpu = 0;
-  engine_->wait_end();
+  LoopBusy();
   Step();  // busy, not stalled: notes the CPU clock
   Advance(50 * kMs);
   os_->cpu = 25 * kMs;  // half of the 50 ms on CPU
   Step();
   Advance(1 * kMs);
-  engine_->wait_begin();  // back before the confirmation sample
+  LoopWaits();  // back before the confirmation sample
   Step();
   const std::vector<Event> events = engine_->drain();
   ASSERT_EQ(events.size(), 1u);
@@ -507,12 +618,13 @@ TEST_F(EngineTest, SampleThinningBoundsMemory) {
   Make(config);
   py_->token = engine_->begin_request();
   const Nanos t0 = Now();
-  engine_->wait_end();
+  LoopBusy();
   Step();
   Advance(50 * kMs);
   Nanos next = Step();
   std::vector<Nanos> gaps;
   while (Now() < t0 + 10'000 * kMs) {
+    ASSERT_GT(next, Now());
     clock_.set(next);
     const Nanos prev = next;
     next = Step();
@@ -532,7 +644,7 @@ TEST_F(EngineTest, SampleThinningBoundsMemory) {
   EXPECT_LT(py_->calls, 30);
   EXPECT_EQ(engine_->stats().samples, static_cast<std::uint64_t>(py_->calls));
 
-  engine_->wait_begin();
+  LoopWaits();
   const Nanos end = Now();
   Step();
   const std::vector<Event> events = engine_->drain();
@@ -541,6 +653,727 @@ TEST_F(EngineTest, SampleThinningBoundsMemory) {
   EXPECT_GE(events[0].samples, 2u);
   EXPECT_EQ(events[0].start, t0);
   EXPECT_EQ(events[0].duration, end - t0);
+}
+
+// ---- Stalls the OS notices while the pulse cannot report them ---------------------------------
+
+// The pulse says the loop waits (no wait_end: it cannot say otherwise while it waits for the GIL
+// after select, or while uvloop's heartbeat is off), but the OS shows the loop thread running. A
+// threshold later that is a stall, dated from when the OS first saw it busy; it ends with the
+// first sample that shows the loop back in epoll_wait, at that sample's time.
+TEST_F(EngineTest, OsDetectedStallStartsWhenOsFirstSawLoopBusy) {
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  const Nanos t0 = Now();
+  os_->loop_waiting = false;  // the pulse is not told
+  EXPECT_EQ(Step(), t0 + 10 * kMs);
+  Advance(30 * kMs);
+  EXPECT_EQ(Step(), t0 + 40 * kMs);
+  Advance(19 * kMs);
+  EXPECT_EQ(Step(), t0 + 50 * kMs);  // look again exactly when it would be a threshold
+  EXPECT_EQ(engine_->stats().stalls, 0u);
+  EXPECT_EQ(py_->calls, 0);
+  Advance(1 * kMs);
+  EXPECT_EQ(Step(), t0 + 52 * kMs);
+  EXPECT_EQ(engine_->stats().stalls, 1u);
+  EXPECT_EQ(py_->calls, 1);
+  Advance(2 * kMs);
+  EXPECT_EQ(Step(), t0 + 62 * kMs);
+  EXPECT_EQ(py_->calls, 2);
+
+  Advance(6 * kMs);
+  os_->loop_waiting = true;  // back in epoll_wait at t0 + 58 ms; still no word from the pulse
+  EXPECT_EQ(Step(), t0 + 62 * kMs);  // not sampled yet: the stall goes on
+  EXPECT_TRUE(engine_->drain().empty());
+  Advance(4 * kMs);
+  Step();                    // the sample that sees epoll_wait
+  EXPECT_EQ(py_->calls, 2);  // idle: the sampler is not asked
+  EXPECT_EQ(engine_->stats().samples, 3u);
+  Advance(10 * kMs);
+  Step();  // ends the stall at the idle sample, not at `now`
+
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].start, t0);
+  EXPECT_EQ(events[0].duration, 62 * kMs);
+  EXPECT_EQ(events[0].kind, Kind::kCpu);
+  EXPECT_EQ(events[0].samples, 2u);
+  EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));
+  EXPECT_EQ(engine_->request_counters(token).total, 62 * kMs);
+  const EngineStats s = engine_->stats();
+  EXPECT_EQ(s.stalls, 1u);
+  EXPECT_EQ(s.events_emitted, 1u);
+  EXPECT_EQ(s.lag_count, 0u);  // the pulse never saw any of it
+
+  // Over: the loop waits, no new stall however long it stays so.
+  Advance(500 * kMs);
+  Step();
+  EXPECT_EQ(engine_->stats().stalls, 1u);
+}
+
+// A stall the pulse detected ends only when the pulse says so (the epoch changes), even when
+// samples meanwhile show the loop thread in epoll_wait; those samples are not blamed on anyone.
+TEST_F(EngineTest, PulseDetectedStallEndsOnlyOnEpochChange) {
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  Advance(2 * kMs);
+  Step();
+  os_->loop_waiting = true;  // epoll_wait, but no wait_begin (the pulse says busy)
+  for (int i = 0; i < 3; ++i) {
+    Advance(10 * kMs);
+    Step();  // samples at +62, +72, +82: idle
+  }
+  EXPECT_EQ(py_->calls, 2);
+  EXPECT_EQ(engine_->stats().samples, 5u);
+  EXPECT_TRUE(engine_->drain().empty());
+  EXPECT_EQ(Step(), t0 + 92 * kMs);  // still sampling: the stall goes on
+  os_->loop_waiting = false;
+  Advance(10 * kMs);
+  Step();  // +92: running again
+  EXPECT_EQ(py_->calls, 3);
+  Advance(3 * kMs);
+  LoopWaits();
+  Step();
+
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].start, t0);
+  EXPECT_EQ(events[0].duration, 95 * kMs);
+  EXPECT_EQ(events[0].samples, 3u);  // the idle ones do not count
+  EXPECT_EQ(events[0].kind, Kind::kCpu);
+  EXPECT_EQ(engine_->stats().stalls, 1u);
+}
+
+// The OS saw the loop busy, then the loop finished an iteration (the epoch moved) while the OS
+// still shows it running: the busy time starts over. Two short iterations are no stall.
+TEST_F(EngineTest, OsBusyStartRestartsWhenAnIterationEnds) {
+  py_->token = engine_->begin_request();
+  const Nanos t0 = Now();
+  os_->loop_waiting = false;
+  EXPECT_EQ(Step(), t0 + 10 * kMs);  // busy since t0 (OS)
+  Advance(30 * kMs);
+  engine_->wait_end();    // the loop got through select and back: one iteration ended
+  engine_->wait_begin();  // ... while the OS never showed it in epoll_wait
+  EXPECT_EQ(Step(), t0 + 40 * kMs);
+  Advance(30 * kMs);
+  // 60 ms since the OS first saw it busy, but only 30 ms in this iteration.
+  EXPECT_EQ(Step(), t0 + 70 * kMs);
+  EXPECT_EQ(engine_->stats().stalls, 0u);
+  EXPECT_EQ(py_->calls, 0);
+  Advance(19 * kMs);
+  Step();
+  EXPECT_EQ(engine_->stats().stalls, 0u);
+  Advance(1 * kMs);  // t0 + 80: a threshold after the restart
+  Step();
+  EXPECT_EQ(engine_->stats().stalls, 1u);
+  os_->loop_waiting = true;
+  Advance(2 * kMs);
+  Step();  // idle sample at t0 + 82
+  Step();  // ends the stall
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].start, t0 + 30 * kMs);
+  EXPECT_EQ(events[0].duration, 52 * kMs);
+}
+
+// ---- Hang reports -----------------------------------------------------------------------------
+
+// Past hang_threshold a stall is reported at once, from the watchdog, to hang_fd, naming the
+// request by its label and the culprit line; then again only at doubling intervals. The event
+// says it was a hang.
+TEST_F(EngineTest, HangReportedAtOnceThenAtDoublingIntervals) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 200 * kMs;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  const std::uint64_t token = engine_->begin_request("GET /x request_id=abc");
+  py_->token = token;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Nanos next = Step();
+  std::vector<std::pair<Nanos, std::string>> lines;
+  while (Now() < t0 + 1700 * kMs) {
+    ASSERT_GT(next, Now());
+    clock_.set(std::min(next, t0 + 1700 * kMs));
+    next = Step();
+    const std::string got = pipe.Read();
+    if (!got.empty()) lines.emplace_back(Now() - t0, got);
+    if (Now() == t0 + 200 * kMs) {
+      EXPECT_EQ(engine_->stats().hangs, 1u);  // counted as soon as it is reported
+      EXPECT_TRUE(engine_->drain().empty());  // still going on: no event yet
+    }
+  }
+  const std::string tail =
+      " s and still blocked during GET /x request_id=abc; kind=cpu; culprit=app/routes.py:42 in "
+      "handler\n";
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_EQ(lines[0].first, 200 * kMs);
+  EXPECT_EQ(lines[0].second, "loopguard: event loop blocked for 0.20" + tail);
+  EXPECT_EQ(lines[1].first, 400 * kMs);
+  EXPECT_EQ(lines[1].second, "loopguard: event loop blocked for 0.40" + tail);
+  EXPECT_EQ(lines[2].first, 800 * kMs);
+  EXPECT_EQ(lines[2].second, "loopguard: event loop blocked for 0.80" + tail);
+  EXPECT_EQ(lines[3].first, 1600 * kMs);
+  EXPECT_EQ(lines[3].second, "loopguard: event loop blocked for 1.60" + tail);
+
+  LoopWaits();
+  Step();
+  EXPECT_EQ(pipe.Read(), "");  // the end of a hang is not written
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].duration, 1700 * kMs);
+  EXPECT_TRUE(events[0].hang);
+  EXPECT_EQ(engine_->stats().hangs, 1u);
+
+  // A stall shorter than hang_threshold is no hang: nothing written, hang=false.
+  Advance(1 * kMs);
+  Stall(150 * kMs);
+  EXPECT_EQ(pipe.Read(), "");
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_FALSE(events[0].hang);
+  EXPECT_EQ(engine_->stats().hangs, 1u);
+  EXPECT_EQ(engine_->stats().stalls, 2u);
+}
+
+// The line goes straight to a file descriptor: control characters in the request label and the
+// frame names become '?', so a request path cannot forge log lines or terminal escapes.
+TEST_F(EngineTest, HangReportReplacesControlCharacters) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 60 * kMs;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  py_->token = engine_->begin_request("GET /x\n\x1b[31m\x7f request_id=abc\r");
+  py_->frames = {{"app/ro\tutes.py", "hand\x01ler", 42}};
+  py_->culprit = 0;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  EXPECT_EQ(Step(), t0 + 52 * kMs);
+  Advance(2 * kMs);
+  EXPECT_EQ(Step(), t0 + 60 * kMs);  // woken for the hang report, before the next sample
+  EXPECT_EQ(pipe.Read(), "");
+  Advance(8 * kMs);
+  EXPECT_EQ(Step(), t0 + 62 * kMs);
+  EXPECT_EQ(pipe.Read(),
+            "loopguard: event loop blocked for 0.06 s and still blocked during GET /x??[31m? "
+            "request_id=abc?; kind=cpu; culprit=app/ro?utes.py:42 in hand?ler\n");
+  LoopWaits();
+  Step();
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_TRUE(events[0].hang);
+  // Only the hang line is escaped; the event keeps the names as the sampler gave them.
+  EXPECT_EQ(events[0].stack[0].filename, "app/ro\tutes.py");
+}
+
+// Without a request or a stack the line still says what is known: the OS kind.
+TEST_F(EngineTest, HangReportWithoutRequestOrStack) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 60 * kMs;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  engine_->begin_request("GET /other");  // in flight, but not what the loop runs
+  py_->succeed = false;                  // native code holds the GIL
+  Stall(61 * kMs);
+  EXPECT_EQ(pipe.Read(),
+            "loopguard: event loop blocked for 0.06 s and still blocked (no active request); "
+            "kind=native; culprit=<stack unavailable>\n");
+  EXPECT_EQ(engine_->stats().hangs, 1u);
+}
+
+// hang_threshold = 0 turns hang reports off: nothing written, not even for a very long stall,
+// no hang counted, and the watchdog wakes only for its samples.
+TEST_F(EngineTest, HangThresholdZeroWritesNothing) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 0;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  py_->token = engine_->begin_request("GET /x request_id=abc");
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Nanos next = Step();
+  int steps = 0;
+  while (next < t0 + 3000 * kMs) {
+    clock_.set(next);
+    const Nanos following = Step();
+    ASSERT_GT(following, next);
+    next = following;
+    ++steps;
+  }
+  EXPECT_EQ(static_cast<std::uint64_t>(steps + 1), engine_->stats().samples);  // no extra wakeups
+  const Nanos end = Now();
+  EXPECT_GT(end - t0, 2900 * kMs);
+  LoopWaits();
+  Step();
+  EXPECT_EQ(pipe.Read(), "");
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].duration, end - t0);
+  EXPECT_FALSE(events[0].hang);
+  EXPECT_EQ(engine_->stats().hangs, 0u);
+}
+
+// ---- Native code, the GIL, late stacks --------------------------------------------------------
+
+// The OS shows the loop thread running, yet the sampler cannot get the GIL: the loop thread holds
+// it itself, in native code.
+TEST_F(EngineTest, SamplerFailingWhileRunningIsNative) {
+  engine_->begin_request();
+  py_->succeed = false;
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->calls, 3);
+  EXPECT_EQ(py_->thread_calls, 0);  // not a GIL wait: no other thread is looked at
+  EXPECT_EQ(engine_->stats().stack_timeouts, 3u);
+  EXPECT_EQ(engine_->stats().late_stacks, 0u);
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kNative);
+  EXPECT_TRUE(events[0].stack_missing);
+  EXPECT_TRUE(events[0].stack.empty());
+  EXPECT_EQ(events[0].culprit, -1);
+}
+
+// The sampler got the GIL after all, once the native call let go of it: that late sample names
+// the samples that went without a stack.
+TEST_F(EngineTest, LateSampleFillsMissingStacks) {
+  const std::uint64_t token = engine_->begin_request();
+  py_->succeed = false;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  Advance(2 * kMs);
+  Step();
+  EXPECT_EQ(engine_->stats().stack_timeouts, 2u);
+  Advance(6 * kMs);
+  Sample late;
+  late.t = t0 + 57 * kMs;  // within the stall, after both samples
+  late.token = token;
+  late.frames = HandlerStack("native_call", 77);
+  late.culprit = 1;
+  late.has_stack = true;
+  py_->late = late;
+  Advance(2 * kMs);
+  LoopWaits();
+  Step();
+  EXPECT_EQ(py_->late_taken, 1);
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].kind, Kind::kNative);
+  EXPECT_FALSE(events[0].stack_missing);
+  EXPECT_EQ(events[0].stack, HandlerStack("native_call", 77));
+  EXPECT_EQ(events[0].culprit, 1);
+  EXPECT_EQ(events[0].duration, 60 * kMs);
+  EXPECT_EQ(engine_->stats().late_stacks, 1u);
+  EXPECT_EQ(engine_->request_counters(token).count, 1u);
+  EXPECT_EQ(engine_->request_counters(token).total, 60 * kMs);
+}
+
+// A late sample taken before this stall began belongs to something earlier: ignored.
+TEST_F(EngineTest, LateSampleFromBeforeTheStallIsIgnored) {
+  const std::uint64_t token = engine_->begin_request();
+  py_->succeed = false;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  Sample late;
+  late.t = t0 - 5 * kMs;
+  late.token = token;
+  late.frames = HandlerStack("earlier", 3);
+  late.culprit = 1;
+  late.has_stack = true;
+  py_->late = late;
+  Advance(2 * kMs);
+  Step();
+  Advance(3 * kMs);
+  LoopWaits();
+  Step();
+  EXPECT_EQ(py_->late_taken, 1);  // taken, and thrown away
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_TRUE(events[0].stack_missing);
+  EXPECT_EQ(events[0].token, 0u);
+  EXPECT_EQ(events[0].kind, Kind::kNative);
+  EXPECT_EQ(engine_->stats().late_stacks, 0u);
+  EXPECT_EQ(engine_->request_counters(token).count, 0u);
+}
+
+#ifdef SYS_futex
+constexpr std::uint64_t kGilAddress = 0x7f0012345678;
+
+OsState FutexWait(std::uint64_t address) {
+  OsState st = InSyscall(SYS_futex);
+  st.arg0 = address;
+  return st;
+}
+
+// The loop waits on the GIL's futex: the culprit is the thread holding the GIL. The engine looks
+// for a running thread other than the loop, the watchdog and the sampler, and samples that one
+// (a sync endpoint in the threadpool carries its own request's Context).
+TEST_F(EngineTest, GilWaitSamplesTheThreadHoldingIt) {
+  os_->state = FutexWait(kGilAddress);
+  os_->loop_tid = 4242;
+  os_->running = {4242, 4343, 5151, 6161};  // the loop and the sampler come first: excluded
+  py_->sampler_tid = 4343;
+  py_->gil_futexes = {kGilAddress};
+  const std::uint64_t loop_request = engine_->begin_request("GET /async");
+  const std::uint64_t sync_request = engine_->begin_request("GET /sync");
+  py_->token = loop_request;
+  py_->thread_succeed = true;
+  py_->thread_token = sync_request;
+  py_->thread_frames = HandlerStack("sync_handler", 9);
+  py_->thread_culprit = 1;
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->calls, 0);  // the loop thread itself is not sampled
+  EXPECT_EQ(py_->thread_calls, 3);
+  EXPECT_EQ(py_->last_thread, 5151);
+  EXPECT_EQ(py_->last_timeout, 20 * kMs);
+  EXPECT_EQ(os_->running_calls, 3);
+  const auto& ex = os_->last_exclude;
+  EXPECT_NE(std::find(ex.begin(), ex.end(), 4242L), ex.end());  // the loop thread
+  EXPECT_NE(std::find(ex.begin(), ex.end(), 4343L), ex.end());  // the sampler's own thread
+  EXPECT_EQ(engine_->stats().stack_timeouts, 0u);
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+  EXPECT_EQ(events[0].token, sync_request);
+  EXPECT_EQ(events[0].stack, HandlerStack("sync_handler", 9));
+  EXPECT_EQ(events[0].culprit, 1);
+  EXPECT_FALSE(events[0].stack_missing);
+  EXPECT_EQ(events[0].victims, 1u);
+  EXPECT_EQ(engine_->request_counters(sync_request).count, 1u);
+  EXPECT_EQ(engine_->request_counters(loop_request).count, 0u);
+
+  // No other thread running: the loop thread's own sample, still a GIL wait.
+  os_->running = {4242, 4343};
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->thread_calls, 3);
+  EXPECT_EQ(py_->calls, 3);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+  EXPECT_EQ(events[0].token, loop_request);
+  EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));
+}
+
+// A futex the sampler never saw it wait on is an ordinary lock (threading.Lock, queue.get): the
+// loop thread is sampled and no other thread is looked for.
+TEST_F(EngineTest, UnknownFutexIsLock) {
+  os_->state = FutexWait(0xbad0);
+  os_->loop_tid = 4242;
+  os_->running = {5151};
+  py_->gil_futexes = {kGilAddress};
+  py_->thread_succeed = true;
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->calls, 3);
+  EXPECT_EQ(py_->thread_calls, 0);
+  EXPECT_EQ(os_->running_calls, 0);
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kLock);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));
+}
+
+// On a futex and nobody gets the GIL in time: the loop waits for the GIL while another thread
+// holds it, whether or not the address was known.
+TEST_F(EngineTest, FutexWithSamplerFailingIsGil) {
+  os_->state = FutexWait(0xbad0);  // unknown address: would be a lock
+  py_->succeed = false;
+  engine_->begin_request();
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->thread_calls, 0);
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+  EXPECT_TRUE(events[0].stack_missing);
+
+  // The GIL's own futex, and the holder cannot be sampled either.
+  os_->state = FutexWait(kGilAddress);
+  os_->running = {5151};
+  py_->gil_futexes = {kGilAddress};
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->thread_calls, 3);
+  EXPECT_EQ(py_->calls, 6);  // fell back to the loop thread each time
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+  EXPECT_TRUE(events[0].stack_missing);
+  EXPECT_EQ(engine_->stats().stack_timeouts, 6u);
+}
+#endif  // SYS_futex
+
+// ---- GC and starvation ------------------------------------------------------------------------
+
+// Samples taken while the loop thread is inside a garbage collection are kGc, whatever the OS
+// says; after gc_end() the OS kind is back.
+TEST_F(EngineTest, GcKindWhileCollecting) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 60 * kMs;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  py_->token = engine_->begin_request("GET /gc");
+  engine_->gc_begin();
+  Stall(60 * kMs);
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGc);
+  pipe.Read();
+  engine_->gc_end();
+  Advance(1 * kMs);
+  Stall(55 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kCpu);
+
+  // Within one stall: the hang lines show the kind of the latest sample.
+  Advance(1 * kMs);
+  engine_->gc_begin();
+  const Nanos t0 = Now();
+  LoopBusy();
+  Nanos next = Step();
+  while (Now() < t0 + 60 * kMs) {
+    ASSERT_GT(next, Now());
+    clock_.set(next);
+    next = Step();
+  }
+  const std::string during = pipe.Read();
+  EXPECT_NE(during.find("kind=gc;"), std::string::npos) << during;
+  engine_->gc_end();
+  while (Now() < t0 + 120 * kMs) {
+    ASSERT_GT(next, Now());
+    clock_.set(next);
+    next = Step();
+  }
+  const std::string after = pipe.Read();
+  EXPECT_NE(after.find("blocked for 0.12 s"), std::string::npos) << after;
+  EXPECT_NE(after.find("kind=cpu;"), std::string::npos) << after;
+}
+
+// Runnable but not running for more than half the time since the previous sample: starved (CPU
+// throttling, an overloaded host). The first sample of a stall has nothing to compare with.
+TEST_F(EngineTest, StarvedWhenRunDelayGrowsFasterThanHalfTheTime) {
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  auto run_delay = [this](Nanos v) { os_->state.run_delay = v; };
+
+  // Samples at +50 (first: cpu), +52 (1.5 of 2 ms waiting), +62 (6 of 10 ms): starved.
+  run_delay(100 * kMs);
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  run_delay(140 * kMs);  // before detection: no reading in this stall to compare with
+  Step();
+  Advance(2 * kMs);
+  run_delay(141'500'000);
+  Step();
+  Advance(10 * kMs);
+  run_delay(147'500'000);
+  Step();
+  Advance(3 * kMs);
+  LoopWaits();
+  Step();
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kStarved);
+  EXPECT_EQ(events[0].samples, 3u);
+
+  // A stall with a single sample, after a jump far beyond the time elapsed since the last
+  // sample of the previous stall: the first sample of a stall is never starved.
+  Advance(5 * kMs);
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  run_delay(1'000 * kMs);
+  Step();
+  Advance(1 * kMs);
+  LoopWaits();
+  Step();
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].samples, 1u);
+  EXPECT_EQ(events[0].kind, Kind::kCpu);
+
+  // Exactly half the time waiting is not more than half: not starved.
+  Advance(5 * kMs);
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  run_delay(2'000 * kMs);
+  Step();
+  Advance(2 * kMs);
+  run_delay(2'001 * kMs);
+  Step();
+  Advance(10 * kMs);
+  run_delay(2'006 * kMs);
+  Step();
+  Advance(3 * kMs);
+  LoopWaits();
+  Step();
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].samples, 3u);
+  EXPECT_EQ(events[0].kind, Kind::kCpu);
+}
+
+// ---- Thinning ---------------------------------------------------------------------------------
+
+// Thinning always keeps the newest sample, for odd and even max_samples: the live counters (split
+// up to the newest sample) always reach the latest sample, so nothing is lost at the end.
+TEST_F(EngineTest, ThinningKeepsTheNewestSample) {
+  for (std::size_t max_samples : {2u, 3u, 4u, 5u}) {
+    SCOPED_TRACE(max_samples);
+    WatchdogConfig config;
+    config.max_samples = max_samples;
+    config.hang_threshold = 0;
+    Make(config);
+    const std::uint64_t token = engine_->begin_request();
+    py_->token = token;
+    const Nanos t0 = Now();
+    LoopBusy();
+    Step();
+    Advance(50 * kMs);
+    Nanos next = Step();
+    std::uint64_t seen = engine_->stats().samples;
+    ASSERT_EQ(seen, 1u);
+    int thinned_checks = 0;
+    while (Now() < t0 + 2000 * kMs) {
+      ASSERT_GT(next, Now());
+      clock_.set(next);
+      next = Step();
+      const std::uint64_t samples = engine_->stats().samples;
+      ASSERT_EQ(samples, seen + 1);  // every step lands on a sample time
+      seen = samples;
+      EXPECT_EQ(engine_->request_counters(token).total, Now() - t0);
+      if (samples > max_samples) ++thinned_checks;
+    }
+    EXPECT_GT(thinned_checks, 3);
+    LoopWaits();
+    Step();
+    engine_->drain();
+    engine_->end_request(token);
+  }
+}
+
+// The newest sample is what ends an OS-detected stall (the loop back in epoll_wait); thinning
+// triggered by that very sample must not drop it.
+TEST_F(EngineTest, ThinningKeepsTheIdleSampleThatEndsAnOsDetectedStall) {
+  for (std::size_t max_samples : {2u, 3u}) {
+    SCOPED_TRACE(max_samples);
+    WatchdogConfig config;
+    config.max_samples = max_samples;
+    config.hang_threshold = 0;
+    Make(config);
+    py_->token = engine_->begin_request();
+    const Nanos t0 = Now();
+    os_->loop_waiting = false;  // the OS notices; the pulse says nothing
+    Nanos next = Step();
+    while (engine_->stats().samples < max_samples) {
+      ASSERT_GT(next, Now());
+      ASSERT_LT(Now(), t0 + 1000 * kMs) << "no stall detected";
+      clock_.set(next);
+      next = Step();
+    }
+    ASSERT_EQ(engine_->stats().stalls, 1u);
+    os_->loop_waiting = true;
+    clock_.set(next);
+    const Nanos idle_at = Now();
+    next = Step();  // the idle sample overflows the buffer
+    EXPECT_EQ(engine_->stats().samples, max_samples + 1);
+    clock_.set(next);
+    Step();
+    const std::vector<Event> events = engine_->drain();
+    ASSERT_EQ(events.size(), 1u);
+    EXPECT_EQ(events[0].start, t0);
+    EXPECT_EQ(events[0].duration, idle_at - t0);
+    EXPECT_EQ(engine_->stats().samples, max_samples + 1);  // no sample after the idle one
+  }
+}
+
+// ---- Known engine bugs (disabled until fixed; see the notes) ---------------------------------
+
+// BUG (watchdog.cpp, step(): the pre-detection CPU reading is keyed on the pulse epoch only).
+// With a silent pulse (uvloop heartbeat off, or a selector loop that cannot report) the epoch does
+// not move between separate busy stretches the OS sees, so a stall takes the CPU reading of an
+// earlier stretch, seconds old. A single-sample, fully CPU-bound stall then gets the CPU share
+// (55 ms - 0) / 10.05 s instead of (55 ms - 5 ms) / 50 ms: cpu 0.28 ms instead of 52 ms.
+TEST_F(EngineTest, OsDetectedStallUsesItsOwnPreDetectionCpuReading) {
+  py_->token = engine_->begin_request();
+  os_->cpu = 0;
+  os_->loop_waiting = false;  // a short busy stretch the OS sees; the pulse says nothing
+  Step();
+  Advance(5 * kMs);
+  os_->cpu = 5 * kMs;
+  os_->loop_waiting = true;
+  Step();
+  Advance(10'000 * kMs);  // a long wait in the same epoch
+  const Nanos t1 = Now();
+  os_->loop_waiting = false;  // a CPU-bound block, again only the OS sees it
+  Step();
+  Advance(50 * kMs);
+  os_->cpu = 55 * kMs;
+  Step();  // the stall's only busy sample
+  Advance(2 * kMs);
+  os_->loop_waiting = true;
+  Step();  // idle sample
+  Step();  // ends the stall
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].start, t1);
+  EXPECT_EQ(events[0].samples, 1u);
+  EXPECT_EQ(events[0].duration, 52 * kMs);
+  EXPECT_EQ(events[0].cpu, 52 * kMs);  // actual: 284435 ns
+}
+
+// BUG (watchdog.cpp, step() vs report_hang()): with hang_threshold > 0 but hang_fd < 0,
+// report_hang() returns before it sets stall_.hang, so step() keeps returning
+// stall_.start + hang_threshold, a time in the past once the stall is older than that: the
+// watchdog thread's wait becomes 0 and it spins at 100% CPU until the stall ends.
+TEST_F(EngineTest, HangThresholdWithoutFdDoesNotSpin) {
+  WatchdogConfig config;
+  config.hang_threshold = 100 * kMs;
+  config.hang_fd = -1;
+  Make(config);
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  for (int i = 0; i < 5; ++i) {
+    Advance(10 * kMs);
+    Step();
+  }
+  Advance(1 * kMs);          // 101 ms into the stall, between two samples
+  EXPECT_GT(Step(), Now());  // actual: start + 100 ms
 }
 
 }  // namespace

@@ -29,6 +29,7 @@ struct Sample {
   Kind kind = Kind::kUnknown;
   bool has_stack = false;         // false: the GIL could not be had in time, or stacks are off
   bool found = true;              // false: the sampled thread runs no Python (anymore)
+  long thread = 0;                // kernel id of the sampled thread, 0 for the loop thread
   std::uint64_t token = 0;        // request token from the loop thread's Context, 0 = none
   std::vector<FrameInfo> frames;  // innermost first, depth bounded by the sampler
   int culprit = -1;               // index into frames of the innermost application frame

@@ -110,6 +110,12 @@ class StackSampler {
     (void)out;
     return false;
   }
+  // Waits up to `timeout` for a request that sample() gave up on to complete; true when a late
+  // sample is ready to take. Returns at once when nothing is pending.
+  virtual bool wait_late(Nanos timeout) {
+    (void)timeout;
+    return false;
+  }
   // Whether a futex address belongs to the GIL (learned by watching the sampler wait for it).
   virtual bool is_gil_futex(std::uint64_t address) const {
     (void)address;

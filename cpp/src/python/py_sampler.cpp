@@ -62,6 +62,13 @@ class PySampler final : public StackSampler {
     return true;
   }
 
+  bool wait_late(Nanos timeout) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait_for(lock, std::chrono::nanoseconds(timeout),
+                 [this] { return late_ready_ || state_ != State::kAbandoned; });
+    return late_ready_;
+  }
+
   bool is_gil_futex(std::uint64_t address) const override {
     if (address == 0) return false;
     for (const auto& known : gil_futexes_) {
@@ -188,6 +195,7 @@ class PySampler final : public StackSampler {
           late_ready_ = true;
         }
         state_ = State::kIdle;
+        cv_.notify_all();
       }
     }
     lock.unlock();
@@ -250,6 +258,7 @@ class PySampler final : public StackSampler {
 
   void capture(Sample& out, bool frames, long target) {
     out.found = false;
+    out.thread = target;
     PyThreadState* tstate = find_thread(target);
     if (tstate == nullptr) return;
     out.found = true;

@@ -1,0 +1,207 @@
+"""A FastAPI app for the detection-depth tests: split stalls, hangs, the GIL, saturation, and
+blocking in places other than an endpoint body. Lines marked ``# culprit:NAME`` are where the
+tests expect the blame to land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import BackgroundTasks, Depends, FastAPI
+from fastapi.responses import StreamingResponse
+
+from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+EVENTS: list[BlockingEvent] = []
+CATASTROPHIC = re.compile(r"(a+)+$")
+
+
+def burn(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:  # culprit:burn
+        pass
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if os.environ.get("LOOPGUARD_TEST_STARTUP_BLOCK") == "1":
+        time.sleep(0.2)  # culprit:startup
+    app.state.gate = asyncio.Event()
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
+app.add_middleware(
+    LoopGuardMiddleware,
+    config=LoopGuardConfig(
+        dev_mode=True,
+        on_blocking=EVENTS.append,
+        exclude_paths={"/_events", "/_stats", "/health"},
+    ),
+)
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}
+
+
+# -- one stall, three culprits ------------------------------------------------------------------
+
+
+@app.get("/split/sleep")
+async def split_sleep() -> dict[str, bool]:
+    await app.state.gate.wait()
+    time.sleep(0.15)  # culprit:split-sleep
+    return {"ok": True}
+
+
+@app.get("/split/cpu")
+async def split_cpu() -> dict[str, bool]:
+    await app.state.gate.wait()
+    burn(0.15)
+    return {"ok": True}
+
+
+async def _split_child() -> None:
+    await app.state.gate.wait()
+    time.sleep(0.15)  # culprit:split-child
+
+
+@app.get("/split/child")
+async def split_child() -> dict[str, bool]:
+    await asyncio.create_task(_split_child())
+    return {"ok": True}
+
+
+@app.post("/split/go")
+async def split_go() -> dict[str, bool]:
+    # Every waiter wakes in the same loop iteration: one stall holding three culprits.
+    app.state.gate.set()
+    app.state.gate = asyncio.Event()
+    return {"ok": True}
+
+
+# -- hangs and the GIL --------------------------------------------------------------------------
+
+
+@app.get("/hang")
+async def hang() -> dict[str, bool]:
+    time.sleep(2.5)  # culprit:hang
+    return {"ok": True}
+
+
+@app.get("/native")
+async def native(n: int = 25) -> dict[str, bool]:
+    # re holds the GIL for the whole match: nothing Python-level can sample it meanwhile.
+    matched = CATASTROPHIC.match("a" * n + "b")  # culprit:native
+    return {"matched": matched is not None}
+
+
+@app.get("/gil-holder")
+def gil_holder(n: int = 24) -> dict[str, bool]:
+    # A sync endpoint: runs in the threadpool, and holds the GIL in native code for a while.
+    matched = CATASTROPHIC.match("a" * n + "b")  # culprit:gil
+    return {"matched": matched is not None}
+
+
+@app.get("/ping")
+async def ping() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/saturate")
+async def saturate() -> dict[str, bool]:
+    burn(0.001)
+    return {"ok": True}
+
+
+# -- other contexts -----------------------------------------------------------------------------
+
+
+def _background_job() -> None:
+    time.sleep(0.12)  # culprit:background
+
+
+async def _async_background_job() -> None:
+    time.sleep(0.12)  # culprit:async-background
+
+
+@app.get("/background")
+async def background(tasks: BackgroundTasks) -> dict[str, bool]:
+    tasks.add_task(_async_background_job)
+    return {"ok": True}
+
+
+@app.get("/background-sync")
+async def background_sync(tasks: BackgroundTasks) -> dict[str, bool]:
+    # A sync background task runs in the threadpool: it never blocks the loop itself.
+    tasks.add_task(_background_job)
+    return {"ok": True}
+
+
+def _body() -> Iterator[bytes]:
+    yield b"head,"
+    time.sleep(0.12)  # culprit:stream
+    yield b"tail"
+
+
+@app.get("/stream")
+async def stream() -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in _body():
+            yield chunk
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+async def blocking_dependency() -> int:
+    time.sleep(0.12)  # culprit:dependency
+    return 1
+
+
+@app.get("/dependency")
+async def dependency(value: int = Depends(blocking_dependency)) -> dict[str, int]:
+    return {"value": value}
+
+
+def _callback() -> None:
+    time.sleep(0.12)  # culprit:callback
+
+
+@app.get("/callback")
+async def callback() -> dict[str, bool]:
+    # Scheduled in an empty Context: the block belongs to no request, but its line is known.
+    asyncio.get_running_loop().call_soon(_callback, context=contextvars.Context())
+    await asyncio.sleep(0.3)
+    return {"ok": True}
+
+
+# -- test plumbing ------------------------------------------------------------------------------
+
+
+@app.get("/_events")
+async def events() -> list[dict[str, Any]]:
+    return [dataclasses.asdict(e) for e in EVENTS]
+
+
+@app.delete("/_events")
+async def clear_events() -> dict[str, bool]:
+    EVENTS.clear()
+    return {"ok": True}
+
+
+@app.get("/_stats")
+async def stats() -> dict[str, Any]:
+    stack: Any = app.middleware_stack
+    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
+        stack = getattr(stack, "app", None)
+    return stack.guard.stats() if stack is not None else {}
