@@ -142,7 +142,8 @@ TEST(LagHistogram, NegativeRecordedAsZero) {
 // (within the 1/16 resolution), counts never decrease, and the last element is the total.
 TEST(LagHistogram, CumulativeAtBounds) {
   LagHistogram h;
-  for (Nanos v : {500 * kUs, 2 * kMs, 3 * kMs, 40 * kMs, 40 * kMs, 900 * kMs, 20 * kSec}) h.record(v);
+  for (Nanos v : {500 * kUs, 2 * kMs, 3 * kMs, 40 * kMs, 40 * kMs, 900 * kMs, 20 * kSec})
+    h.record(v);
   const std::vector<Nanos> bounds{1 * kMs, 5 * kMs, 50 * kMs, 1 * kSec, 10 * kSec};
   const std::vector<std::uint64_t> got = h.cumulative(bounds);
   EXPECT_EQ(got, (std::vector<std::uint64_t>{1, 3, 5, 6, 6, 7}));

@@ -126,7 +126,9 @@ def _threshold_ms(config: pytest.Config) -> float:
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise pytest.UsageError(f"{INI_THRESHOLD} must be a number of milliseconds, got {raw!r}")
+        raise pytest.UsageError(
+            f"{INI_THRESHOLD} must be a number of milliseconds, got {raw!r}"
+        ) from None
     if not 1 <= value <= 3_600_000:
         raise pytest.UsageError(f"{INI_THRESHOLD} must be in [1, 3.6e+06], got {raw!r}")
     return value
