@@ -230,6 +230,11 @@ def gunicorn_app(loop_name: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", process, log, 30)
+        # One worker answering is not both: wait until each has started its app.
+        deadline = time.monotonic() + 30
+        while log.read_text(errors="replace").count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
         yield f"http://127.0.0.1:{port}", log
     finally:
         _stop(process)
@@ -301,8 +306,14 @@ def test_gunicorn_workers_scraped_by_real_prometheus(
 
         return list(await asyncio.gather(*(one(i) for i in range(BLOCKING_REQUESTS))))
 
-    pids = asyncio.run(traffic())
+    # The kernel decides which worker accepts; another round if one got everything (bounded).
+    pids: list[int] = []
+    for _ in range(3):
+        pids += asyncio.run(traffic())
+        if len(set(pids)) == 2:
+            break
     assert len(set(pids)) == 2, f"both workers should have served blocking requests: {pids}"
+    sent = len(pids)
 
     binary, prom_url, prom_port = prometheus_server
     target = app_url.removeprefix("http://")
@@ -315,10 +326,10 @@ def test_gunicorn_workers_scraped_by_real_prometheus(
                 prom_url, 'sum(loopguard_blocking_events_total{route="/items/{item_id}"})'
             )
             per_worker = _query(prom_url, "loopguard_threshold_seconds")
-            if total and float(total[0]["value"][1]) == BLOCKING_REQUESTS and len(per_worker) == 2:
+            if total and float(total[0]["value"][1]) == sent and len(per_worker) == 2:
                 break
             time.sleep(0.5)
-        assert total and float(total[0]["value"][1]) == BLOCKING_REQUESTS, (
+        assert total and float(total[0]["value"][1]) == sent, (
             total,
             prom_log.read_text(errors="replace")[-3000:],
             app_log.read_text(errors="replace")[-3000:],
@@ -335,7 +346,7 @@ def test_gunicorn_workers_scraped_by_real_prometheus(
         durations = _query(
             prom_url, 'sum(loopguard_blocking_duration_seconds_count{route="/items/{item_id}"})'
         )
-        assert float(durations[0]["value"][1]) == BLOCKING_REQUESTS
+        assert float(durations[0]["value"][1]) == sent
         up = _query(prom_url, 'up{job="app"}')
         assert float(up[0]["value"][1]) == 1
     finally:
