@@ -36,8 +36,10 @@ PIP := $(PY) -m pip
 CPPTEST_DIR := build/cpptest
 
 # Debian packages: compiler + cmake + GoogleTest for the C++ tests; headers and venv support
-# for the system python3 (only needed when it is Debian's own; harmless otherwise).
-SYSTEM_PKGS := g++ cmake libgtest-dev python3-dev python3-venv
+# for the system python3 (only needed when it is Debian's own; harmless otherwise); and the
+# Prometheus server, which the integration tests start themselves (never as a service) to scrape
+# gunicorn workers.
+SYSTEM_PKGS := g++ cmake libgtest-dev python3-dev python3-venv prometheus
 LINT_PKGS := clang-format
 
 # Python dirs to lint; $(wildcard) drops ones that do not exist (yet), which ruff would report

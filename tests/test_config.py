@@ -32,6 +32,12 @@ SEED_DEFAULTS: dict[str, Any] = {
 # Options this package adds beyond the seed's tables.
 ADDED_DEFAULTS: dict[str, Any] = {
     "hang_threshold_ms": 1000,
+    "prometheus_registry": None,
+    "metrics_path": "/metrics",
+    "log_format": "text",
+    "log_rate_limit_per_minute": 10,
+    "enforcement_mode": "log",
+    "otel_enabled": False,
 }
 
 
@@ -59,12 +65,41 @@ def test_seed_examples_construct() -> None:
     LoopGuardConfig(threshold_multiplier=8)
 
 
-def test_prometheus_enabled_is_not_silent() -> None:
-    with pytest.warns(UserWarning, match="Prometheus export is not implemented"):
-        LoopGuardConfig(dev_mode=True, prometheus_enabled=True)
+def test_prometheus_enabled_constructs_without_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = LoopGuardConfig(dev_mode=True, prometheus_enabled=True)
+    assert config.prometheus_enabled is True
 
 
-BOOLS = ["enabled", "dev_mode", "log_blocking_events", "adaptive_threshold", "capture_stacks"]
+def test_new_options_accept_their_values() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    config = LoopGuardConfig(
+        prometheus_registry=registry,
+        metrics_path=None,
+        log_format="json",
+        log_rate_limit_per_minute=0,
+        enforcement_mode="strict",
+        otel_enabled=True,
+    )
+    assert config.prometheus_registry is registry
+    assert config.metrics_path is None
+    for mode in ("log", "warn", "strict"):
+        assert LoopGuardConfig(enforcement_mode=mode).enforcement_mode == mode
+
+
+BOOLS = [
+    "enabled",
+    "dev_mode",
+    "log_blocking_events",
+    "adaptive_threshold",
+    "capture_stacks",
+    "otel_enabled",
+]
 
 # option -> (values that must be refused, text the message must contain)
 BAD: dict[str, tuple[list[Any], str]] = {
@@ -79,6 +114,11 @@ BAD: dict[str, tuple[list[Any], str]] = {
     "hang_threshold_ms": ([-1, 3_600_001, "1s", None], "[0, 3.6e+06]"),
     "exclude_paths": (["/health", {"health"}, {1}, 5, None], "paths starting with '/'"),
     "on_blocking": ([5, "print"], "callable"),
+    "prometheus_registry": (["REGISTRY", 5, object()], "CollectorRegistry or None"),
+    "metrics_path": (["metrics", "", 5, b"/metrics"], "path starting with '/' or None"),
+    "log_format": (["JSON", "xml", None, 1], "'text', 'json'"),
+    "log_rate_limit_per_minute": ([-1, 1.5, 100_001, "10", None], "[0, 100000]"),
+    "enforcement_mode": (["STRICT", "block", None, True, ["log"]], "'log', 'warn', 'strict'"),
 }
 
 

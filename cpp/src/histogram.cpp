@@ -48,4 +48,18 @@ Nanos LagHistogram::percentile(double q) const noexcept {
   return max();
 }
 
+std::vector<std::uint64_t> LagHistogram::cumulative(const std::vector<Nanos>& bounds) const {
+  std::vector<std::uint64_t> out(bounds.size() + 1, 0);
+  std::uint64_t seen = 0;
+  std::size_t next = 0;
+  for (int i = 0; i < kBuckets; ++i) {
+    // Bucket i holds values up to upper_edge(i) - 1: close every bound it would cross.
+    while (next < bounds.size() && upper_edge(i) - 1 > bounds[next]) out[next++] = seen;
+    seen += buckets_[static_cast<std::size_t>(i)].load(std::memory_order_relaxed);
+  }
+  while (next < bounds.size()) out[next++] = seen;
+  out.back() = seen;
+  return out;
+}
+
 }  // namespace loopguard

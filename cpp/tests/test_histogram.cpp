@@ -138,5 +138,24 @@ TEST(LagHistogram, NegativeRecordedAsZero) {
   EXPECT_EQ(h.percentile(0.5), 0);
 }
 
+// Exporters read counts at their own bounds: each value counts at the first bound at or above it
+// (within the 1/16 resolution), counts never decrease, and the last element is the total.
+TEST(LagHistogram, CumulativeAtBounds) {
+  LagHistogram h;
+  for (Nanos v : {500 * kUs, 2 * kMs, 3 * kMs, 40 * kMs, 40 * kMs, 900 * kMs, 20 * kSec})
+    h.record(v);
+  const std::vector<Nanos> bounds{1 * kMs, 5 * kMs, 50 * kMs, 1 * kSec, 10 * kSec};
+  const std::vector<std::uint64_t> got = h.cumulative(bounds);
+  EXPECT_EQ(got, (std::vector<std::uint64_t>{1, 3, 5, 6, 6, 7}));
+  EXPECT_EQ(got.back(), h.count());
+  EXPECT_EQ(h.cumulative({}), (std::vector<std::uint64_t>{7}));
+  // A value just below a bound, but in the bucket that straddles it, counts at the next bound.
+  LagHistogram edge;
+  edge.record(1 * kMs - 1);
+  const std::vector<std::uint64_t> at_edge = edge.cumulative({1 * kMs, 2 * kMs});
+  EXPECT_EQ(at_edge.back(), 1u);
+  EXPECT_EQ(at_edge[1], 1u);
+}
+
 }  // namespace
 }  // namespace loopguard

@@ -113,5 +113,7 @@ NB_MODULE(_core, m) {
       .def("threshold_ns", &PyEngine::threshold)
       .def("now_ns", &PyEngine::now)
       .def("stats", &PyEngine::stats)
+      .def("lag_cumulative", &PyEngine::lag_cumulative)
+      .def("lag_sum_ns", &PyEngine::lag_sum)
       .def_prop_ro("alive", &PyEngine::alive);
 }

@@ -7,7 +7,6 @@ so a typo fails on deploy rather than silently switching monitoring off.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,8 @@ if TYPE_CHECKING:
     from .events import BlockingEvent
 
 DEFAULT_EXCLUDE_PATHS: frozenset[str] = frozenset({"/health", "/healthz", "/ready", "/metrics"})
+LOG_FORMATS = ("text", "json")
+ENFORCEMENT_MODES = ("log", "warn", "strict")
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -56,6 +57,14 @@ class LoopGuardConfig:
     on_blocking: Callable[[BlockingEvent], Any] | None = None
     capture_stacks: bool = True
     hang_threshold_ms: float = 1000
+    # None: prometheus_client's global REGISTRY.
+    prometheus_registry: Any = None
+    metrics_path: str | None = "/metrics"
+    log_format: str = "text"
+    # Log records per culprit (file + function) per minute; the rest are counted, not logged.
+    log_rate_limit_per_minute: int = 10
+    enforcement_mode: str = "log"
+    otel_enabled: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,6 +74,7 @@ class LoopGuardConfig:
             "prometheus_enabled",
             "adaptive_threshold",
             "capture_stacks",
+            "otel_enabled",
         ):
             _check_bool(name, getattr(self, name))
         _check_number("monitor_interval_ms", self.monitor_interval_ms, 1, 1000)
@@ -91,13 +101,30 @@ class LoopGuardConfig:
         if self.on_blocking is not None and not callable(self.on_blocking):
             raise ValueError(f"on_blocking must be a callable or None, got {self.on_blocking!r}")
         object.__setattr__(self, "exclude_paths", _paths("exclude_paths", self.exclude_paths))
-        if self.prometheus_enabled:
-            warnings.warn(
-                "LoopGuardConfig(prometheus_enabled=True): Prometheus export is not implemented "
-                "in this version of fastapi-loopguard yet; no metrics will be exposed.",
-                UserWarning,
-                stacklevel=3,
+        if self.prometheus_registry is not None and not callable(
+            getattr(self.prometheus_registry, "register", None)
+        ):
+            raise ValueError(
+                "prometheus_registry must be a prometheus_client CollectorRegistry or None, "
+                f"got {self.prometheus_registry!r}"
             )
+        if self.metrics_path is not None and (
+            not isinstance(self.metrics_path, str) or not self.metrics_path.startswith("/")
+        ):
+            raise ValueError(
+                f"metrics_path must be a path starting with '/' or None, got {self.metrics_path!r}"
+            )
+        _check_choice("log_format", self.log_format, LOG_FORMATS)
+        _check_number(
+            "log_rate_limit_per_minute", self.log_rate_limit_per_minute, 0, 100_000, integer=True
+        )
+        _check_choice("enforcement_mode", self.enforcement_mode, ENFORCEMENT_MODES)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices or not isinstance(value, str):
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _paths(name: str, value: object) -> frozenset[str]:

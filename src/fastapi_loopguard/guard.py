@@ -33,6 +33,7 @@ from ._native import _core
 from ._text import escape
 from .config import LoopGuardConfig
 from .events import BlockingEvent, Frame
+from .exporters.base import Exporter
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -51,6 +52,11 @@ class RequestInfo:
     method: str | None
     path: str | None
     scope: dict[str, Any] | None = field(default=None, repr=False)
+    # The request's trace span, taken at its start by the OpenTelemetry exporter: its events are
+    # delivered after the stall, when that span is no longer current (or has ended).
+    trace_span: Any = field(default=None, repr=False)
+    # Events drained while the request was in flight (strict/warn modes show their culprits).
+    events: list[BlockingEvent] | None = field(default=None, repr=False)
 
     @property
     def route(self) -> str | None:
@@ -105,6 +111,8 @@ class LoopGuard:
         self._gc_callback: Callable[[str, dict[str, int]], None] | None = None
         self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
+        self.exporters: list[Exporter] = _build_exporters(self)
+        self._request_exporters = [e for e in self.exporters if e.wants_requests]
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -169,6 +177,11 @@ class LoopGuard:
                 loop.remove_reader(engine.notify_fd())
         engine.stop()
         self._drain()
+        for exporter in self.exporters:
+            try:
+                exporter.flush()
+            except Exception:
+                logger.exception("fastapi_loopguard: flushing exporter %r failed", exporter)
         self._engine = None
         self._loop = None
         _live_guards.discard(self)
@@ -221,6 +234,11 @@ class LoopGuard:
         token = engine.begin_request(f"{label} request_id={escape(request_id, 128)}")
         info = RequestInfo(token, request_id, method, path, scope)
         self._requests[token] = info
+        for exporter in self._request_exporters:
+            try:
+                exporter.request_started(info)
+            except Exception:
+                logger.exception("fastapi_loopguard: exporter %r failed on a request", exporter)
         if self._heartbeat_mode and self._heartbeat is None:
             self._beat()
         return info, self._request_var.set(token)
@@ -257,6 +275,26 @@ class LoopGuard:
         counters = self._engine.request_counters(info.token)
         return counters.count, counters.total_ns / _NS_PER_MS
 
+    def events_of(self, info: RequestInfo) -> list[BlockingEvent]:
+        """The events of this request drained so far while it was in flight."""
+        return list(info.events or ())
+
+    async def wait_for_events(
+        self, info: RequestInfo, count: int, timeout: float
+    ) -> list[BlockingEvent]:
+        """Waits (bounded) until ``count`` events of this request have been delivered.
+
+        The live counters learn of a block during the stall, but its event is handed over only
+        after the watchdog has seen the loop come back, one tick later at most. Code that must
+        name the culprit at response start (strict and warn modes) waits here for it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self._drain()
+            if len(info.events or ()) >= count or time.monotonic() >= deadline:
+                return list(info.events or ())
+            await asyncio.sleep(self.config.monitor_interval_ms / 1000)
+
     def stats(self) -> dict[str, float | int]:
         """Loop-lag percentiles, threshold, and event counters, from the engine."""
         if self._engine is None:
@@ -284,7 +322,20 @@ class LoopGuard:
             "sample_pause_p99_us": s.pause_p99_ns / 1000,
             "sample_pause_max_us": s.pause_max_ns / 1000,
             "inflight": s.inflight,
+            "hangs": s.hangs,
         }
+
+    def lag_histogram(self, bounds_s: list[float]) -> tuple[list[int], float]:
+        """Loop-lag counts at ``bounds_s`` (cumulative, the total last) and their sum, in seconds.
+
+        Exporters with their own bucket bounds (Prometheus) read this; the engine keeps a finer
+        log-linear histogram, so a value within 1/16 below a bound may count at the next one.
+        """
+        engine = self._engine
+        if engine is None:
+            return [0] * (len(bounds_s) + 1), 0.0
+        counts = engine.lag_cumulative([int(b * 1e9) for b in bounds_s])
+        return list(counts), engine.lag_sum_ns() / 1e9
 
     # -- pulse and delivery ---------------------------------------------------------------------
 
@@ -314,12 +365,20 @@ class LoopGuard:
             return
         for raw in raw_events:
             try:
-                self._dispatch(self._convert(raw, now_ns, wall))
+                inflight = self._requests.get(raw.token)
+                info = inflight or self._recent.get(raw.token)
+                event = self._convert(raw, info, now_ns, wall)
+                if inflight is not None:
+                    if inflight.events is None:
+                        inflight.events = []
+                    inflight.events.append(event)
+                self._dispatch(event, info)
             except Exception:
                 logger.exception("fastapi_loopguard: handling a blocking event failed")
 
-    def _convert(self, raw: Any, now_ns: int, wall: float) -> BlockingEvent:
-        info = self._requests.get(raw.token) or self._recent.get(raw.token)
+    def _convert(
+        self, raw: Any, info: RequestInfo | None, now_ns: int, wall: float
+    ) -> BlockingEvent:
         frames = [Frame(f.filename, f.line, f.function) for f in raw.stack]
         culprit = frames[raw.culprit] if 0 <= raw.culprit < len(frames) else None
         return BlockingEvent(
@@ -339,10 +398,13 @@ class LoopGuard:
             hang=raw.hang,
         )
 
-    def _dispatch(self, event: BlockingEvent) -> None:
+    def _dispatch(self, event: BlockingEvent, info: RequestInfo | None) -> None:
         self.events.append(event)
-        if self.config.log_blocking_events:
-            logger.warning(format_event(event))
+        for exporter in self.exporters:
+            try:
+                exporter.export(event, info)
+            except Exception:
+                logger.exception("fastapi_loopguard: exporter %r raised", exporter)
         for listener in self._listeners:
             try:
                 listener(event)
@@ -380,6 +442,25 @@ def format_event(event: BlockingEvent) -> str:
     if event.request_id is not None and event.method is not None:
         details.append(f"request_id={escape(event.request_id)}")
     return f"{head} [{' '.join(details)}]"
+
+
+def _build_exporters(guard: LoopGuard) -> list[Exporter]:
+    """The exporters the config asks for; each optional dependency is imported only if asked."""
+    cfg = guard.config
+    exporters: list[Exporter] = []
+    if cfg.log_blocking_events:
+        from .exporters.logging import LoggingExporter
+
+        exporters.append(LoggingExporter(cfg.log_format, cfg.log_rate_limit_per_minute))
+    if cfg.prometheus_enabled:
+        from .exporters.prometheus import PrometheusExporter
+
+        exporters.append(PrometheusExporter(guard, cfg.prometheus_registry))
+    if cfg.otel_enabled:
+        from .exporters.otel import OTelExporter
+
+        exporters.append(OTelExporter(guard))
+    return exporters
 
 
 def _gc_tracker(engine: Any) -> Callable[[str, dict[str, int]], None]:

@@ -1,16 +1,19 @@
 """LoopGuardMiddleware: a pure ASGI middleware (no BaseHTTPMiddleware, no extra task per request).
 
 Per request it does three cheap things: tags the request's Context with a token the native
-watchdog can read, adds dev-mode headers at ``http.response.start``, and removes the tag at the
-end. Every guard call is failsafe: if the guard breaks, the request is served without it.
+watchdog can read, adds dev-mode headers at ``http.response.start`` (and, in warn or strict
+mode, names the culprit or replaces the response), and removes the tag at the end. Every guard
+call is failsafe: if the guard breaks, the request is served without it. With Prometheus on, it
+also answers ``metrics_path`` itself.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import enforcement
 from ._text import valid_request_id
 from .config import LoopGuardConfig
 from .guard import LoopGuard, RequestInfo, new_request_id
@@ -20,6 +23,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+if TYPE_CHECKING:
+    from .exporters.prometheus import PrometheusExporter
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -41,6 +47,15 @@ class LoopGuardMiddleware:
         self.config = config if config is not None else LoopGuardConfig()
         self.guard = LoopGuard(self.config)
         self._warned = False
+        self._prometheus: PrometheusExporter | None = None
+        if self.config.prometheus_enabled:
+            from .exporters.prometheus import PrometheusExporter
+
+            self._prometheus = next(
+                e for e in self.guard.exporters if isinstance(e, PrometheusExporter)
+            )
+        self._metrics_path = self.config.metrics_path if self._prometheus is not None else None
+        self._headers = self.config.dev_mode or self.config.enforcement_mode != "log"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -48,6 +63,8 @@ class LoopGuardMiddleware:
             await self.app(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
+        elif kind == "http" and scope.get("path") == self._metrics_path:
+            await self._serve_metrics(scope, send)
         elif kind in ("http", "websocket") and scope.get("path") not in self.config.exclude_paths:
             await self._tracked(scope, receive, send)
         else:
@@ -70,8 +87,8 @@ class LoopGuardMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            if self.config.dev_mode and scope["type"] == "http":
-                await self.app(scope, receive, self._dev_send(info, send))
+            if self._headers and scope["type"] == "http":
+                await self.app(scope, receive, self._checked_send(scope, info, send))
             else:
                 await self.app(scope, receive, send)
         finally:
@@ -80,16 +97,49 @@ class LoopGuardMiddleware:
             except Exception:
                 self._failed("finishing a request")
 
-    def _dev_send(self, info: RequestInfo, send: Send) -> Send:
-        async def send_with_headers(message: Message) -> None:
+    def _checked_send(self, scope: Scope, info: RequestInfo, send: Send) -> Send:
+        replaced = False
+
+        async def checked_send(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # strict mode answered already: the app's own response goes nowhere
             if message["type"] == "http.response.start":
+                body = None
                 try:
+                    replacement = await self._enforce(scope, info)
+                    if replacement is not None:
+                        message, body = replacement
                     message = self._with_headers(message, info)
                 except Exception:
-                    self._failed("adding dev-mode headers")
+                    self._failed("checking the response start")
+                if body is not None:
+                    replaced = True
+                    await send(message)
+                    await send({"type": "http.response.body", "body": body})
+                    return
             await send(message)
 
-        return send_with_headers
+        return checked_send
+
+    async def _enforce(self, scope: Scope, info: RequestInfo) -> tuple[Message, bytes] | None:
+        """In warn/strict mode, for a request that blocked: the warning, or the 503 to send."""
+        mode = self.config.enforcement_mode
+        if mode == "log":
+            return None
+        count, total_ms = self.guard.blocking_of(info)
+        if not count:
+            return None
+        # Bounded: the watchdog hands the event over one tick after the loop came back.
+        timeout = max(0.5, 10 * self.config.monitor_interval_ms / 1000)
+        events = await self.guard.wait_for_events(info, count, timeout)
+        if mode == "warn":
+            logger.warning(enforcement.warning_text(info, events, count, total_ms))
+            return None
+        accept = _header(scope, b"accept") or ""
+        content_type, body = enforcement.teaching_response(info, events, count, total_ms, accept)
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        return {"type": "http.response.start", "status": 503, "headers": headers}, body
 
     def _with_headers(self, message: Message, info: RequestInfo) -> Message:
         # Read now, not from drained events: the block this request caused usually ended in this
@@ -103,6 +153,13 @@ class LoopGuardMiddleware:
             (b"x-blocking-detected", b"true" if count else b"false"),
         ]
         return {**message, "headers": headers}
+
+    async def _serve_metrics(self, scope: Scope, send: Send) -> None:
+        assert self._prometheus is not None
+        body, content_type = self._prometheus.render(_header(scope, b"accept"))
+        headers = [(b"content-type", content_type.encode("latin-1"))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_and_start() -> Message:
@@ -123,6 +180,13 @@ class LoopGuardMiddleware:
                     self._failed("stopping the engine")
 
         await self.app(scope, receive_and_start, send_and_stop)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def dict_scope(scope: Scope) -> dict[str, Any] | None:

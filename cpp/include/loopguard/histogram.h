@@ -7,6 +7,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "loopguard/clock.h"
 
@@ -27,6 +28,10 @@ class LagHistogram {
   std::uint64_t count() const noexcept { return count_.load(std::memory_order_relaxed); }
   Nanos max() const noexcept { return max_.load(std::memory_order_relaxed); }
   Nanos sum() const noexcept { return sum_.load(std::memory_order_relaxed); }
+  // For exporters whose histograms have their own bounds (Prometheus): for each bound (ascending),
+  // how many recorded values lie in buckets wholly at or below it, then the total as the last
+  // element. A value within 1/16 below a bound may be counted at the next bound instead.
+  std::vector<std::uint64_t> cumulative(const std::vector<Nanos>& bounds) const;
 
   static int bucket_of(Nanos value) noexcept;
   static Nanos upper_edge(int bucket) noexcept;

@@ -197,6 +197,7 @@ class Engine {
   int notify_fd() const noexcept { return notify_read_; }
   Nanos threshold() const noexcept { return threshold_.current(); }
   EngineStats stats() const;
+  const LagHistogram& lag_histogram() const noexcept { return lag_; }
   const Clock& clock() const noexcept { return *clock_; }
 
   // One watchdog decision at time `now`; returns when it wants to run next. The watchdog thread

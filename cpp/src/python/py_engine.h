@@ -66,6 +66,10 @@ class PyEngine {
   Nanos threshold() { return engine().threshold(); }
   Nanos now() { return engine().clock().now(); }
   EngineStats stats() { return engine().stats(); }
+  std::vector<std::uint64_t> lag_cumulative(const std::vector<Nanos>& bounds) {
+    return engine().lag_histogram().cumulative(bounds);
+  }
+  Nanos lag_sum() { return engine().lag_histogram().sum(); }
   bool alive() const noexcept { return engine_ != nullptr; }
 
  private:

@@ -1,0 +1,151 @@
+"""Warn and strict modes: telling the developer, at the request itself, which line blocked.
+
+``warn`` logs one prominent record per guilty request naming the culprit line and the fix.
+``strict`` (development and CI) replaces the guilty request's response with a 503 page that
+teaches the fix: HTML for browsers, JSON for everything else. Everything shown is escaped: the
+path comes from the client.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import TYPE_CHECKING, Any
+
+from ._text import escape
+
+if TYPE_CHECKING:
+    from .events import BlockingEvent
+    from .guard import RequestInfo
+
+FIXES: dict[str, str] = {
+    "sleep": "Replace time.sleep(...) with `await asyncio.sleep(...)`.",
+    "io": (
+        "Use an async client (httpx.AsyncClient, aiofiles, an async database driver), or run "
+        "the blocking call in a thread: `await asyncio.to_thread(fn, ...)`."
+    ),
+    "cpu": (
+        "Move the computation off the loop: `await run_in_threadpool(fn, ...)` (Starlette) or "
+        "`await asyncio.to_thread(fn, ...)`; long pure-Python work belongs in a process pool."
+    ),
+    "lock": (
+        "Use asyncio.Lock (or asyncio.Event/Queue) instead of a threading primitive, or wait "
+        "for it in a thread: `await asyncio.to_thread(lock.acquire)`."
+    ),
+    "gil": (
+        "Another thread held the GIL: move its CPU-heavy work to a process pool "
+        "(loop.run_in_executor with a ProcessPoolExecutor)."
+    ),
+    "native": (
+        "A native extension held the loop: call it with `await asyncio.to_thread(fn, ...)` "
+        "(most release the GIL there)."
+    ),
+    "gc": (
+        "Garbage collection paused the loop: allocate less per request, or call gc.freeze() "
+        "after start-up so long-lived objects are not scanned again."
+    ),
+    "starved": (
+        "The loop thread was waiting for a CPU: the machine or container is overloaded "
+        "(too many workers or threads for its cores)."
+    ),
+    "unknown": "Run the blocking call in a thread: `await asyncio.to_thread(fn, ...)`.",
+}
+PENDING = "culprit pending (the event was not delivered in time; see the log)"
+
+
+def fix_for(kind: str) -> str:
+    return FIXES.get(kind, FIXES["unknown"])
+
+
+def _culprit(event: BlockingEvent) -> str:
+    if event.culprit is not None:
+        return escape(str(event.culprit), 400)
+    return "<stack unavailable>"
+
+
+def _blocks(events: list[BlockingEvent]) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": e.kind,
+            "duration_ms": round(e.duration_ms, 2),
+            "culprit": _culprit(e),
+            "fix": fix_for(e.kind),
+        }
+        for e in events
+    ]
+
+
+def warning_text(
+    info: RequestInfo, events: list[BlockingEvent], count: int, total_ms: float
+) -> str:
+    """One prominent log record for a guilty request: every culprit line and its fix."""
+    what = f"{escape(info.method or '?')} {escape(info.path or '?')}"
+    lines = [
+        f"!!! LOOPGUARD: {what} blocked the event loop {count} time(s), {total_ms:.1f} ms in "
+        f"total (request_id={escape(info.request_id)})"
+    ]
+    for block in _blocks(events):
+        lines.append(
+            f"!!!   {block['duration_ms']:.1f} ms {block['kind']} at {block['culprit']}"
+            f" -- fix: {block['fix']}"
+        )
+    if len(events) < count:
+        lines.append(f"!!!   {PENDING}")
+    # One record on one line: a log shipper must not split it, and no part is raw.
+    return " | ".join(lines)
+
+
+def teaching_response(
+    info: RequestInfo,
+    events: list[BlockingEvent],
+    count: int,
+    total_ms: float,
+    accept: str,
+) -> tuple[bytes, bytes]:
+    """The strict-mode 503: (content type, body)."""
+    blocks = _blocks(events)
+    pending = len(events) < count
+    if "text/html" in accept:
+        return b"text/html; charset=utf-8", _html(info, blocks, count, total_ms, pending)
+    document = {
+        "error": "event_loop_blocked",
+        "detail": (
+            "This request's own code blocked the event loop before its response started; "
+            "loopguard strict mode replaced the response."
+        ),
+        "request_id": info.request_id,
+        "method": escape(info.method or "?"),
+        "path": escape(info.path or "?"),
+        "count": count,
+        "total_ms": round(total_ms, 2),
+        "blocks": blocks,
+    }
+    if pending:
+        document["pending"] = PENDING
+    return b"application/json", json.dumps(document, ensure_ascii=True).encode("ascii")
+
+
+def _html(
+    info: RequestInfo, blocks: list[dict[str, Any]], count: int, total_ms: float, pending: bool
+) -> bytes:
+    e = html.escape
+    items = "".join(
+        f"<li><p><strong>{e(b['kind'])}</strong>, {b['duration_ms']:.1f} ms at "
+        f"<code>{e(b['culprit'])}</code></p><p>How to fix: {e(b['fix'])}</p></li>"
+        for b in blocks
+    )
+    if pending:
+        items += f"<li><p>{e(PENDING)}</p></li>"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>503 - event loop blocked</title>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto;line-height:1.4}}
+code{{background:#f3f3f3;padding:0 .2em}}li{{margin-bottom:1em}}</style></head>
+<body><h1>This request blocked the event loop</h1>
+<p><code>{e(escape(info.method or "?"))} {e(escape(info.path or "?"))}</code> ran blocking code
+on the event loop {count} time(s), {total_ms:.1f} ms in total, before its response started.
+While it did, every other request served by this process was frozen.</p>
+<ol>{items}</ol>
+<p>fastapi-loopguard is in <code>enforcement_mode="strict"</code>, which replaces such responses
+with this page. Request id: <code>{e(info.request_id)}</code>.</p></body></html>
+"""
+    return page.encode("utf-8")

@@ -1,0 +1,127 @@
+"""A FastAPI app for the integration tests, configured through environment variables.
+
+``LOOPGUARD_TEST_OPTIONS`` holds LoopGuardConfig keyword arguments as JSON (so each test starts
+the same app under uvicorn or gunicorn with the options it exercises). ``LOOPGUARD_TEST_OTEL=1``
+sets up the OpenTelemetry SDK with in-memory exporters and wraps the app in the ASGI
+instrumentation, so a real request span exists; ``/_otel`` then serves what was recorded.
+``LOOPGUARD_TEST_OTEL_BROKEN=1`` adds a span processor that raises, to prove the hooks failsafe.
+
+Lines marked ``# culprit:NAME`` are where the tests expect the blame to land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+EVENTS: list[BlockingEvent] = []
+OPTIONS: dict[str, Any] = json.loads(os.environ.get("LOOPGUARD_TEST_OPTIONS", "{}"))
+
+fastapi_app = FastAPI()
+fastapi_app.add_middleware(
+    LoopGuardMiddleware,
+    config=LoopGuardConfig(
+        on_blocking=EVENTS.append, exclude_paths={"/_events", "/_otel", "/health"}, **OPTIONS
+    ),
+)
+
+
+@fastapi_app.get("/health")
+async def health() -> dict[str, int]:
+    return {"pid": os.getpid()}
+
+
+@fastapi_app.get("/innocent")
+async def innocent() -> dict[str, int]:
+    await asyncio.sleep(0.5)
+    return {"pid": os.getpid()}
+
+
+@fastapi_app.get("/sleep/{ms}")
+async def sleep(ms: int) -> dict[str, int]:
+    time.sleep(ms / 1000)  # culprit:sleep
+    return {"slept": ms, "pid": os.getpid()}
+
+
+@fastapi_app.get("/items/{item_id}")
+async def item(item_id: int) -> dict[str, int]:
+    time.sleep(0.12)  # culprit:item
+    return {"item": item_id, "pid": os.getpid()}
+
+
+@fastapi_app.get("/cpu")
+async def cpu() -> dict[str, bool]:
+    end = time.perf_counter() + 0.15
+    while time.perf_counter() < end:  # culprit:cpu
+        pass
+    return {"ok": True}
+
+
+@fastapi_app.get("/stream")
+async def stream() -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first,"
+        await asyncio.sleep(0.01)
+        time.sleep(0.15)  # culprit:stream
+        yield b"second"
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@fastapi_app.exception_handler(404)
+async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
+    time.sleep(0.12)  # culprit:not-found
+    return JSONResponse({"detail": "not found"}, status_code=404)
+
+
+@fastapi_app.get("/_events")
+async def events() -> list[dict[str, object]]:
+    return [dataclasses.asdict(e) for e in EVENTS]
+
+
+app: Any = fastapi_app
+
+if os.environ.get("LOOPGUARD_TEST_OTEL") == "1":
+    from opentelemetry import metrics, trace
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    SPANS = InMemorySpanExporter()
+    READER = InMemoryMetricReader()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(SPANS))
+
+    class BrokenProcessor(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            if span.name == "event loop blocked":
+                raise RuntimeError("span processor bug")
+
+    if os.environ.get("LOOPGUARD_TEST_OTEL_BROKEN") == "1":
+        provider.add_span_processor(BrokenProcessor())
+    trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
+
+    @fastapi_app.get("/_otel")
+    async def otel() -> dict[str, Any]:
+        spans = [json.loads(span.to_json()) for span in SPANS.get_finished_spans()]
+        data = READER.get_metrics_data()
+        return {"spans": spans, "metrics": json.loads(data.to_json()) if data else {}}
+
+    # The ASGI instrumentation outermost, as FastAPIInstrumentor puts it: the request span is
+    # current when LoopGuardMiddleware sees the request.
+    app = OpenTelemetryMiddleware(fastapi_app)
