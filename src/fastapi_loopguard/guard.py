@@ -32,6 +32,7 @@ from typing import Any
 from ._native import _core
 from ._text import escape
 from .config import LoopGuardConfig
+from .eventlog import EventLog
 from .events import BlockingEvent, Frame
 
 logger = logging.getLogger("fastapi_loopguard")
@@ -105,6 +106,10 @@ class LoopGuard:
         self._gc_callback: Callable[[str, dict[str, int]], None] | None = None
         self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
+        self._event_log: EventLog | None = None
+        if self.config.event_log_path is not None:
+            self._event_log = EventLog(self.config.event_log_path)
+            self.add_listener(self._event_log.write_event)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -169,6 +174,8 @@ class LoopGuard:
                 loop.remove_reader(engine.notify_fd())
         engine.stop()
         self._drain()
+        if self._event_log is not None:
+            self._event_log.write_stats(self.stats())
         self._engine = None
         self._loop = None
         _live_guards.discard(self)
