@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._text import valid_request_id
 from .config import LoopGuardConfig
 from .guard import LoopGuard, RequestInfo, new_request_id
+
+if TYPE_CHECKING:
+    from .report.live import Dashboard
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,11 +44,23 @@ class LoopGuardMiddleware:
         self.config = config if config is not None else LoopGuardConfig()
         self.guard = LoopGuard(self.config)
         self._warned = False
+        self._dashboard: Dashboard | None = None
+        if self.config.dashboard_path is not None:
+            # Imported only when asked for: the page renderer is not needed otherwise.
+            from .report.live import Dashboard
+
+            self._dashboard = Dashboard(self.guard, self.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if not self.config.enabled:
             await self.app(scope, receive, send)
+        elif (
+            kind == "http"
+            and self._dashboard is not None
+            and await self._dashboard.handle(scope, receive, send)
+        ):
+            return  # the live page, never tracked itself
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif kind in ("http", "websocket") and scope.get("path") not in self.config.exclude_paths:
