@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from fastapi_loopguard.report import load_event_log, render
+from fastapi_loopguard import BlockingEvent, Frame
+from fastapi_loopguard.report import from_events, load_event_log, render
 from fastapi_loopguard.report.model import by_culprit, by_route, source_lines
 from fastapi_loopguard.report.page import MAX_LISTED_EVENTS, content_security_policy
 from fastapi_loopguard.report.terminal import print_report
@@ -254,3 +255,33 @@ def test_terminal_report(log: tuple[Path, Path]) -> None:
     # The ANSI sequence and CR/LF of the hostile path arrive escaped, not interpreted.
     assert "\x1b" not in text
     assert "\\x1b[31mRED" in text
+
+
+def test_report_from_events_in_memory() -> None:
+    frame = Frame("/srv/app/main.py", 12, "handler")
+    events = [
+        BlockingEvent(
+            duration_ms=120.0 + i,
+            kind="sleep",
+            request_id=f"r{i}",
+            method="GET",
+            path=f"/items/{i}",
+            route="/items/{item_id}",
+            stack=(Frame("/usr/lib/python3.11/asyncio/events.py", 80, "_run"), frame),
+            culprit=frame,
+            cpu_ms=0.0,
+            victims=i,
+            started_at=1_700_000_000.0 - i,  # out of order: the report sorts them
+        )
+        for i in range(3)
+    ]
+    report = from_events(events, [{"lag_p99_ms": 130.0, "pid": 7}], source="memory")
+    assert [e["request_id"] for e in report.events] == ["r2", "r1", "r0"]
+    assert report.events[0]["stack"][-1] == {
+        "filename": "/srv/app/main.py",
+        "lineno": 12,
+        "function": "handler",
+    }
+    assert by_route(report.events)[0].key == ("GET /items/{item_id}",)
+    assert report.stats == [{"lag_p99_ms": 130.0, "pid": 7}]
+    assert "GET /items/{item_id}" in render(report)

@@ -128,6 +128,7 @@ main{padding:14px 12px 40px}
 .axis,.count{font-size:19px}
 .row{grid-template-columns:minmax(0,1fr) auto}
 .row .label{grid-column:1/-1}
+table.culprits{display:block}
 table.culprits thead{display:none}
 table.culprits tr,table.culprits td{display:block}
 table.culprits td{padding:2px 4px}
