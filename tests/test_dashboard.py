@@ -16,7 +16,7 @@ import pytest
 
 from fastapi_loopguard import LoopGuardConfig, LoopGuardMiddleware
 from fastapi_loopguard.report.live import Dashboard
-from fastapi_loopguard.report.page import SECTION_IDS
+from fastapi_loopguard.report.page import SECTION_IDS, STATS_SECTIONS
 
 from .asgi import call, http_scope
 from .test_guard import run
@@ -175,7 +175,8 @@ def test_data_follows_the_events(loop_name: str) -> None:
     data = [json.loads(r[2]) for r in results if r[1].get("content-type") == "application/json"]
     before, full, none, one, reset, junk = data
     assert (before["seq"], before["events"]) == (0, [])
-    assert "No blocking events yet." in before["sections"]["lg-timeline"]
+    assert set(before["sections"]) == set(STATS_SECTIONS)
+    assert "<b>0</b><span>blocking events</span>" in before["sections"]["lg-summary"]
     assert set(full["sections"]) == set(SECTION_IDS)
     assert full["seq"] == 2 and len(full["events"]) == 2
     assert "/block/1" in full["events"][0] and "/block/2" in full["events"][1]  # oldest first
@@ -183,7 +184,9 @@ def test_data_follows_the_events(loop_name: str) -> None:
     assert timeline.split("</svg>")[0].count("<rect ") == 2
     assert "GET /block/1" in full["sections"]["lg-routes"]
     assert none["events"] == [] and none["reset"] is False
+    assert set(none["sections"]) == set(STATS_SECTIONS)  # nothing new: only the statistics
     assert len(one["events"]) == 1 and "/block/2" in one["events"][0]
+    assert set(one["sections"]) == set(SECTION_IDS)
     assert reset["reset"] is True and len(reset["events"]) == 2
     assert len(junk["events"]) == 2  # an unreadable `since` means "everything"
 

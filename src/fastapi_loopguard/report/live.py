@@ -6,8 +6,10 @@ has changed since the page's last poll. Only loopback clients may see either, un
 refused request is not answered here at all: it goes on to the app, exactly as if there were no
 dashboard, so nothing tells an outsider that one exists.
 
-Rendering runs on the loop thread, like any handler; it costs a few milliseconds for a full page
-of events, and the page polls every two seconds only while someone has it open.
+Rendering runs on the loop thread, like any handler, so it is kept small: each event's entry is
+rendered once, when the event arrives; the charts and tables drawn from events are redrawn only
+when one has arrived; a poll with nothing new costs only the statistics (well under a
+millisecond). Polls happen every two seconds, and only while someone has the page open.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from ..config import LoopGuardConfig
 from ..events import BlockingEvent
 from ..guard import LoopGuard
 from .model import Event, Report, normalize_event, normalize_stats
-from .page import MAX_LISTED_EVENTS, content_security_policy, event_html, render, sections
+from .page import (
+    EVENT_SECTIONS,
+    MAX_LISTED_EVENTS,
+    STATS_SECTIONS,
+    content_security_policy,
+    event_html,
+    render,
+    sections,
+)
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -63,15 +73,17 @@ class Dashboard:
         self.guard = guard
         self.path = config.dashboard_path
         self._token = config.dashboard_token.encode("ascii") if config.dashboard_token else None
-        self._events: deque[tuple[int, Event]] = deque(maxlen=_KEPT)
+        # (seq, event, its rendered entry), oldest first.
+        self._events: deque[tuple[int, Event, str]] = deque(maxlen=_KEPT)
         self._seq = 0
+        self._drawn: tuple[int, dict[str, str]] = (-1, {})  # event sections, as of a seq
         guard.add_listener(self._on_event)
 
     def _on_event(self, event: BlockingEvent) -> None:
         normal = normalize_event({**dataclasses.asdict(event), "pid": os.getpid()})
         if normal is not None:
             self._seq += 1
-            self._events.append((self._seq, normal))
+            self._events.append((self._seq, normal, event_html(normal)))
 
     def target(self, path: str) -> str | None:
         if path in (self.path, self.path + "/"):
@@ -119,7 +131,7 @@ class Dashboard:
         stats = self.guard.stats()
         normal = normalize_stats({**stats, "pid": os.getpid()}) if stats else None
         return Report(
-            events=[e for _, e in self._events],
+            events=[e for _, e, _ in self._events],
             stats=[normal] if normal is not None else [],
             source=f"live, process {os.getpid()}",
         )
@@ -130,18 +142,24 @@ class Dashboard:
             title="fastapi-loopguard live",
             now=time.time(),
             live={"seq": self._seq, "interval_ms": POLL_INTERVAL_MS},
+            events_html=[html for _, _, html in self._events],
         )
 
     def data(self, since: int) -> dict[str, Any]:
-        """Sections to replace, and the events the page has not seen (oldest first)."""
+        """Sections to replace, and the entries of events the page has not seen, oldest first."""
         report = self.report()
         reset = since > self._seq  # the server restarted under an open page
-        fresh = [e for seq, e in self._events if reset or seq > since][-MAX_LISTED_EVENTS:]
+        parts = sections(report, ids=STATS_SECTIONS)
+        if reset or since < self._seq:
+            if self._drawn[0] != self._seq:
+                self._drawn = (self._seq, sections(report, time.time(), EVENT_SECTIONS))
+            parts.update(self._drawn[1])
+        fresh = [html for seq, _, html in self._events if reset or seq > since]
         return {
             "seq": self._seq,
             "reset": reset,
-            "sections": sections(report, now=time.time()),
-            "events": [event_html(e) for e in fresh],
+            "sections": parts,
+            "events": fresh[-MAX_LISTED_EVENTS:],
         }
 
 

@@ -17,15 +17,19 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from .. import __version__
 from . import charts
 from .charts import esc
 from .model import KINDS, Event, Report, by_culprit, by_route, lag_percentiles, source_lines
 
-# Sections the live page refreshes, by element id. The events list is appended to instead.
-SECTION_IDS = ("lg-summary", "lg-timeline", "lg-routes", "lg-lag", "lg-culprits", "lg-events-head")
+# Sections the live page refreshes, by element id: those drawn from the engine's statistics
+# change all the time, those drawn from events only when an event arrives. The events list is
+# appended to instead.
+STATS_SECTIONS = ("lg-summary", "lg-lag")
+EVENT_SECTIONS = ("lg-timeline", "lg-routes", "lg-durations", "lg-culprits", "lg-events-head")
+SECTION_IDS = STATS_SECTIONS + EVENT_SECTIONS
 # Events drawn one by one in the list (the charts and tables always include every event).
 MAX_LISTED_EVENTS = 500
 
@@ -67,6 +71,8 @@ header p{margin:4px 0 0;color:var(--muted)}
 background:var(--card);font-size:13px}
 .live.err{color:var(--over)}
 section{margin-top:30px}
+section:empty{margin:0}
+#lg-durations{margin-top:14px}
 h2{font-size:18px;margin:0 0 10px}
 .muted{color:var(--muted)}
 .empty{color:var(--muted);font-style:italic}
@@ -305,12 +311,16 @@ def lag(report: Report) -> str:
             '<p class="empty">No loop-lag statistics here: the guard writes them to the event '
             "log when it stops.</p>"
         )
-    if report.events:
-        parts.append(
-            "<h3>Blocks by duration</h3>"
-            f'<div class="scroll">{charts.duration_histogram(report.events)}</div>'
-        )
     return "".join(parts)
+
+
+def durations(report: Report) -> str:
+    if not report.events:
+        return ""
+    return (
+        "<h3>Blocks by duration</h3>"
+        f'<div class="scroll">{charts.duration_histogram(report.events)}</div>'
+    )
 
 
 def _snippet(filename: str, lineno: int) -> str:
@@ -411,16 +421,20 @@ def event_html(event: Event) -> str:
     return f'<details class="event">{head}<dl>{dl}</dl>{stack}</details>'
 
 
-def sections(report: Report, now: float | None = None) -> dict[str, str]:
-    """The refreshable parts of the page, by element id."""
-    return {
-        "lg-summary": summary(report),
-        "lg-timeline": timeline(report, now),
-        "lg-routes": routes(report),
-        "lg-lag": lag(report),
-        "lg-culprits": culprits(report),
-        "lg-events-head": events_head(report),
+def sections(
+    report: Report, now: float | None = None, ids: Iterable[str] = SECTION_IDS
+) -> dict[str, str]:
+    """The refreshable parts of the page, by element id (only those in ``ids``)."""
+    makers: dict[str, Callable[[], str]] = {
+        "lg-summary": lambda: summary(report),
+        "lg-lag": lambda: lag(report),
+        "lg-timeline": lambda: timeline(report, now),
+        "lg-routes": lambda: routes(report),
+        "lg-durations": lambda: durations(report),
+        "lg-culprits": lambda: culprits(report),
+        "lg-events-head": lambda: events_head(report),
     }
+    return {name: makers[name]() for name in ids}
 
 
 def _json_for_script(value: object) -> str:
@@ -435,11 +449,14 @@ def render(
     title: str = "fastapi-loopguard report",
     now: float | None = None,
     live: dict[str, object] | None = None,
+    events_html: Sequence[str] | None = None,
 ) -> str:
-    """The whole page. ``live`` (seq, interval_ms, max_events) makes it poll for updates."""
+    """The whole page. ``live`` (seq, interval_ms) makes it poll for updates; ``events_html``
+    are the events' entries already rendered, oldest first (the live page keeps them)."""
     parts = sections(report, now)
-    listed: Iterable[Event] = reversed(report.events[-MAX_LISTED_EVENTS:])
-    events_list = "".join(event_html(e) for e in listed)
+    if events_html is None:
+        events_html = [event_html(e) for e in report.events[-MAX_LISTED_EVENTS:]]
+    events_list = "".join(reversed(events_html[-MAX_LISTED_EVENTS:]))
     origin = f"Source: {report.source}. " if report.source else ""
     generated = f"{origin}Made {_utc(time.time(), True)} by fastapi-loopguard {__version__}."
     status = script = ""
@@ -464,6 +481,7 @@ def render(
         f'<section id="lg-timeline">{parts["lg-timeline"]}</section>'
         f'<section id="lg-routes">{parts["lg-routes"]}</section>'
         f'<section id="lg-lag">{parts["lg-lag"]}</section>'
+        f'<section id="lg-durations">{parts["lg-durations"]}</section>'
         f'<section id="lg-culprits">{parts["lg-culprits"]}</section>'
         f'<section id="lg-events"><div id="lg-events-head">{parts["lg-events-head"]}</div>'
         f'<div id="lg-events-list">{events_list}</div></section>'
