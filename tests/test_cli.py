@@ -162,6 +162,16 @@ def test_run_refuses_bad_configuration(args: list[str], env: dict[str, str], exp
     assert "Uvicorn running" not in result.stderr  # refused before any server started
 
 
+def test_run_names_an_app_it_cannot_import() -> None:
+    missing = loopguard("run", "no_such_module:app", "--port", "1")
+    assert missing.returncode == 2
+    assert "loopguard run: error: cannot find the module 'no_such_module'" in missing.stderr
+    no_attribute = loopguard("run", "tests.apps.plain:nope", "--port", "1")
+    assert no_attribute.returncode == 1
+    assert 'Error loading ASGI app. Attribute "nope" not found' in no_attribute.stderr
+    assert "Traceback" not in no_attribute.stderr
+
+
 def test_run_warns_about_unknown_variables(tmp_path: Path) -> None:
     env = {"LOOPGUARD_DEVMODE": "1"}
     with loopguard_run(tmp_path, "asyncio", "tests.apps.plain:app", env=env) as server:

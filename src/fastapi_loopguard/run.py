@@ -10,6 +10,8 @@ the flags travel through it; an import string is what uvicorn needs for more tha
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
 import os
 import sys
 from typing import Any
@@ -24,12 +26,18 @@ FACTORY = "fastapi_loopguard.run:guarded_app"
 
 def guarded_app() -> ASGIApp:
     """The user's app (``$LOOPGUARD_RUN_APP``) in LoopGuardMiddleware, configured from the env."""
-    from uvicorn.importer import import_from_string
+    from uvicorn.importer import ImportFromStringError, import_from_string
 
     target = os.environ.get(APP_VARIABLE)
     if not target:
         raise RuntimeError(f"{APP_VARIABLE} is not set; start this with `loopguard run module:app`")
-    app = import_from_string(target)
+    try:
+        app = import_from_string(target)
+    except ImportFromStringError as exc:
+        # What uvicorn says for `uvicorn module:app`; without this, a factory's error is a
+        # traceback through uvicorn's internals.
+        logging.getLogger("uvicorn.error").error("Error loading ASGI app. %s", exc)
+        sys.exit(1)
     if os.environ.get(FACTORY_VARIABLE) == "1":
         app = app()
     config, _ = config_from_env(os.environ)
@@ -82,6 +90,13 @@ def run(
     os.environ[APP_VARIABLE] = app
     os.environ[FACTORY_VARIABLE] = "1" if factory else "0"
     sys.path.insert(0, os.path.abspath(app_dir))  # as uvicorn does for `uvicorn module:app`
+    module = app.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:  # checked without importing it: the workers import the app, not this process
+        raise EnvConfigError(f"cannot find the module {module!r} of {app!r} (from {app_dir!r})")
     print(f"loopguard: guarding {app}: {describe(config, host, port, workers)}", file=sys.stderr)
     uvicorn.run(
         FACTORY,
