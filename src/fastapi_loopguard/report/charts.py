@@ -67,7 +67,7 @@ def _axis(largest: float, count: int = 5) -> tuple[float, list[float]]:
 def timeline(events: Sequence[Event], t0: float, t1: float, threshold_ms: float | None) -> str:
     """Each block as a bar at its start time, as wide as it lasted and as tall as its duration."""
     width, height = 1000, 280
-    left, right, top, bottom = 72, 14, 14, 34
+    left, right, top, bottom = 86, 14, 14, 34
     plot_w, plot_h = width - left - right, height - top - bottom
     span = max(t1 - t0, 1.0)
     worst = max([e["duration_ms"] for e in events] + [threshold_ms or 0, 1])

@@ -108,7 +108,7 @@ align-items:center}
 table{width:100%;border-collapse:collapse}
 th,td{text-align:left;padding:6px 8px;vertical-align:top}
 th{font-size:13px;color:var(--muted);font-weight:600;border-bottom:1px solid var(--line)}
-td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th.n,td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tbody.culprit{border-bottom:1px solid var(--line)}
 td.snippet{padding-top:0}
 pre.src{margin:0;padding:6px 0;background:var(--card);border-radius:6px;overflow-x:auto;
