@@ -36,10 +36,12 @@ PIP := $(PY) -m pip
 CPPTEST_DIR := build/cpptest
 
 # Debian packages: compiler + cmake + GoogleTest for the C++ tests; headers and venv support
-# for the system python3 (only needed when it is Debian's own; harmless otherwise); and the
-# Prometheus server, which the integration tests start themselves (never as a service) to scrape
-# gunicorn workers.
-SYSTEM_PKGS := g++ cmake libgtest-dev python3-dev python3-venv prometheus
+# for the system python3 (only needed when it is Debian's own; harmless otherwise).
+SYSTEM_PKGS := g++ cmake libgtest-dev python3-dev python3-venv
+# Only the tests need these: the Prometheus server, which the integration tests start themselves
+# (never as a service) to scrape gunicorn workers, and a browser, in which the report page and
+# the live page are checked headless (tests/test_browser.py).
+TEST_PKGS := prometheus chromium
 LINT_PKGS := clang-format
 
 # Python dirs to lint; $(wildcard) drops ones that do not exist (yet), which ruff would report
@@ -53,8 +55,8 @@ CPP_SOURCES = $(shell find cpp \( -name '*.h' -o -name '*.cpp' \) -type f | sort
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help system-deps lint-deps venv install dev test test-cpp test-py demo lint format \
-	clean distclean
+.PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py demo lint \
+	format clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -69,6 +71,9 @@ help: ## Show this help
 
 system-deps: ## Install missing Debian build/test packages (apt, uses sudo if not root)
 	@scripts/system-deps.sh $(SYSTEM_PKGS)
+
+test-deps: ## Install the Debian packages only the tests need (chromium, for the browser tests)
+	@scripts/system-deps.sh $(TEST_PKGS)
 
 # Only the C++ formatter comes from Debian. ruff, mypy and the runtime dependencies (so mypy can
 # follow imports of starlette) go into the venv, with the version floors from pyproject.toml and
@@ -101,7 +106,7 @@ dev: system-deps venv ## Editable install (rebuilds the C++ extension on import)
 
 # ---- tests -------------------------------------------------------------------------------------
 
-test: install test-cpp test-py ## Run all tests (C++ + Python) -- the command the README gives
+test: install test-deps test-cpp test-py ## Run all tests (C++ + Python) -- the README's command
 
 # The engine is built without Python here (LOOPGUARD_BUILD_MODULE=OFF): the unit tests drive it
 # with fake clocks and samplers, so they need neither the venv nor nanobind. --no-tests=error:
@@ -121,8 +126,9 @@ test-py: ## Run the Python tests with .venv's pytest (PYTEST_ARGS=...)
 		"$(VENV); run 'make install' (or 'make dev') first." >&2; exit 1; }
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: install ## Install, then run the demo app (DEMO_ARGS=...)
-	$(PY) -m fastapi_loopguard.demo $(DEMO_ARGS)
+# `loopguard demo` is the README's first command; the console script comes with the install.
+demo: install ## Install, then run `loopguard demo` (DEMO_ARGS=..., e.g. --duration 30)
+	$(VENV)/bin/loopguard demo $(DEMO_ARGS)
 
 # ---- code style --------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ Usage: python scripts/requirements.py build|lint
   build  [build-system].requires (scikit-build-core, nanobind): what `make dev` must put in the
          venv itself, because it installs with --no-build-isolation.
   lint   the runtime dependencies (so mypy can follow imports of starlette & co.) plus the `dev`
-         extra minus its self-reference (`fastapi-loopguard[test]`): the linters without
-         compiling the C++ extension, which `pip install '.[dev]'` would do.
+         extra with its references to our own extras (`fastapi-loopguard[test]`, which names
+         `[cli]`) expanded: the linters without compiling the C++ extension, which
+         `pip install '.[dev]'` would do.
 
 Reading pyproject.toml keeps the version floors in one place instead of copying them into the
 Makefile.
@@ -18,10 +19,28 @@ import re
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _extra(project: dict[str, Any], extra: str, seen: set[str]) -> list[str]:
+    """The requirements of one extra, with references to our own extras expanded in place."""
+    own = _normalize(project["name"])
+    seen.add(extra)
+    reqs: list[str] = []
+    for req in project.get("optional-dependencies", {}).get(extra, []):
+        name = re.split(r"[\s\[<>=!~;@]", req, maxsplit=1)[0]
+        if _normalize(name) != own:
+            reqs.append(req)
+            continue
+        nested = re.search(r"\[([^\]]*)\]", req)
+        for inner in nested.group(1).split(",") if nested else []:
+            if inner.strip() not in seen:
+                reqs += _extra(project, inner.strip(), seen)
+    return reqs
 
 
 def main(argv: list[str]) -> int:
@@ -34,12 +53,7 @@ def main(argv: list[str]) -> int:
         reqs = list(pyproject["build-system"]["requires"])
     else:
         project = pyproject["project"]
-        own = _normalize(project["name"])
-        reqs = list(project.get("dependencies", []))
-        for req in project.get("optional-dependencies", {}).get("dev", []):
-            name = re.split(r"[\s\[<>=!~;@]", req, maxsplit=1)[0]
-            if _normalize(name) != own:
-                reqs.append(req)
+        reqs = list(project.get("dependencies", [])) + _extra(project, "dev", set())
     sys.stdout.write("".join(f"{r}\n" for r in reqs))
     return 0
 

@@ -38,6 +38,9 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "log_rate_limit_per_minute": 10,
     "enforcement_mode": "log",
     "otel_enabled": False,
+    "event_log_path": None,
+    "dashboard_path": None,
+    "dashboard_token": None,
 }
 
 
@@ -119,6 +122,11 @@ BAD: dict[str, tuple[list[Any], str]] = {
     "log_format": (["JSON", "xml", None, 1], "'text', 'json'"),
     "log_rate_limit_per_minute": ([-1, 1.5, 100_001, "10", None], "[0, 100000]"),
     "enforcement_mode": (["STRICT", "block", None, True, ["log"]], "'log', 'warn', 'strict'"),
+    "event_log_path": (["", 5, b"events.jsonl", "a\0b"], "non-empty file path"),
+    "dashboard_path": (
+        ["", "/", "_loopguard", "/x/", "/../x", "/a/./b", "/a b", "/a?x=1", "/%2e", 5],
+        "a path like '/_loopguard'",
+    ),
 }
 
 
@@ -151,3 +159,27 @@ def test_exclude_paths_accepts_any_iterable_and_is_frozen() -> None:
     config = LoopGuardConfig(exclude_paths=["/a", "/b"])
     assert config.exclude_paths == frozenset({"/a", "/b"})
     assert isinstance(config.exclude_paths, frozenset)
+
+
+def test_paths_accept_pathlike_and_are_stored_as_str(tmp_path: Any) -> None:
+    config = LoopGuardConfig(event_log_path=tmp_path / "events.jsonl")
+    assert config.event_log_path == str(tmp_path / "events.jsonl")
+    assert LoopGuardConfig(dashboard_path="/ops/_loopguard").dashboard_path == "/ops/_loopguard"
+
+
+@pytest.mark.parametrize(
+    "token", ["short", "x" * 15, "with space" * 3, "t\u00f6ken" * 4, 12345678901234567]
+)
+def test_bad_dashboard_token_is_refused_without_echoing_it(token: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        LoopGuardConfig(dashboard_path="/_loopguard", dashboard_token=token)
+    message = str(info.value)
+    assert message.startswith("dashboard_token must be"), message
+    assert str(token) not in message
+
+
+def test_dashboard_token_needs_a_dashboard_and_stays_out_of_repr() -> None:
+    with pytest.raises(ValueError, match=r"^dashboard_token is set but dashboard_path is None"):
+        LoopGuardConfig(dashboard_token="s3cret-token-0123456789")
+    config = LoopGuardConfig(dashboard_path="/_lg", dashboard_token="s3cret-token-0123456789")
+    assert "s3cret" not in repr(config)

@@ -28,6 +28,22 @@ def escape(text: str, limit: int = MAX_PATH_CHARS) -> str:
     return "".join(out)
 
 
+def visible(text: str) -> str:
+    """Non-printable characters (controls, ANSI escapes, lone surrogates) as visible escapes.
+
+    For display (the HTML report), where text is shown whole: no truncation, tabs kept, and
+    backslashes left alone so paths and code read as written.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch
+        if ch.isprintable() or ch == "\t"
+        else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
+
+
 def valid_request_id(value: str) -> bool:
     """Whether an incoming X-Request-Id may be reused as it is (asgi-correlation-id's rule)."""
     return _REQUEST_ID.fullmatch(value) is not None

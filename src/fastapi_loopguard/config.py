@@ -7,6 +7,8 @@ so a typo fails on deploy rather than silently switching monitoring off.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,10 @@ class LoopGuardConfig:
     log_rate_limit_per_minute: int = 10
     enforcement_mode: str = "log"
     otel_enabled: bool = False
+    event_log_path: str | None = None
+    dashboard_path: str | None = None
+    # A secret: kept out of repr() so it never lands in a log line or a traceback.
+    dashboard_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -108,6 +114,10 @@ class LoopGuardConfig:
                 "prometheus_registry must be a prometheus_client CollectorRegistry or None, "
                 f"got {self.prometheus_registry!r}"
             )
+        object.__setattr__(
+            self, "event_log_path", _file_path("event_log_path", self.event_log_path)
+        )
+        _check_dashboard(self.dashboard_path, self.dashboard_token)
         if self.metrics_path is not None and (
             not isinstance(self.metrics_path, str) or not self.metrics_path.startswith("/")
         ):
@@ -135,3 +145,40 @@ def _paths(name: str, value: object) -> frozenset[str]:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"{name} must be a set of paths starting with '/', got {path!r}")
     return paths
+
+
+def _file_path(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str | os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str) and path and "\0" not in path:
+            return path
+    raise ValueError(f"{name} must be None or a non-empty file path, got {value!r}")
+
+
+# A URL path of plain segments: the dashboard is matched by exact comparison, so anything that a
+# proxy or the ASGI server might normalise differently (dots, percent-escapes, query) is refused.
+_DASHBOARD_PATH = re.compile(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+")
+# Long enough that guessing is hopeless; URL-safe so it survives a query string or a header as is.
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+
+
+def _check_dashboard(path: object, token: object) -> None:
+    if path is not None and not (isinstance(path, str) and _DASHBOARD_PATH.fullmatch(path)):
+        raise ValueError(
+            "dashboard_path must be None or a path like '/_loopguard' (segments of letters, "
+            f"digits and ._~-, no trailing '/'), got {path!r}"
+        )
+    if token is None:
+        return
+    if not (isinstance(token, str) and _TOKEN.fullmatch(token)):
+        # The value itself is a secret: never echo it into an error message or a log.
+        raise ValueError(
+            "dashboard_token must be None or 16 to 256 characters of A-Z a-z 0-9 . _ ~ - "
+            "(secrets.token_urlsafe() makes one)"
+        )
+    if path is None:
+        raise ValueError(
+            "dashboard_token is set but dashboard_path is None: there is no dashboard to guard"
+        )

@@ -32,6 +32,7 @@ from typing import Any
 from ._native import _core
 from ._text import escape
 from .config import LoopGuardConfig
+from .eventlog import EventLog
 from .events import BlockingEvent, Frame
 from .exporters.base import Exporter
 
@@ -113,6 +114,10 @@ class LoopGuard:
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
         self.exporters: list[Exporter] = _build_exporters(self)
         self._request_exporters = [e for e in self.exporters if e.wants_requests]
+        self._event_log: EventLog | None = None
+        if self.config.event_log_path is not None:
+            self._event_log = EventLog(self.config.event_log_path)
+            self.add_listener(self._event_log.write_event)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -182,6 +187,8 @@ class LoopGuard:
                 exporter.flush()
             except Exception:
                 logger.exception("fastapi_loopguard: flushing exporter %r failed", exporter)
+        if self._event_log is not None:
+            self._event_log.write_stats(self.stats())
         self._engine = None
         self._loop = None
         _live_guards.discard(self)
@@ -322,7 +329,6 @@ class LoopGuard:
             "sample_pause_p99_us": s.pause_p99_ns / 1000,
             "sample_pause_max_us": s.pause_max_ns / 1000,
             "inflight": s.inflight,
-            "hangs": s.hangs,
         }
 
     def lag_histogram(self, bounds_s: list[float]) -> tuple[list[int], float]:

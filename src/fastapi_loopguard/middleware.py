@@ -18,6 +18,9 @@ from ._text import valid_request_id
 from .config import LoopGuardConfig
 from .guard import LoopGuard, RequestInfo, new_request_id
 
+if TYPE_CHECKING:
+    from .report.live import Dashboard
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -56,11 +59,23 @@ class LoopGuardMiddleware:
             )
         self._metrics_path = self.config.metrics_path if self._prometheus is not None else None
         self._headers = self.config.dev_mode or self.config.enforcement_mode != "log"
+        self._dashboard: Dashboard | None = None
+        if self.config.dashboard_path is not None:
+            # Imported only when asked for: the page renderer is not needed otherwise.
+            from .report.live import Dashboard
+
+            self._dashboard = Dashboard(self.guard, self.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if not self.config.enabled:
             await self.app(scope, receive, send)
+        elif (
+            kind == "http"
+            and self._dashboard is not None
+            and await self._dashboard.handle(scope, receive, send)
+        ):
+            return  # the live page, never tracked itself
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif kind == "http" and scope.get("path") == self._metrics_path:

@@ -1,17 +1,15 @@
 """A shop API with healthy endpoints and the classic ways of blocking an event loop.
 
-Run by ``python -m fastapi_loopguard.demo`` under uvicorn. Every blocking event is appended as a
-JSON line to ``$LOOPGUARD_DEMO_EVENTS`` so the demo driver can build its report.
+It knows nothing of fastapi-loopguard: ``loopguard demo`` runs it through ``loopguard run``, which
+wraps it in the middleware, the way a user's own app is run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import http.server
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -21,15 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
-
-EVENTS_PATH = os.environ.get("LOOPGUARD_DEMO_EVENTS", "loopguard-demo-events.jsonl")
 INVENTORY_LOCK = threading.Lock()
-
-
-def write_event(event: BlockingEvent) -> None:
-    with open(EVENTS_PATH, "a", encoding="utf-8") as f:
-        f.write(json.dumps(dataclasses.asdict(event)) + "\n")
 
 
 class _SlowSupplier(http.server.BaseHTTPRequestHandler):
@@ -72,10 +62,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="loopguard demo shop", lifespan=lifespan)
-app.add_middleware(
-    LoopGuardMiddleware,
-    config=LoopGuardConfig(dev_mode=True, on_blocking=write_event, log_blocking_events=False),
-)
 
 
 # -- healthy ------------------------------------------------------------------------------------
@@ -137,9 +123,11 @@ async def checkout() -> dict[str, Any]:
     return {"checkout": "done"}
 
 
-@app.get("/_loopguard/stats")
-async def loopguard_stats() -> dict[str, Any]:
-    stack: Any = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack.guard.stats() if stack is not None else {}
+@app.get("/api/export")
+def export_catalogue() -> dict[str, int]:
+    # A sync endpoint: Starlette runs it in its threadpool, so it never blocks the loop itself,
+    # but this pure-Python loop holds the GIL and the loop thread has to queue for it.
+    size = 0
+    for i in range(1_500_000):
+        size += len(f"{i},item {i},{i * 7 % 1000}")
+    return {"bytes": size}

@@ -1,4 +1,8 @@
-"""Realistic concurrent traffic against the demo app, run in a process of its own."""
+"""Realistic concurrent traffic against the demo app, run in a process of its own.
+
+A separate process, so the client's own work never shares the server's event loop or GIL. It
+reports progress as one JSON object per line on stdout, which ``loopguard demo`` draws.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import time
 
 import httpx
@@ -21,6 +24,7 @@ MIX = [
     (3, "POST", "/api/login"),
     (4, "POST", "/api/orders"),
     (4, "POST", "/api/checkout"),
+    (3, "GET", "/api/export"),
 ]
 
 
@@ -38,24 +42,22 @@ async def worker(client: httpx.AsyncClient, deadline: float, counts: dict[str, i
         await asyncio.sleep(random.uniform(0.0, 0.05))
 
 
+def _progress(elapsed: float, counts: dict[str, int], done: bool = False) -> None:
+    print(json.dumps({"elapsed": round(elapsed, 2), "done": done, **counts}), flush=True)
+
+
 async def main(url: str, duration: float, concurrency: int) -> None:
     counts = {"ok": 0, "error": 0, "blocked": 0}
-    deadline = time.monotonic() + duration
+    start = time.monotonic()
+    deadline = start + duration
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
         tasks = [asyncio.create_task(worker(client, deadline, counts)) for _ in range(concurrency)]
-        start = time.monotonic()
         while not all(t.done() for t in tasks):
-            await asyncio.sleep(0.5)
-            elapsed = min(time.monotonic() - start, duration)
-            bar = "#" * int(30 * elapsed / duration)
-            sys.stderr.write(
-                f"\r  traffic [{bar:<30}] {elapsed:4.1f}/{duration:.0f}s  "
-                f"{counts['ok']} ok, {counts['blocked']} saw own blocking, {counts['error']} errors"
-            )
-            sys.stderr.flush()
-        sys.stderr.write("\n")
-    print(json.dumps(counts))
+            await asyncio.sleep(0.25)
+            _progress(min(time.monotonic() - start, duration), counts)
+        await asyncio.gather(*tasks)
+    _progress(duration, counts, done=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""The ``loopguard`` command: ``demo``, ``run module:app`` and ``report events.jsonl``.
+
+Needs the ``[cli]`` extra (rich, uvicorn, httpx, fastapi, uvloop); each subcommand imports what
+it needs only when it runs, so ``loopguard --help`` works with the bare package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from . import __version__
+
+_EXTRA_HINT = "install the command's dependencies with: pip install 'fastapi-loopguard[cli]'"
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be in (0, 3600], got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be in [1, 1000], got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopguard",
+        description="Find the request and the line that blocked your event loop.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a demo app with blocking culprits under real traffic, then report",
+        description="Starts a demo FastAPI shop on 127.0.0.1 under uvicorn, drives concurrent "
+        "traffic at it from another process, then prints the report and writes it as HTML.",
+    )
+    demo.add_argument("--duration", type=_positive, default=15.0, help="seconds of traffic")
+    demo.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    demo.add_argument("--concurrency", type=_count, default=30, help="concurrent clients")
+    demo.add_argument("--html", default="loopguard-report.html", help="where to write the report")
+
+    run = commands.add_parser(
+        "run",
+        help="run an ASGI app under uvicorn with the guard installed",
+        description="Like `uvicorn module:app`, with LoopGuardMiddleware around the app. "
+        "Every option can also come from LOOPGUARD_<OPTION> environment variables "
+        "(e.g. LOOPGUARD_DEV_MODE=1, LOOPGUARD_THRESHOLD_MS=100); flags win.",
+    )
+    run.add_argument("app", help="the app as module:attribute, e.g. main:app")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=_port, default=8000)
+    run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    run.add_argument("--workers", type=_count, default=1)
+    run.add_argument(
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info"
+    )
+    run.add_argument("--app-dir", default=".", help="directory to import the app from")
+    run.add_argument("--factory", action="store_true", help="APP is a factory to call")
+    run.add_argument("--root-path", default="")
+    run.add_argument("--no-access-log", dest="access_log", action="store_false")
+    run.add_argument("--threshold-ms", type=float, help="minimum block to report (ms)")
+    run.add_argument("--dev-mode", action="store_true", default=None, help="X-Blocking-* headers")
+    run.add_argument("--event-log", metavar="PATH", help="append every event as a JSON line")
+    run.add_argument(
+        "--dashboard",
+        metavar="PATH",
+        help="serve the live page at PATH, e.g. /_loopguard (loopback clients only, unless "
+        "LOOPGUARD_DASHBOARD_TOKEN is set and given)",
+    )
+
+    report = commands.add_parser(
+        "report",
+        help="build the HTML report from an event log",
+        description="Reads an event log written with event_log_path (LOOPGUARD_EVENT_LOG_PATH), "
+        "prints the summary and writes one self-contained HTML file.",
+    )
+    report.add_argument("log", help="the event log (JSON lines)")
+    report.add_argument("-o", "--output", default="loopguard-report.html")
+    report.add_argument("-q", "--quiet", action="store_true", help="no terminal summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo.driver import demo
+
+            return demo(args.duration, args.loop, args.concurrency, args.html)
+        if args.command == "run":
+            return _run(args)
+        return _report(args)
+    except ModuleNotFoundError as exc:
+        if exc.name in ("rich", "uvicorn", "httpx", "fastapi", "uvloop"):
+            print(
+                f"loopguard {args.command}: {exc.name} is missing; {_EXTRA_HINT}", file=sys.stderr
+            )
+            return 2
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .envconfig import EnvConfigError
+    from .run import run
+
+    flags = {
+        "fallback_threshold_ms": (args.threshold_ms, "--threshold-ms"),
+        "dev_mode": (args.dev_mode, "--dev-mode"),
+        "event_log_path": (args.event_log, "--event-log"),
+        "dashboard_path": (args.dashboard, "--dashboard"),
+    }
+    overrides: dict[str, tuple[Any, str]] = {k: v for k, v in flags.items() if v[0] is not None}
+    try:
+        return run(
+            args.app,
+            overrides,
+            host=args.host,
+            port=args.port,
+            loop=args.loop,
+            workers=args.workers,
+            log_level=args.log_level,
+            app_dir=args.app_dir,
+            factory=args.factory,
+            access_log=args.access_log,
+            root_path=args.root_path,
+        )
+    except EnvConfigError as exc:
+        print(f"loopguard run: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import load_event_log, render
+
+    try:
+        report = load_event_log(args.log)
+    except OSError as exc:
+        print(f"loopguard report: error: cannot read {args.log}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        from rich.console import Console
+
+        from .report.terminal import print_report
+
+        print_report(Console(highlight=False), report)
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(render(report))
+    except OSError as exc:
+        print(f"loopguard report: error: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {len(report.events)} events", file=sys.stderr)
+    return 0

@@ -1,0 +1,120 @@
+"""The report in a terminal, with rich: routes, culprit lines with their source, victims, loop lag.
+
+Strings from requests and logs are passed through ``_text.escape`` (control characters, ANSI
+sequences) and put into ``rich.text.Text`` objects, which never interpret markup, so a path
+cannot restyle or rewrite the terminal.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .._text import escape
+from .charts import fmt_ms
+from .model import Report, by_culprit, by_route, lag_percentiles, source_lines
+
+_KIND_STYLE = {
+    "sleep": "blue",
+    "io": "yellow",
+    "cpu": "red",
+    "lock": "magenta",
+    "gil": "green",
+    "native": "cyan",
+    "gc": "bright_yellow",
+    "starved": "bright_magenta",
+    "unknown": "white",
+}
+
+
+def _kinds(counts: dict[str, int]) -> Text:
+    text = Text()
+    for i, (kind, n) in enumerate(sorted(counts.items(), key=lambda kv: -kv[1])):
+        if i:
+            text.append(", ")
+        text.append(f"{kind} x{n}", style=_KIND_STYLE.get(kind, "white"))
+    return text
+
+
+def print_report(console: Console, report: Report, top: int = 8) -> None:
+    events = report.events
+    console.print()
+    headline = Text(f"{len(events)} blocking events", style="bold")
+    headline.append(
+        f", {fmt_ms(report.total_ms)} of blocked loop in all, {report.victims} requests frozen",
+        style="default",
+    )
+    console.print(headline)
+    if report.skipped:
+        console.print(Text(f"{report.skipped} invalid lines in the log were skipped", "yellow"))
+    if not events:
+        console.print("No blocking: the loop kept up.")
+    else:
+        routes = Table(title="Per route", title_justify="left", expand=False)
+        routes.add_column("route", overflow="fold")
+        routes.add_column("events", justify="right")
+        routes.add_column("total", justify="right")
+        routes.add_column("worst", justify="right")
+        routes.add_column("froze", justify="right")
+        routes.add_column("kinds")
+        for g in by_route(events):
+            routes.add_row(
+                Text(escape(g.key[0])),
+                str(g.events),
+                fmt_ms(g.total_ms),
+                fmt_ms(g.worst_ms),
+                str(g.victims),
+                _kinds(g.kinds),
+            )
+        console.print(routes)
+
+        culprits = by_culprit(events)
+        console.print(Text("Top culprit lines", style="bold italic"))
+        for g in culprits[:top]:
+            filename, lineno, function = g.key
+            line = Text("  ")
+            line.append(f"{escape(os.path.basename(filename))}:{lineno}", style="bold cyan")
+            line.append(f" in {escape(function)}  ")
+            line.append_text(_kinds(g.kinds))
+            line.append(
+                f"  {g.events} events, {fmt_ms(g.total_ms)} (worst {fmt_ms(g.worst_ms)}), "
+                f"froze {g.victims} other requests"
+            )
+            source = [text for n, text in source_lines(filename, int(lineno), 0)]
+            parts: list[Text] = [line]
+            if source:
+                parts.append(Text(f"      {escape(source[0].strip(), 160)}", style="dim"))
+            console.print(Group(*parts))
+        if len(culprits) > top:
+            console.print(Text(f"  ... and {len(culprits) - top} more lines", style="dim"))
+        missing = sum(1 for e in events if e["culprit"] is None)
+        if missing:
+            console.print(
+                Text(
+                    f"  {missing} events without an application line (no stack, or only library "
+                    "frames)",
+                    style="dim",
+                )
+            )
+
+    for stats in report.stats:
+        pct = ", ".join(f"{name} {fmt_ms(v)}" for name, v in lag_percentiles(stats))
+        who = f" (process {int(stats['pid'])})" if len(report.stats) > 1 else ""
+        console.print(
+            Text(f"\nLoop lag{who}: {pct} over {int(stats.get('lag_count', 0))} iterations")
+        )
+        console.print(
+            Text(
+                f"Engine: threshold {fmt_ms(stats.get('threshold_ms', 0))}, "
+                f"{int(stats.get('stalls', 0))} stalls, "
+                f"{int(stats.get('events_emitted', 0))} events, "
+                f"{int(stats.get('events_dropped', 0))} dropped, "
+                f"{int(stats.get('event_log_lost', 0))} not written; stack sample pause p50 "
+                f"{stats.get('sample_pause_p50_us', 0):.0f} us, p99 "
+                f"{stats.get('sample_pause_p99_us', 0):.0f} us",
+                style="dim",
+            )
+        )

@@ -1,0 +1,49 @@
+"""An ordinary FastAPI app that knows nothing of fastapi-loopguard: what `loopguard run` guards.
+
+Lines marked ``# culprit:NAME`` are where the tests expect the blame to land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/pid")
+async def pid() -> dict[str, int]:
+    return {"pid": os.getpid()}
+
+
+@app.get("/innocent")
+async def innocent() -> dict[str, bool]:
+    await asyncio.sleep(0.5)
+    return {"ok": True}
+
+
+@app.get("/sleep/{ms}")
+async def sleep(ms: int) -> dict[str, int]:
+    time.sleep(ms / 1000)  # culprit:sleep
+    return {"slept": ms}
+
+
+@app.get("/cpu")
+async def cpu() -> dict[str, bool]:
+    end = time.perf_counter() + 0.2
+    while time.perf_counter() < end:  # culprit:cpu
+        pass
+    return {"ok": True}
+
+
+def create_app() -> FastAPI:
+    """For `loopguard run --factory tests.apps.plain:create_app`."""
+    return app
