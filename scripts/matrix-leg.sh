@@ -252,8 +252,11 @@ run_in_chroot() {
     CURL_CA_BUNDLE $(compgen -e | grep '^PIP_' || true); do
     [[ -n ${!name+set} ]] && envs+=("$name=${!name}")
   done
-  # No host variables leak in otherwise (PATH with pyenv shims, VIRTUAL_ENV, ...).
-  env -i "${envs[@]}" chroot "$dir" /bin/bash -c 'cd /src && exec make test'
+  # No host variables leak in otherwise (PATH with pyenv shims, VIRTUAL_ENV, ...). Started in
+  # the background and waited for, because bash runs a signal's trap only once the foreground
+  # command is over: `wait` returns at once, and the EXIT trap stops the run and unmounts.
+  env -i "${envs[@]}" chroot "$dir" /bin/bash -c 'cd /src && exec make test' </dev/null &
+  wait $!
 }
 
 chroot_leg() {
@@ -318,13 +321,26 @@ if (($# == 1)); then
 fi
 
 # Several legs: each in a process of its own. Not a function call under `if` or `||`: bash
-# ignores `set -e` inside those, and a leg must stop at its first failing step.
+# ignores `set -e` inside those, and a leg must stop at its first failing step. Waited for in
+# the background so that a signal reaches the running leg (which then cleans up) at once.
+# Always as SIGTERM: a background process of a non-interactive shell ignores SIGINT.
+child=
+# shellcheck disable=SC2317 # called from the traps below
+forward() {
+  [[ -n $child ]] && kill -s TERM "$child" 2>/dev/null && wait "$child"
+  exit "$1"
+}
+trap 'forward 130' INT
+trap 'forward 143' TERM
 results=()
 failed=0
 for leg in "$@"; do
   start=$SECONDS
   status=0
-  "$BASH" "${BASH_SOURCE[0]}" "$leg" || status=$?
+  "$BASH" "${BASH_SOURCE[0]}" "$leg" &
+  child=$!
+  wait "$child" || status=$?
+  child=
   if ((status == 0)); then
     results+=("$leg passed $((SECONDS - start))")
   else
