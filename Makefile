@@ -55,8 +55,8 @@ CPP_SOURCES = $(shell find cpp \( -name '*.h' -o -name '*.cpp' \) -type f | sort
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py demo lint \
-	format clean distclean
+.PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py test-matrix \
+	test-leg demo lint format clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -65,14 +65,14 @@ help: ## Show this help
 		| awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables: PYTEST_ARGS, DEMO_ARGS, JOBS (=$(JOBS)), BUILD_TYPE (=$(BUILD_TYPE)),"
-	@echo "           SYSTEM_PYTHON (=$(SYSTEM_PYTHON)), VENV (=$(VENV))"
+	@echo "           SYSTEM_PYTHON (=$(SYSTEM_PYTHON)), VENV (=$(VENV)), LEG, CHROOT_DIR"
 
 # ---- environment -------------------------------------------------------------------------------
 
 system-deps: ## Install missing Debian build/test packages (apt, uses sudo if not root)
 	@scripts/system-deps.sh $(SYSTEM_PKGS)
 
-test-deps: ## Install the Debian packages only the tests need (chromium, for the browser tests)
+test-deps: ## Install the Debian packages only the tests need (prometheus, chromium)
 	@scripts/system-deps.sh $(TEST_PKGS)
 
 # Only the C++ formatter comes from Debian. ruff, mypy and the runtime dependencies (so mypy can
@@ -125,6 +125,18 @@ test-py: ## Run the Python tests with .venv's pytest (PYTEST_ARGS=...)
 		2>/dev/null || { echo "test-py: pytest or fastapi_loopguard is not installed in" \
 		"$(VENV); run 'make install' (or 'make dev') first." >&2; exit 1; }
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Pythons we claim (pyproject's classifiers): 3.11 is the host's python3 and runs `make test`
+# itself; 3.13 and 3.14 run the same `make test` inside Debian trixie and sid chroots (created on
+# first use in CHROOT_DIR, then reused). Needs root. See scripts/matrix-leg.sh.
+MATRIX_LEGS := 3.11 3.13 3.14
+test-matrix: ## Run all tests on every Python we claim: 3.11, 3.13, 3.14 (root; chroots)
+	@scripts/matrix-leg.sh $(MATRIX_LEGS)
+
+test-leg: ## Run all tests on one Python of the matrix: make test-leg LEG=3.13
+	@[[ -n "$(LEG)" ]] || { echo "test-leg: say which one, e.g. make test-leg LEG=3.13" \
+		"(legs: $(MATRIX_LEGS))" >&2; exit 2; }
+	@scripts/matrix-leg.sh $(LEG)
 
 # `loopguard demo` is the README's first command; the console script comes with the install.
 demo: install ## Install, then run `loopguard demo` (DEMO_ARGS=..., e.g. --duration 30)

@@ -21,7 +21,7 @@ def test_every_option_but_the_callback_has_a_variable() -> None:
     assert set(option_types()) == names - {"on_blocking", "prometheus_registry"}
     # Every annotation is one the parser knows: a new option cannot be silently unsettable.
     for option, annotation in option_types().items():
-        assert annotation in ("bool", "int", "float", "frozenset[str]", "str | None"), option
+        assert annotation in ("bool", "int", "float", "frozenset[str]", "str", "str | None"), option
 
 
 def test_empty_environment_gives_the_defaults() -> None:

@@ -1,7 +1,8 @@
 """LoopGuardConfig from ``LOOPGUARD_*`` environment variables (and command-line overrides).
 
-Every option but ``on_blocking`` and ``prometheus_registry`` has a variable named after it: ``LOOPGUARD_DEV_MODE``,
-``LOOPGUARD_EVENT_LOG_PATH``, ``LOOPGUARD_EXCLUDE_PATHS`` (comma-separated), ... plus the short
+Every option but ``on_blocking`` and ``prometheus_registry`` has a variable named after it:
+``LOOPGUARD_DEV_MODE``, ``LOOPGUARD_EVENT_LOG_PATH``, ``LOOPGUARD_EXCLUDE_PATHS``
+(comma-separated), ... plus the short
 ``LOOPGUARD_THRESHOLD_MS`` for ``fallback_threshold_ms``. A value that does not parse, or that
 LoopGuardConfig refuses, raises ``EnvConfigError`` naming the variable (or flag) it came from.
 Token values are never repeated in an error message.
@@ -65,6 +66,8 @@ def _parse(variable: str, option: str, annotation: str, text: str) -> Any:
         return frozenset(p.strip() for p in value.split(",") if p.strip())
     if annotation == "str | None":
         return value or None  # an empty variable means "not set", as for unset ones
+    if annotation == "str":
+        return value  # log_format, enforcement_mode: LoopGuardConfig checks the choice
     raise EnvConfigError(f"{variable}: option {option} cannot be set from the environment")
 
 
