@@ -56,7 +56,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
 .PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py test-matrix \
-	test-leg demo lint format clean distclean
+	test-leg demo bench lint format clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -141,6 +141,10 @@ test-leg: ## Run all tests on one Python of the matrix: make test-leg LEG=3.13
 # `loopguard demo` is the README's first command; the console script comes with the install.
 demo: install ## Install, then run `loopguard demo` (DEMO_ARGS=..., e.g. --duration 30)
 	$(VENV)/bin/loopguard demo $(DEMO_ARGS)
+
+bench: install ## A/B against a bare app: throughput ratios and idle CPU, asyncio and uvloop (wrk)
+	@scripts/system-deps.sh wrk util-linux
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 # ---- code style --------------------------------------------------------------------------------
 
