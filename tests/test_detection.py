@@ -136,15 +136,15 @@ def test_loop_starved_of_the_gil_by_a_sync_endpoint(server: Server) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             holder = asyncio.create_task(
-                client.get("/gil-holder", headers={"x-request-id": "sync-holder"})
+                client.get("/gil-holder?n=25", headers={"x-request-id": "sync-holder"})
             )
             await asyncio.sleep(0.1)  # the match is running in the threadpool now
             # Requests keep arriving while it runs: the loop needs the GIL to serve them.
             pings = []
-            for i in range(8):
-                headers = {"x-request-id": f"ping-{i}"}
+            while not holder.done() and len(pings) < 200:
+                headers = {"x-request-id": f"ping-{len(pings)}"}
                 pings.append(asyncio.create_task(client.get("/ping", headers=headers)))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.03)
             responses = await asyncio.gather(holder, *pings)
             assert all(r.status_code == 200 for r in responses)
 

@@ -355,7 +355,19 @@ void Engine::take_sample() {
       // native code (a regex, a big json or pickle, a C extension); one that waits on a futex
       // waits for it while another thread holds it.
       if (s.kind == Kind::kCpu) s.kind = Kind::kNative;
-      if (s.kind == Kind::kLock) s.kind = Kind::kGil;
+      if (s.kind == Kind::kLock) {
+        s.kind = Kind::kGil;
+        // The sampler is still waiting for the GIL; point its pending capture at the thread
+        // holding it (a zero timeout only retargets), so the late stack names the culprit.
+        if (probe_) {
+          const auto running =
+              probe_->running_threads({probe_->tid(), watchdog_tid_, sampler_->thread_id()});
+          Sample ignored;
+          if (!running.empty()) {
+            (void)sampler_->sample_thread(ignored, 0, config_.capture_stacks, running.front());
+          }
+        }
+      }
     }
   }
   // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to

@@ -111,7 +111,13 @@ class PySampler final : public StackSampler {
   bool request(Sample& out, Nanos timeout, bool frames, long target) {
     std::unique_lock<std::mutex> lock(mutex_);
     // A previous request still waiting for the GIL: native code holds it. Do not queue more.
-    if (stop_ || state_ != State::kIdle) return false;
+    if (stop_) return false;
+    if (state_ != State::kIdle) {
+      // Still waiting for the GIL on an earlier request. If the watchdog now knows which thread
+      // holds it, that thread's stack is what the pending capture should take.
+      if (target != 0) target_ = target;
+      return false;
+    }
     state_ = State::kRequested;
     want_frames_ = frames;
     target_ = target;
@@ -167,7 +173,6 @@ class PySampler final : public StackSampler {
       cv_.wait(lock, [this] { return stop_ || state_ == State::kRequested; });
       if (stop_) break;
       const bool frames = want_frames_;
-      const long target = target_;
       lock.unlock();
       Sample local;
       bool ok = false;
@@ -175,6 +180,13 @@ class PySampler final : public StackSampler {
         phase_.store(Phase::kAcquiringGil, std::memory_order_release);
         PyEval_RestoreThread(self);
         phase_.store(Phase::kOther, std::memory_order_release);
+        // Read the target only now: while we waited for the GIL the watchdog may have learned
+        // that another thread holds it, and that thread is the one worth seeing (retarget()).
+        long target = 0;
+        {
+          std::lock_guard<std::mutex> guard(mutex_);
+          target = target_;
+        }
         const Nanos t0 = monotonic_now();
         local.t = t0;
         capture(local, frames, target);
