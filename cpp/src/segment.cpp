@@ -141,7 +141,13 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
   for (std::size_t r = 0; r < runs.size(); ++r) {
     const auto [first, last] = runs[r];
     const Nanos end = r + 1 < runs.size() ? (s[last]->t + s[runs[r + 1].first]->t) / 2 : in.end;
-    if (end - start >= in.threshold) {
+    // Loop or library code outside any request, with no application frame in any sample: not
+    // actionable, and on a saturated loop indistinguishable from many short callbacks.
+    bool anonymous = true;
+    for (std::size_t i = first; i <= last && anonymous; ++i) {
+      anonymous = s[i]->token == 0 && s[i]->has_stack && s[i]->culprit < 0;
+    }
+    if (end - start >= in.threshold && !anonymous) {
       out.events.push_back(make_event(s, first, last, start, end, in));
     } else {
       out.saturated += end - start;

@@ -224,6 +224,8 @@ TEST(SplitStall, LibraryOnlySamplesOutsideRequestsDoNotJoin) {
   const StallResult r = split_stall(samples, Input(kT0, At(80)));
   EXPECT_TRUE(r.events.empty());
   EXPECT_EQ(r.saturated, At(80) - kT0);
+  // Alone, such a sample is no event either: nobody could act on it.
+  EXPECT_TRUE(split_stall({samples[0]}, Input(kT0, At(55))).events.empty());
   // The same samples with an application frame are one culprit.
   for (auto& s : samples) s.culprit = 0;
   EXPECT_EQ(split_stall(samples, Input(kT0, At(80))).events.size(), 1u);
