@@ -41,6 +41,9 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "event_log_path": None,
     "dashboard_path": None,
     "dashboard_token": None,
+    "cumulative_blocking_enabled": True,
+    "cumulative_blocking_threshold_ms": 200,
+    "cumulative_window_ms": 1000,
 }
 
 
@@ -102,6 +105,7 @@ BOOLS = [
     "adaptive_threshold",
     "capture_stacks",
     "otel_enabled",
+    "cumulative_blocking_enabled",
 ]
 
 # option -> (values that must be refused, text the message must contain)
@@ -115,6 +119,8 @@ BAD: dict[str, tuple[list[Any], str]] = {
     "fallback_threshold_ms": ([0, 0.5, -10, float("inf"), "50"], "[1, 3.6e+06]"),
     "calibration_iterations": ([-1, 1.5, 10_001, "10"], "[0, 10000]"),
     "hang_threshold_ms": ([-1, 3_600_001, "1s", None], "[0, 3.6e+06]"),
+    "cumulative_window_ms": ([0, 9, 3_600_001, "1s", None], "[10, 3.6e+06]"),
+    "cumulative_blocking_threshold_ms": ([0, -5, 1001, "200", None], "[1, 1000]"),
     "exclude_paths": (["/health", {"health"}, {1}, 5, None], "paths starting with '/'"),
     "on_blocking": ([5, "print"], "callable"),
     "prometheus_registry": (["REGISTRY", 5, object()], "CollectorRegistry or None"),
@@ -153,6 +159,13 @@ def test_min_samples_bounded_by_window() -> None:
     LoopGuardConfig(adaptive_window_size=50, adaptive_min_samples=50)
     with pytest.raises(ValueError, match="adaptive_min_samples"):
         LoopGuardConfig(adaptive_window_size=50, adaptive_min_samples=51)
+
+
+def test_cumulative_threshold_bounded_by_its_window() -> None:
+    config = LoopGuardConfig(cumulative_window_ms=5000, cumulative_blocking_threshold_ms=5000)
+    assert config.cumulative_blocking_threshold_ms == 5000
+    with pytest.raises(ValueError, match=r"^cumulative_blocking_threshold_ms .*\[1, 500\]"):
+        LoopGuardConfig(cumulative_window_ms=500, cumulative_blocking_threshold_ms=501)
 
 
 def test_exclude_paths_accepts_any_iterable_and_is_frozen() -> None:

@@ -151,13 +151,63 @@ def test_loop_starved_of_the_gil_by_a_sync_endpoint(server: Server) -> None:
     asyncio.run(main())
     events = wait_events(server, 1)
     gil_events = [e for e in events if e["kind"] == "gil"]
-    assert len(gil_events) == 1, events
+    assert len(gil_events) == 1, f"{events}\n{stats(server)}\n{server.log()[-2000:]}"
     event = gil_events[0]
     # Blamed on the thread that held the GIL, through its request's Context, not on a ping.
     assert event["request_id"] == "sync-holder", [(k, v) for k, v in event.items() if k != "stack"]
     assert event["route"] == "/gil-holder"
     assert event["culprit"]["lineno"] == line("gil")
     assert not [e for e in events if (e["request_id"] or "").startswith("ping-")]
+
+
+def test_many_short_blocks_are_cumulative(server: Server) -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            bystanders = [
+                asyncio.create_task(client.get("/idle", headers={"x-request-id": f"idle-{i}"}))
+                for i in range(5)
+            ]
+            await asyncio.sleep(0.05)
+            response = await client.get("/cuts", headers={"x-request-id": "cuts-1"})
+            assert response.status_code == 200
+            # Counted in the request's own dev headers, like any block it caused.
+            assert response.headers["x-blocking-count"] == "1", response.headers
+            assert all(r.status_code == 200 for r in await asyncio.gather(*bystanders))
+
+    asyncio.run(main())
+    events = wait_events(server, 1)
+    assert len(events) == 1, events
+    event = events[0]
+    assert event["kind"] == "cumulative"
+    assert event["request_id"] == "cuts-1"
+    assert event["route"] == "/cuts"
+    # Reported as soon as the window held 200 ms: 25 slices of 8 ms, a little more on a busy host.
+    assert 200 <= event["duration_ms"] < 280, event["duration_ms"]
+    assert 20 <= event["samples"] <= 40, event["samples"]
+    assert event["victims"] >= 1
+    # Where the request waited right after its last slice.
+    assert event["culprit"]["lineno"] == line("cuts")
+    assert event["culprit"]["function"] == "cuts"
+    assert stats(server)["cumulative_events"] == 1
+
+
+def test_cumulative_spares_spread_out_work_and_single_blocks(server: Server) -> None:
+    # 40 slices, but never 200 ms within one second: nothing cumulative.
+    async def spread() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            for _ in range(8):
+                assert (await client.get("/cuts?slices=5")).status_code == 200
+                await asyncio.sleep(0.5)
+
+    asyncio.run(spread())
+    # One 150 ms block and 80 ms of slices: the block is an ordinary event, never counted again.
+    response = httpx.get(server.url + "/block-once", timeout=30)
+    assert response.status_code == 200
+    events = wait_events(server, 1)
+    assert [(e["kind"], e["culprit"]["lineno"]) for e in events] == [
+        ("sleep", line("block-once"))
+    ], events
+    assert stats(server)["cumulative_events"] == 0
 
 
 def test_saturation_is_not_blocking(server: Server) -> None:

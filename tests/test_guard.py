@@ -305,3 +305,79 @@ def test_disabled_guard_is_transparent() -> None:
     sent = asyncio.run(call(middleware, http_scope("/")))
     assert headers_of(sent) == {}
     assert not middleware.guard.running
+
+
+def test_timed_steps_are_transparent_to_the_coroutine(loop_name: str) -> None:
+    """The step timer drives a request's coroutine exactly as ``await`` would."""
+
+    async def main() -> None:
+        async with LoopGuard(LoopGuardConfig(log_blocking_events=False)) as guard:
+            info, var_token = guard.begin("timed")
+
+            async def returns() -> int:
+                await asyncio.sleep(0)
+                return 42
+
+            assert await guard.timed(returns(), info) == 42
+
+            async def raises() -> None:
+                await asyncio.sleep(0)
+                raise KeyError("inner")
+
+            with pytest.raises(KeyError, match="inner"):
+                await guard.timed(raises(), info)
+
+            seen: list[str] = []
+
+            async def cancelled() -> None:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    seen.append("cancelled inside")
+                    await asyncio.sleep(0)  # cleanup may still await
+                    seen.append("cleaned up")
+                    raise
+
+            async def outer() -> None:
+                await guard.timed(cancelled(), info)
+
+            task = asyncio.ensure_future(outer())
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert seen == ["cancelled inside", "cleaned up"]
+
+            async def swallows() -> str:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    return "recovered"
+                return "not reached"
+
+            task2 = asyncio.ensure_future(_await(guard.timed(swallows(), info)))
+            await asyncio.sleep(0.01)
+            task2.cancel()
+            assert await task2 == "recovered"
+
+            # A coroutine closed while suspended is closed with it.
+            closed: list[bool] = []
+
+            async def suspended() -> None:
+                try:
+                    await asyncio.sleep(10)
+                finally:
+                    closed.append(True)
+
+            generator = guard.timed(suspended(), info).__await__()
+            next(generator)
+            generator.close()
+            assert closed == [True]
+            guard.end(info, var_token)
+            assert guard.stats()["cumulative_events"] == 0
+
+    run(loop_name, main)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

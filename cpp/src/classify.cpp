@@ -28,6 +28,8 @@ const char* kind_name(Kind kind) noexcept {
       return "starved";
     case Kind::kIdle:
       return "idle";
+    case Kind::kCumulative:
+      return "cumulative";
     case Kind::kUnknown:
       break;
   }

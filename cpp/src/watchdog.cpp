@@ -100,6 +100,14 @@ void RequestTable::commit(const Credits& credits) {
   live_.clear();
 }
 
+void RequestTable::credit(std::uint64_t token, Nanos duration) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (auto it = inflight_.find(token); it != inflight_.end()) {
+    ++it->second.counters.count;
+    it->second.counters.total += duration;
+  }
+}
+
 // ---- Engine -----------------------------------------------------------------------------------
 
 namespace {
@@ -120,7 +128,8 @@ Engine::Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
       probe_(std::move(probe)),
       sampler_(std::move(sampler)),
       threshold_(threshold),
-      ring_(config.ring_capacity) {
+      ring_(config.ring_capacity),
+      cumulative_(config.cumulative) {
   int fds[2];
   if (::pipe(fds) == 0) {
     for (int fd : fds) {
@@ -406,6 +415,9 @@ void Engine::fill_late_stack(Nanos until) {
   // the loop got the GIL first and finished its iteration: allow it a little past the end.
   const Nanos limit = late.thread != 0 ? until + config_.stack_timeout : until;
   if (late.t < stall_.start || late.t > limit || !late.has_stack) return;
+  // The GIL holder seen only after it had left its request (back waiting in its pool): where it
+  // is now says nothing about what held the GIL. The stall keeps its kind without a culprit.
+  if (late.thread != 0 && late.token == 0 && late.culprit < 0) return;
   bool used = false;
   for (auto& s : stall_.samples) {
     if (s.has_stack || s.t > late.t) continue;
@@ -550,7 +562,18 @@ std::uint64_t Engine::begin_request(std::string label) {
 
 void Engine::end_request(std::uint64_t token) {
   requests_.end(token);
+  cumulative_.forget(token);
   last_request_end_.store(clock_->now(), std::memory_order_relaxed);
+}
+
+std::optional<Event> Engine::record_step(std::uint64_t token, Nanos start, Nanos end) {
+  std::optional<Event> ev = cumulative_.record(token, start, end, threshold_.current());
+  if (!ev) return ev;
+  const std::uint32_t inflight = requests_.inflight();
+  ev->victims = inflight > 0 ? inflight - 1 : 0;
+  requests_.credit(token, ev->duration);
+  cumulative_events_.fetch_add(1, std::memory_order_relaxed);
+  return ev;
 }
 
 std::vector<Event> Engine::drain() {
@@ -571,6 +594,7 @@ EngineStats Engine::stats() const {
   s.stack_timeouts = stack_timeouts_.load(std::memory_order_relaxed);
   s.hangs = hangs_.load(std::memory_order_relaxed);
   s.late_stacks = late_stacks_.load(std::memory_order_relaxed);
+  s.cumulative_events = cumulative_events_.load(std::memory_order_relaxed);
   s.saturated = saturated_.load(std::memory_order_relaxed);
   s.threshold = threshold_.current();
   s.baseline = threshold_.baseline();

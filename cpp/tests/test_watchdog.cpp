@@ -1022,6 +1022,80 @@ TEST_F(EngineTest, LateSampleFromBeforeTheStallIsIgnored) {
   EXPECT_EQ(engine_->request_counters(token).count, 0u);
 }
 
+// ---- Cumulative blocking ------------------------------------------------------------------------
+
+// Steps of a request's coroutine reach the cumulative threshold: the event is the request's, its
+// counters (the dev headers) include it, and the other requests in flight are its victims.
+TEST_F(EngineTest, CumulativeStepsAreCreditedToTheRequest) {
+  const std::uint64_t culprit = engine_->begin_request("GET /cuts");
+  const std::uint64_t other = engine_->begin_request("GET /ping");
+  std::optional<Event> ev;
+  Nanos t = Now();
+  for (int i = 0; i < 40 && !ev; ++i, t += 10 * kMs) {
+    EXPECT_FALSE(engine_->record_step(other, t + 8 * kMs, t + 9 * kMs).has_value());
+    ev = engine_->record_step(culprit, t, t + 8 * kMs);
+  }
+  ASSERT_TRUE(ev.has_value());
+  EXPECT_EQ(ev->kind, Kind::kCumulative);
+  EXPECT_EQ(ev->token, culprit);
+  EXPECT_EQ(ev->victims, 1u);
+  EXPECT_EQ(engine_->request_counters(culprit).count, 1u);
+  EXPECT_EQ(engine_->request_counters(culprit).total, 200 * kMs);
+  EXPECT_EQ(engine_->request_counters(other).count, 0u);
+  EXPECT_EQ(engine_->stats().cumulative_events, 1u);
+  EXPECT_TRUE(engine_->drain().empty());  // handed back directly, never through the ring
+  engine_->end_request(culprit);
+  EXPECT_FALSE(engine_->record_step(culprit, t, t + 8 * kMs).has_value());
+}
+
+// A late sample of the GIL holder taken after it went back to its pool (no request, no
+// application frame) names nothing: the stall is still reported, as a GIL wait without culprit,
+// instead of being pinned on idle pool code or dropped.
+TEST_F(EngineTest, LateSampleOfAnIdleHolderIsIgnored) {
+  const std::uint64_t token = engine_->begin_request();
+  py_->succeed = false;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  Advance(2 * kMs);
+  Step();
+  Sample late;
+  late.t = t0 + 53 * kMs;
+  late.thread = 5151;
+  late.frames = {FrameInfo{"/usr/lib/python3.13/threading.py", "wait", 359}};
+  late.has_stack = true;
+  py_->late = late;
+  Advance(5 * kMs);
+  LoopWaits();
+  Step();
+  EXPECT_EQ(py_->late_taken, 1);
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_TRUE(events[0].stack_missing);
+  EXPECT_EQ(events[0].token, 0u);
+  EXPECT_EQ(engine_->stats().late_stacks, 0u);
+  EXPECT_EQ(engine_->request_counters(token).count, 0u);
+
+  // The same thread still inside a request is the culprit, even without an application frame.
+  const Nanos t1 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  late.t = t1 + 51 * kMs;
+  late.token = token;
+  py_->late = late;
+  Advance(5 * kMs);
+  LoopWaits();
+  Step();
+  const std::vector<Event> named = engine_->drain();
+  ASSERT_EQ(named.size(), 1u);
+  EXPECT_EQ(named[0].token, token);
+  EXPECT_EQ(engine_->stats().late_stacks, 1u);
+}
+
 #ifdef SYS_futex
 constexpr std::uint64_t kGilAddress = 0x7f0012345678;
 

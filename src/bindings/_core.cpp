@@ -1,5 +1,6 @@
 // The one binding file: it converts types between Python and the engine and holds no logic.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -14,6 +15,12 @@ using namespace loopguard;
 NB_MODULE(_core, m) {
   m.doc() = "fastapi-loopguard native engine";
 
+  nb::class_<CumulativeConfig>(m, "CumulativeConfig")
+      .def(nb::init<>())
+      .def_rw("enabled", &CumulativeConfig::enabled)
+      .def_rw("threshold_ns", &CumulativeConfig::threshold)
+      .def_rw("window_ns", &CumulativeConfig::window);
+
   nb::class_<WatchdogConfig>(m, "WatchdogConfig")
       .def(nb::init<>())
       .def_rw("interval_ns", &WatchdogConfig::interval)
@@ -25,7 +32,8 @@ NB_MODULE(_core, m) {
       .def_rw("ring_capacity", &WatchdogConfig::ring_capacity)
       .def_rw("capture_stacks", &WatchdogConfig::capture_stacks)
       .def_rw("hang_threshold_ns", &WatchdogConfig::hang_threshold)
-      .def_rw("hang_fd", &WatchdogConfig::hang_fd);
+      .def_rw("hang_fd", &WatchdogConfig::hang_fd)
+      .def_rw("cumulative", &WatchdogConfig::cumulative);
 
   nb::class_<ThresholdConfig>(m, "ThresholdConfig")
       .def(nb::init<>())
@@ -41,7 +49,8 @@ NB_MODULE(_core, m) {
       .def(nb::init<>())
       .def_rw("library_prefixes", &SamplerConfig::library_prefixes)
       .def_rw("application_prefixes", &SamplerConfig::application_prefixes)
-      .def_rw("max_depth", &SamplerConfig::max_depth);
+      .def_rw("max_depth", &SamplerConfig::max_depth)
+      .def_rw("loop_is_main_thread", &SamplerConfig::loop_is_main_thread);
 
   nb::class_<FrameInfo>(m, "FrameInfo")
       .def_ro("filename", &FrameInfo::filename)
@@ -73,6 +82,7 @@ NB_MODULE(_core, m) {
       .def_ro("stack_timeouts", &EngineStats::stack_timeouts)
       .def_ro("hangs", &EngineStats::hangs)
       .def_ro("late_stacks", &EngineStats::late_stacks)
+      .def_ro("cumulative_events", &EngineStats::cumulative_events)
       .def_ro("saturated_ns", &EngineStats::saturated)
       .def_ro("threshold_ns", &EngineStats::threshold)
       .def_ro("baseline_ns", &EngineStats::baseline)
@@ -105,6 +115,7 @@ NB_MODULE(_core, m) {
       .def("gc_end", &PyEngine::gc_end)
       .def("begin_request", &PyEngine::begin_request)
       .def("end_request", &PyEngine::end_request)
+      .def("record_step", &PyEngine::record_step)
       .def("request_counters", &PyEngine::request_counters)
       .def("drain", &PyEngine::drain)
       .def("calibrate", &PyEngine::calibrate)

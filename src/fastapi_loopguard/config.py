@@ -59,6 +59,11 @@ class LoopGuardConfig:
     on_blocking: Callable[[BlockingEvent], Any] | None = None
     capture_stacks: bool = True
     hang_threshold_ms: float = 1000
+    # Many short blocks of one request, each below the threshold: reported once they add up to
+    # cumulative_blocking_threshold_ms within cumulative_window_ms.
+    cumulative_blocking_enabled: bool = True
+    cumulative_blocking_threshold_ms: float = 200
+    cumulative_window_ms: float = 1000
     # None: prometheus_client's global REGISTRY.
     prometheus_registry: Any = None
     metrics_path: str | None = "/metrics"
@@ -81,6 +86,7 @@ class LoopGuardConfig:
             "adaptive_threshold",
             "capture_stacks",
             "otel_enabled",
+            "cumulative_blocking_enabled",
         ):
             _check_bool(name, getattr(self, name))
         _check_number("monitor_interval_ms", self.monitor_interval_ms, 1, 1000)
@@ -104,6 +110,14 @@ class LoopGuardConfig:
             "calibration_iterations", self.calibration_iterations, 0, 10_000, integer=True
         )
         _check_number("hang_threshold_ms", self.hang_threshold_ms, 0, 3_600_000)
+        _check_number("cumulative_window_ms", self.cumulative_window_ms, 10, 3_600_000)
+        # More blocking than the window is long cannot happen within it.
+        _check_number(
+            "cumulative_blocking_threshold_ms",
+            self.cumulative_blocking_threshold_ms,
+            1,
+            self.cumulative_window_ms,
+        )
         if self.on_blocking is not None and not callable(self.on_blocking):
             raise ValueError(f"on_blocking must be a callable or None, got {self.on_blocking!r}")
         object.__setattr__(self, "exclude_paths", _paths("exclude_paths", self.exclude_paths))

@@ -48,6 +48,10 @@ FIXES: dict[str, str] = {
         "The loop thread was waiting for a CPU: the machine or container is overloaded "
         "(too many workers or threads for its cores)."
     ),
+    "cumulative": (
+        "Many short blocks of this request added up: each step between two awaits does CPU or "
+        "blocking work; batch it into one `await asyncio.to_thread(fn, ...)` call."
+    ),
     "unknown": "Run the blocking call in a thread: `await asyncio.to_thread(fn, ...)`.",
 }
 PENDING = "culprit pending (the event was not delivered in time; see the log)"

@@ -22,11 +22,12 @@ import site
 import sysconfig
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ._native import _core
@@ -42,6 +43,8 @@ _NS_PER_MS = 1_000_000
 # Finished requests kept so that an event drained after its request ended still names it.
 _RECENT_REQUESTS = 4096
 _KEPT_EVENTS = 1000
+# Coroutines followed down from a request's own when it is suspended (a cumulative event's stack).
+_MAX_SUSPENDED_DEPTH = 64
 
 
 @dataclass
@@ -137,6 +140,11 @@ class LoopGuard:
         watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
         watchdog.capture_stacks = cfg.capture_stacks
         watchdog.hang_threshold_ns = int(cfg.hang_threshold_ms * _NS_PER_MS)
+        cumulative = _core.CumulativeConfig()
+        cumulative.enabled = cfg.cumulative_blocking_enabled
+        cumulative.threshold_ns = int(cfg.cumulative_blocking_threshold_ms * _NS_PER_MS)
+        cumulative.window_ns = int(cfg.cumulative_window_ms * _NS_PER_MS)
+        watchdog.cumulative = cumulative
         threshold = _core.ThresholdConfig()
         threshold.multiplier = float(cfg.threshold_multiplier)
         threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
@@ -148,6 +156,7 @@ class LoopGuard:
         sampler = _core.SamplerConfig()
         sampler.library_prefixes = _LIBRARY_PREFIXES
         sampler.application_prefixes = _APPLICATION_PREFIXES
+        sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()
         engine = _core.Engine(watchdog, threshold, sampler, self._request_var)
         self._engine = engine
         self._loop = loop
@@ -322,6 +331,7 @@ class LoopGuard:
             "samples": s.samples,
             "stack_timeouts": s.stack_timeouts,
             "late_stacks": s.late_stacks,
+            "cumulative_events": s.cumulative_events,
             "hangs": s.hangs,
             "saturation_ms": s.saturated_ns / ms,
             "sample_pause_count": s.pause_count,
@@ -342,6 +352,40 @@ class LoopGuard:
             return [0] * (len(bounds_s) + 1), 0.0
         counts = engine.lag_cumulative([int(b * 1e9) for b in bounds_s])
         return list(counts), engine.lag_sum_ns() / 1e9
+
+    def timed(self, coro: Coroutine[Any, Any, Any], info: RequestInfo) -> Awaitable[Any]:
+        """``coro`` (a request's own coroutine) with each of its steps on the loop timed.
+
+        The engine adds the steps up per request: many blocks too short to be a stall each are
+        reported as cumulative blocking once they reach ``cumulative_blocking_threshold_ms``
+        within ``cumulative_window_ms``. Child tasks the request starts run as their own tasks
+        and are not counted.
+        """
+        return _TimedSteps(coro, self, info)
+
+    def _step(
+        self, info: RequestInfo, start: int, end: int, coro: Coroutine[Any, Any, Any] | None
+    ) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            raw = engine.record_step(info.token, start, end)
+            if raw is None:
+                return
+            event = self._convert(raw, info, engine.now_ns(), time.time())
+            # The steps are over; the one place left to point at is where the request's
+            # coroutine waits now, right after the last of them.
+            stack = _suspended_stack(coro) if coro is not None else ()
+            if stack:
+                culprit = next((f for f in reversed(stack) if _is_application(f.filename)), None)
+                event = replace(event, stack=stack, culprit=culprit, stack_missing=False)
+            if info.events is None:
+                info.events = []
+            info.events.append(event)
+            self._dispatch(event, info)
+        except Exception:  # the guard must never break the request it times
+            logger.exception("fastapi_loopguard: timing a request step failed")
 
     # -- pulse and delivery ---------------------------------------------------------------------
 
@@ -422,6 +466,75 @@ class LoopGuard:
                 callback(event)
             except Exception:
                 logger.exception("fastapi_loopguard: on_blocking callback raised")
+
+
+class _TimedSteps:
+    """Drives a coroutine as ``await`` would, and reports how long each step ran on the loop.
+
+    A step runs from the loop resuming the coroutine (``send``/``throw``) until it suspends
+    again or finishes; that is exactly the time the request's own code held the loop. The only
+    cost is two clock reads and one call into the engine per step.
+    """
+
+    __slots__ = ("_coro", "_guard", "_info")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], guard: LoopGuard, info: RequestInfo) -> None:
+        self._coro = coro
+        self._guard = guard
+        self._info = info
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, guard, info = self._coro, self._guard, self._info
+        clock = time.monotonic_ns  # CLOCK_MONOTONIC, the engine's clock
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            start = clock()
+            try:
+                yielded = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                guard._step(info, start, clock(), None)
+                return stop.value
+            except BaseException:
+                guard._step(info, start, clock(), None)
+                raise
+            finally:
+                error = None
+            guard._step(info, start, clock(), coro)
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation included: handed to the coroutine
+                error, value = exc, None
+
+
+def _suspended_stack(coro: object) -> tuple[Frame, ...]:
+    """Where a suspended coroutine waits, outermost first, following what each one awaits."""
+    frames: list[Frame] = []
+    obj: object = coro
+    while len(frames) < _MAX_SUSPENDED_DEPTH:
+        if isinstance(obj, types.CoroutineType):
+            frame, obj = obj.cr_frame, obj.cr_await
+        elif isinstance(obj, types.GeneratorType):
+            frame, obj = obj.gi_frame, obj.gi_yieldfrom
+        else:
+            break
+        if frame is None:
+            break
+        code = frame.f_code
+        frames.append(Frame(code.co_filename, frame.f_lineno or 0, code.co_qualname))
+    return tuple(frames)
+
+
+def _is_application(filename: str) -> bool:
+    """The same rule as the native sampler's: neither stdlib, site-packages nor this package."""
+    if not filename or filename.startswith("<"):
+        return False
+    if any(filename.startswith(p) for p in _APPLICATION_PREFIXES):
+        return True
+    return not any(filename.startswith(p) for p in _LIBRARY_PREFIXES)
 
 
 def format_event(event: BlockingEvent) -> str:

@@ -10,7 +10,7 @@ also answers ``metrics_path`` itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import enforcement
@@ -103,9 +103,13 @@ class LoopGuardMiddleware:
             return
         try:
             if self._headers and scope["type"] == "http":
-                await self.app(scope, receive, self._checked_send(scope, info, send))
+                call = self.app(scope, receive, self._checked_send(scope, info, send))
             else:
-                await self.app(scope, receive, send)
+                call = self.app(scope, receive, send)
+            if self.config.cumulative_blocking_enabled and isinstance(call, Coroutine):
+                await self.guard.timed(call, info)
+            else:
+                await call
         finally:
             try:
                 self.guard.end(info, var_token)

@@ -118,6 +118,35 @@ async def ping() -> dict[str, bool]:
     return {"ok": True}
 
 
+# -- death by a thousand cuts --------------------------------------------------------------------
+
+
+@app.get("/cuts")
+async def cuts(slices: int = 40) -> dict[str, int]:
+    # Each slice is far below the 50 ms threshold; 25 of them reach the cumulative 200 ms.
+    for _ in range(slices):
+        burn(0.008)
+        await asyncio.sleep(0)  # culprit:cuts
+    return {"slices": slices}
+
+
+@app.get("/block-once")
+async def block_once() -> dict[str, bool]:
+    time.sleep(0.15)  # culprit:block-once
+    for _ in range(10):
+        await asyncio.sleep(0)
+        burn(0.008)
+    return {"ok": True}
+
+
+@app.get("/idle")
+async def idle() -> dict[str, bool]:
+    # In flight all along, on the loop for almost no time: an innocent bystander.
+    for _ in range(20):
+        await asyncio.sleep(0.03)
+    return {"ok": True}
+
+
 @app.get("/saturate")
 async def saturate() -> dict[str, bool]:
     burn(0.001)

@@ -17,15 +17,16 @@ namespace loopguard {
 
 enum class Kind : std::uint8_t {
   kUnknown = 0,
-  kSleep,    // clock_nanosleep/nanosleep: time.sleep and friends
-  kIo,       // blocked in a read/write/recv/send/connect/poll/select style call or in disk wait
-  kCpu,      // running Python or native code in user space
-  kLock,     // blocked on a futex: threading.Lock, queue.get, a condition variable
-  kGil,      // waiting for the GIL while another thread holds it
-  kNative,   // running native code that holds the GIL (the sampler cannot get it)
-  kGc,       // inside a cyclic garbage collection
-  kStarved,  // runnable but not scheduled: CPU throttling or an overloaded host
-  kIdle,     // back in epoll_wait/select of the loop itself: not a culprit, discard the sample
+  kSleep,       // clock_nanosleep/nanosleep: time.sleep and friends
+  kIo,          // blocked in a read/write/recv/send/connect/poll/select style call or in disk wait
+  kCpu,         // running Python or native code in user space
+  kLock,        // blocked on a futex: threading.Lock, queue.get, a condition variable
+  kGil,         // waiting for the GIL while another thread holds it
+  kNative,      // running native code that holds the GIL (the sampler cannot get it)
+  kGc,          // inside a cyclic garbage collection
+  kStarved,     // runnable but not scheduled: CPU throttling or an overloaded host
+  kIdle,        // back in epoll_wait/select of the loop itself: not a culprit, discard the sample
+  kCumulative,  // many short steps of one request (cumulative.h); never an OS classification
 };
 
 const char* kind_name(Kind kind) noexcept;

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "loopguard/clock.h"
+#include "loopguard/cumulative.h"
 #include "loopguard/event.h"
 #include "loopguard/histogram.h"
 #include "loopguard/proc.h"
@@ -80,6 +82,8 @@ class RequestTable {
   using Credits = std::vector<std::pair<std::uint64_t, Nanos>>;
   void set_live(Credits credits);
   void commit(const Credits& credits);
+  // One more event for one request, outside any stall (the live credits stay as they are).
+  void credit(std::uint64_t token, Nanos duration);
 
  private:
   mutable std::mutex mutex_;
@@ -142,6 +146,7 @@ struct WatchdogConfig {
   // doubling intervals while it lasts. 0 disables.
   Nanos hang_threshold = 1000 * kMs;
   int hang_fd = 2;
+  CumulativeConfig cumulative;
 };
 
 struct EngineStats {
@@ -152,6 +157,7 @@ struct EngineStats {
   std::uint64_t stack_timeouts = 0;
   std::uint64_t hangs = 0;
   std::uint64_t late_stacks = 0;
+  std::uint64_t cumulative_events = 0;
   Nanos saturated = 0;
   Nanos threshold = 0;
   Nanos baseline = 0;
@@ -185,6 +191,9 @@ class Engine {
   void heartbeat_off() noexcept;
   std::uint64_t begin_request(std::string label = {});
   void end_request(std::uint64_t token);
+  // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic).
+  // Returns the cumulative-blocking event this step completes, already credited to the request.
+  std::optional<Event> record_step(std::uint64_t token, Nanos start, Nanos end);
   // Loop thread, from gc.callbacks: a collection started/finished on the loop thread.
   void gc_begin() noexcept { in_gc_.store(true, std::memory_order_relaxed); }
   void gc_end() noexcept { in_gc_.store(false, std::memory_order_relaxed); }
@@ -243,6 +252,7 @@ class Engine {
   RequestTable requests_;
   LagHistogram lag_;
   BoundedQueue<Event> ring_;
+  CumulativeTracker cumulative_;  // loop thread only
 
   std::unique_ptr<std::thread> thread_;
   std::mutex mutex_;
@@ -270,6 +280,7 @@ class Engine {
   std::atomic<std::uint64_t> stack_timeouts_{0};
   std::atomic<std::uint64_t> hangs_{0};
   std::atomic<std::uint64_t> late_stacks_{0};
+  std::atomic<std::uint64_t> cumulative_events_{0};
   std::atomic<Nanos> saturated_{0};
 };
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,9 @@ struct SamplerConfig {
   std::vector<std::string> library_prefixes;      // frames under these are not application code
   std::vector<std::string> application_prefixes;  // ... unless they are also under one of these
   std::size_t max_depth = 64;
+  // The loop runs on the main thread (uvicorn, gunicorn workers): CPython runs pending calls
+  // there, which lets the loop thread take a stack itself the moment it gets the GIL back.
+  bool loop_is_main_thread = false;
 };
 
 class PyEngine {
@@ -58,6 +62,9 @@ class PyEngine {
     if (engine_) engine_->gc_end();
   }
   void end_request(std::uint64_t token) { engine().end_request(token); }
+  std::optional<Event> record_step(std::uint64_t token, Nanos start, Nanos end) {
+    return engine().record_step(token, start, end);
+  }
   RequestCounters request_counters(std::uint64_t token) { return engine().request_counters(token); }
   std::vector<Event> drain() { return engine().drain(); }
   void calibrate(std::vector<Nanos> lags) { engine().calibrate(std::move(lags)); }

@@ -3,18 +3,23 @@
 //
 // Why a thread of its own: taking the GIL can block for as long as native code holds it, and the
 // watchdog must never hang. So the watchdog asks, waits with a timeout, and moves on; this thread
-// is the one that waits for the GIL.
+// is the one that waits for the GIL. When it has waited too long, the loop thread itself may take
+// the same capture through a CPython pending call (see queue_loop_capture()).
 //
-// What runs under the GIL here can never call back into user code: no Python-level calls, no
-// attribute lookups, and the cyclic GC is disabled for the few allocations made (frame objects,
-// a UTF-8 cache), because a collection would run __del__ methods on this thread.
+// What runs under the GIL here, on either thread, can never call back into user code: no
+// Python-level calls, no attribute lookups, and the cyclic GC is disabled for the few allocations
+// made (frame objects, a UTF-8 cache), because a collection would run __del__ methods on this
+// thread.
 #include <Python.h>
 #include <frameobject.h>
 #include <sys/syscall.h>
+#include <unistd.h>
 
 #include <array>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -38,14 +43,48 @@ std::string utf8_of(PyObject* text) {
   return std::string(data, static_cast<std::size_t>(size));
 }
 
+class PySampler;
+
+// Samplers that a queued pending call may still name, by id. Py_AddPendingCall keeps its argument
+// until the call runs, which can be after the sampler is gone; the call then finds no entry and
+// does nothing. Never destroyed: a pending call may run during interpreter finalization.
+std::mutex& registry_mutex() {
+  static auto* m = new std::mutex;
+  return *m;
+}
+std::map<std::uintptr_t, PySampler*>& registry() {
+  static auto* r = new std::map<std::uintptr_t, PySampler*>;
+  return *r;
+}
+
 class PySampler final : public StackSampler {
  public:
   PySampler(PyThreadState* loop, PyObject* request_var, SamplerConfig config)
-      : loop_(loop), request_var_(request_var), config_(std::move(config)) {
+      : loop_(loop), request_var_(request_var), config_(std::move(config)), pid_(::getpid()) {
+    {
+      std::lock_guard<std::mutex> guard(registry_mutex());
+      static std::uintptr_t next_id = 0;
+      id_ = ++next_id;
+      registry()[id_] = this;
+    }
     thread_ = std::thread([this] { run(); });
   }
 
-  ~PySampler() override { shutdown(); }
+  ~PySampler() override {
+    {
+      std::lock_guard<std::mutex> guard(registry_mutex());
+      registry().erase(id_);
+    }
+    shutdown();
+  }
+
+  // Runs on the main thread, with the GIL, between two bytecodes: CPython's pending call.
+  static int run_loop_capture(void* arg) {
+    std::lock_guard<std::mutex> guard(registry_mutex());
+    const auto it = registry().find(reinterpret_cast<std::uintptr_t>(arg));
+    if (it != registry().end()) it->second->capture_on_loop_thread();
+    return 0;
+  }
 
   bool sample(Sample& out, Nanos timeout, bool frames) override {
     return request(out, timeout, frames, 0);
@@ -116,6 +155,7 @@ class PySampler final : public StackSampler {
       // Still waiting for the GIL on an earlier request. If the watchdog now knows which thread
       // holds it, that thread's stack is what the pending capture should take.
       if (target != 0) target_ = target;
+      queue_loop_capture();
       return false;
     }
     state_ = State::kRequested;
@@ -131,6 +171,7 @@ class PySampler final : public StackSampler {
       lock.lock();
       if (!cv_.wait_for(lock, std::chrono::nanoseconds(timeout - first), done)) {
         state_ = State::kAbandoned;
+        queue_loop_capture();
         return false;
       }
     }
@@ -158,6 +199,44 @@ class PySampler final : public StackSampler {
 #else
     (void)st;
 #endif
+  }
+
+  // The sampler gave up waiting for the GIL. It keeps waiting, but when the GIL is handed over it
+  // competes with the loop thread, and losing costs the moment: a GIL holder in the threadpool
+  // may finish its request before the sampler's turn comes, and then its stack and Context name
+  // nothing. The loop thread, though, runs CPython's pending calls as soon as it has the GIL
+  // again, while the holder still waits to get it back (a forced switch), frozen right after the
+  // call that held it. So when the loop runs on the main thread, the loop thread is asked to take
+  // the pending capture itself; whichever of the two gets there first serves it.
+  // Called with mutex_ held; Py_AddPendingCall needs neither the GIL nor a thread state.
+  void queue_loop_capture() {
+    if (!config_.loop_is_main_thread || loop_capture_queued_ || compat::is_finalizing()) return;
+    if (Py_AddPendingCall(&PySampler::run_loop_capture, reinterpret_cast<void*>(id_)) == 0) {
+      loop_capture_queued_ = true;  // a full queue (-1) just leaves it to the sampler thread
+    }
+  }
+
+  void capture_on_loop_thread() {
+    long target = 0;
+    bool frames = true;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      loop_capture_queued_ = false;
+      // A forked child inherits the queue but not the request it was for.
+      if (state_ != State::kAbandoned || served_ || ::getpid() != pid_) return;
+      target = target_;
+      frames = want_frames_;
+    }
+    Sample local;
+    local.t = monotonic_now();
+    capture(local, frames, target);
+    pause_.record(monotonic_now() - local.t);
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (state_ != State::kAbandoned || served_ || !local.found || !local.has_stack) return;
+    late_ = std::move(local);
+    late_ready_ = true;
+    served_ = true;  // the sampler thread's own capture, once it gets the GIL, is later: dropped
+    cv_.notify_all();
   }
 
   void run() {
@@ -202,11 +281,13 @@ class PySampler final : public StackSampler {
         cv_.notify_all();
       } else {
         // The watchdog gave up waiting: native code held the GIL. Keep what we saw once it let
-        // go; the watchdog fills the stall's missing stacks with it.
-        if (ok && local.found && local.has_stack) {
+        // go (unless the loop thread already did); the watchdog fills the stall's missing stacks
+        // with it.
+        if (ok && local.found && local.has_stack && !served_) {
           late_ = std::move(local);
           late_ready_ = true;
         }
+        served_ = false;
         state_ = State::kIdle;
         cv_.notify_all();
       }
@@ -303,6 +384,8 @@ class PySampler final : public StackSampler {
   PyThreadState* const loop_;
   PyObject* const request_var_;  // borrowed: PyEngine owns it and outlives this sampler
   const SamplerConfig config_;
+  const pid_t pid_;
+  std::uintptr_t id_ = 0;
   LagHistogram pause_;
   std::array<std::atomic<std::uint64_t>, 4> gil_futexes_{};
   std::atomic<std::size_t> next_slot_{0};
@@ -320,6 +403,8 @@ class PySampler final : public StackSampler {
   bool result_ok_ = false;
   Sample late_;
   bool late_ready_ = false;
+  bool loop_capture_queued_ = false;  // a pending call is queued and has not run yet
+  bool served_ = false;               // the abandoned capture was taken on the loop thread
 };
 
 }  // namespace

@@ -123,6 +123,17 @@ async def checkout() -> dict[str, Any]:
     return {"checkout": "done"}
 
 
+@app.get("/api/feed")
+async def activity_feed() -> dict[str, int]:
+    # Never one long block, but 40 short ones: it "yields to the loop" between rows, and still
+    # holds it for a third of a second per request (cumulative blocking).
+    rendered = 0
+    for row in range(40):
+        rendered += len(json.dumps([{"row": row, "cell": c} for c in range(8000)]))
+        await asyncio.sleep(0)  # "be nice to the loop"
+    return {"bytes": rendered}
+
+
 @app.get("/api/export")
 def export_catalogue() -> dict[str, int]:
     # A sync endpoint: Starlette runs it in its threadpool, so it never blocks the loop itself,

@@ -25,6 +25,7 @@ MIX = [
     (4, "POST", "/api/orders"),
     (4, "POST", "/api/checkout"),
     (3, "GET", "/api/export"),
+    (2, "GET", "/api/feed"),
 ]
 
 

@@ -21,7 +21,18 @@ from typing import Any, TypeGuard
 from ..events import BlockingEvent
 
 # In display order; an unknown kind from a newer engine is drawn like "unknown".
-KINDS = ("sleep", "io", "cpu", "lock", "gil", "native", "gc", "starved", "unknown")
+KINDS = (
+    "sleep",
+    "io",
+    "cpu",
+    "lock",
+    "gil",
+    "native",
+    "gc",
+    "starved",
+    "cumulative",
+    "unknown",
+)
 
 Event = dict[str, Any]
 Stats = dict[str, Any]

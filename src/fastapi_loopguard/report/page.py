@@ -42,6 +42,7 @@ _KIND_COLOURS = {
     "native": ("#5e4fa2", "#9d8ff0"),
     "gc": ("#a68a00", "#d8bd2c"),
     "starved": ("#882255", "#c05090"),
+    "cumulative": ("#44aa99", "#6fd3c2"),
     "unknown": ("#808080", "#a0a0a0"),
 }
 

@@ -26,6 +26,7 @@ _KIND_STYLE = {
     "native": "cyan",
     "gc": "bright_yellow",
     "starved": "bright_magenta",
+    "cumulative": "bright_cyan",
     "unknown": "white",
 }
 
