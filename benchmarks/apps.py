@@ -17,7 +17,10 @@ def make_app(guarded: bool) -> FastAPI:
         return {"ok": True}
 
     if guarded:
-        config = LoopGuardConfig(dev_mode=os.environ.get("BENCH_DEV_MODE") == "1")
+        config = LoopGuardConfig(
+            dev_mode=os.environ.get("BENCH_DEV_MODE") == "1",
+            cumulative_blocking_enabled=os.environ.get("BENCH_CUMULATIVE") != "0",
+        )
         app.add_middleware(LoopGuardMiddleware, config=config)
     return app
 

@@ -72,7 +72,13 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for loop in ("asyncio", "uvloop"):
-        for label, env in (("defaults", {}), ("dev_mode=True", {"BENCH_DEV_MODE": "1"})):
+        configs = (
+            ("defaults", {}),
+            ("dev_mode=True", {"BENCH_DEV_MODE": "1"}),
+            # What the per-step timer of cumulative detection costs, read against "defaults".
+            ("no cumulative", {"BENCH_CUMULATIVE": "0"}),
+        )
+        for label, env in configs:
             bare, bare_url = start("bare", loop, env)
             guarded, guarded_url = start("guarded", loop, env)
             try:
