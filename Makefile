@@ -34,6 +34,12 @@ DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CPPTEST_DIR := build/cpptest
+SANITIZE_DIR := build/sanitize
+# A venv of its own for the extension built with ASan+UBSan, so .venv keeps the normal build.
+ASAN_VENV := .venv-asan
+# The Python tests that drive the engine hardest (sampler, GIL hand-overs, split stalls, hangs,
+# cumulative steps) on real uvicorn; the rest would add time, not native coverage.
+SANITIZE_PYTEST ?= tests/test_guard.py tests/test_detection.py tests/test_attribution.py
 
 # Debian packages: compiler + cmake + GoogleTest for the C++ tests; headers and venv support
 # for the system python3 (only needed when it is Debian's own; harmless otherwise).
@@ -56,7 +62,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
 .PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py test-matrix \
-	test-leg demo bench lint format clean distclean
+	test-leg demo bench sanitize lint format clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -138,6 +144,33 @@ test-leg: ## Run all tests on one Python of the matrix: make test-leg LEG=3.13
 		"(legs: $(MATRIX_LEGS))" >&2; exit 2; }
 	@scripts/matrix-leg.sh $(LEG)
 
+# Sanitizers. The C++ unit tests run under ASan+UBSan (all of them) and TSan (the watchdog and
+# the hand-off queue: the two places where threads meet). The extension itself runs under
+# ASan+UBSan inside the Python tests listed in SANITIZE_PYTEST: CPython is not built with ASan, so
+# the runtime is preloaded, and leak checking is off because CPython keeps its own allocations
+# for the life of the process. TSan cannot run the extension: an uninstrumented CPython takes and
+# hands over the GIL without TSan seeing it, so every sampler read would be a false race.
+# setarch -R: gcc 12's TSan refuses the address layout of kernels with high mmap randomisation.
+sanitize: system-deps venv ## C++ tests under ASan+UBSan and TSan; Python subset under ASan+UBSan
+	$(CMAKE) -S . -B $(SANITIZE_DIR)/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DLOOPGUARD_BUILD_TESTS=ON -DLOOPGUARD_BUILD_MODULE=OFF -DLOOPGUARD_SANITIZE=address,undefined
+	$(CMAKE) --build $(SANITIZE_DIR)/asan -j $(JOBS)
+	UBSAN_OPTIONS=print_stacktrace=1 $(CTEST) --test-dir $(SANITIZE_DIR)/asan \
+		--output-on-failure --no-tests=error
+	$(CMAKE) -S . -B $(SANITIZE_DIR)/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DLOOPGUARD_BUILD_TESTS=ON -DLOOPGUARD_BUILD_MODULE=OFF -DLOOPGUARD_SANITIZE=thread
+	$(CMAKE) --build $(SANITIZE_DIR)/tsan -j $(JOBS)
+	TSAN_OPTIONS=halt_on_error=1 setarch "$$(uname -m)" -R $(CTEST) --test-dir $(SANITIZE_DIR)/tsan \
+		--output-on-failure --no-tests=error -R '^(EngineTest|BoundedQueue)\.'
+	[[ -x $(ASAN_VENV)/bin/python ]] || $(SYSTEM_PYTHON) -m venv $(ASAN_VENV)
+	$(ASAN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ASAN_VENV)/bin/python -m pip install -q '.[test]'
+	$(ASAN_VENV)/bin/python -m pip install -q --force-reinstall --no-deps \
+		-Ccmake.define.LOOPGUARD_SANITIZE=address,undefined -Ccmake.build-type=RelWithDebInfo .
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+		$(ASAN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SANITIZE_PYTEST)
+
 # `loopguard demo` is the README's first command; the console script comes with the install.
 demo: install ## Install, then run `loopguard demo` (DEMO_ARGS=..., e.g. --duration 30)
 	$(VENV)/bin/loopguard demo $(DEMO_ARGS)
@@ -173,5 +206,5 @@ clean: ## Remove build output (build/, dist/) and tool caches; keeps .venv
 	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find $(wildcard src tests) -name __pycache__ -type d -prune -exec rm -rf {} +
 
-distclean: clean ## clean, and also remove .venv
-	rm -rf $(VENV)
+distclean: clean ## clean, and also remove .venv (and the sanitizer venv)
+	rm -rf $(VENV) $(ASAN_VENV)

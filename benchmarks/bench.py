@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import socket
@@ -28,12 +29,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(app: str, loop: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    app: str, loop: str, env: dict[str, str], stderr: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", f"benchmarks.apps:{app}",
            "--host", "127.0.0.1", "--port", str(port), "--loop", loop, "--no-access-log",
            "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stderr=stderr)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(200):
         try:
@@ -45,15 +48,90 @@ def start(app: str, loop: str, env: dict[str, str]) -> tuple[subprocess.Popen[by
     raise SystemExit(f"{app} did not start")
 
 
-def wrk(url: str, seconds: int) -> float:
+def wrk_run(url: str, seconds: int) -> tuple[float, int]:
+    """Requests per second, and how many requests were made."""
     out = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{seconds}s", url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rate is None or total is None:
         raise SystemExit(out)
-    return float(match.group(1))
+    return float(rate.group(1)), int(total.group(1))
+
+
+def wrk(url: str, seconds: int) -> float:
+    return wrk_run(url, seconds)[0]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise SystemExit(f"no VmRSS for {pid}")
+
+
+def detection(loop: str) -> list[str]:
+    """First hang report of a 2.5 s block (stderr, from the watchdog) and the sample pauses."""
+    log = Path(f"/tmp/loopguard-bench-{os.getpid()}-{loop}.jsonl")
+    err = Path(f"{log}.stderr")
+    log.unlink(missing_ok=True)
+    with open(err, "wb") as stderr:
+        proc, url = start("detect", loop, {"BENCH_EVENT_LOG": str(log)}, stderr=stderr.fileno())
+    try:
+        for _ in range(20):  # stalls of 80 ms: several stack samples each
+            urllib.request.urlopen(url + "block?ms=80", timeout=10).read()
+        sent = time.monotonic()
+        blocker = subprocess.Popen(
+            [sys.executable, "-c", f"import urllib.request as u; u.urlopen('{url}block?ms=2500')"]
+        )
+        first = None
+        while blocker.poll() is None and first is None:
+            if "loopguard: event loop blocked for" in err.read_text(errors="replace"):
+                first = time.monotonic() - sent
+            time.sleep(0.002)
+        blocker.wait()
+    finally:
+        proc.terminate()
+        proc.wait()
+    stats = [json.loads(x) for x in log.read_text().splitlines() if '"type": "stats"' in x]
+    log.unlink(missing_ok=True)
+    err.unlink(missing_ok=True)
+    if not stats:
+        raise SystemExit("the detect app wrote no stats record")
+    s = stats[-1]
+    latency = f"{first * 1000:.0f} ms" if first is not None else "never"
+    return [
+        f"{loop:<8} first report of a 2.5 s block     {latency:>10}   (target <= 1020 ms)",
+        f"{loop:<8} loop pause per stack sample     p50 {s['sample_pause_p50_us']:.1f} us, "
+        f"p99 {s['sample_pause_p99_us']:.1f} us over {s['sample_pause_count']} samples "
+        "(target p99 <= 50 us)",
+    ]
+
+
+def memory(loop: str, requests: int) -> str:
+    """RSS of the guarded and the bare app after warm-up, and the guarded one's growth."""
+    bare, bare_url = start("bare", loop, {})
+    guarded, guarded_url = start("guarded", loop, {})
+    try:
+        for url in (bare_url, guarded_url):
+            wrk_run(url, 5)  # warm-up: caches, allocator arenas, the guard's lazy start
+        base = {p.pid: rss_kib(p.pid) for p in (bare, guarded)}
+        done = 0
+        while done < requests:
+            done += wrk_run(guarded_url, 20)[1]
+        grown = rss_kib(guarded.pid) - base[guarded.pid]
+    finally:
+        for p in (bare, guarded):
+            p.terminate()
+            p.wait()
+    added = (base[guarded.pid] - base[bare.pid]) / 1024
+    return (
+        f"{loop:<8} RSS guarded - bare after warm-up {added:+.1f} MB; guarded RSS growth over "
+        f"{done} requests {grown / 1024:+.2f} MB ({grown / base[guarded.pid] * 100:+.2f}%) "
+        "(targets <= 2 MB; <= 1%)"
+    )
 
 
 def cpu_ns(pid: int) -> int:
@@ -69,6 +147,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="per wrk round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-seconds", type=int, default=20)
+    parser.add_argument(
+        "--rss-requests", type=int, default=1_000_000, help="requests for the RSS growth (0: skip)"
+    )
     args = parser.parse_args()
     rows = []
     for loop in ("asyncio", "uvloop"):
@@ -104,9 +185,17 @@ def main() -> None:
                 for p in (bare, guarded):
                     p.terminate()
                     p.wait()
+    notes = []
+    for loop in ("asyncio", "uvloop"):
+        notes += detection(loop)
+        if args.rss_requests > 0:
+            notes.append(memory(loop, args.rss_requests))
     print(f"\n{'loop':<8} {'config':<14} {'throughput guarded/bare':>24} {'idle CPU added':>22}")
     for row in rows:
         print(f"{row[0]:<8} {row[1]:<14} {row[2]:>24} {row[3]:>22}")
+    print("(targets: defaults >= 0.99x, dev_mode >= 0.97x, idle CPU <= 0.01% of a core)\n")
+    for line in notes:
+        print(line)
 
 
 if __name__ == "__main__":

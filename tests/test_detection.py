@@ -270,6 +270,18 @@ def test_callback_without_a_request_names_the_line(server: Server) -> None:
     assert event["victims"] >= 1  # the /callback request itself was in flight, frozen
 
 
+def test_blocking_during_lifespan_shutdown(loop_name: str, tmp_path: Path) -> None:
+    server = start_server(APP, loop_name, tmp_path, env={"LOOPGUARD_TEST_SHUTDOWN_BLOCK": "1"})
+    stop_server(server)  # SIGTERM: uvicorn runs the lifespan shutdown, which blocks
+    # The guard stops once the shutdown completed, and delivers the block first: the log line
+    # (the process is gone, so its log is all there is) names the line, with no request.
+    lines = [x for x in server.log().splitlines() if "Event loop blocked" in x]
+    assert len(lines) == 1, server.log()
+    assert f"culprit={APP_FILE}:{line('shutdown')} in lifespan" in lines[0]
+    assert "kind=sleep" in lines[0]
+    assert "during lifespan.shutdown" in lines[0]
+
+
 def test_blocking_during_lifespan_startup(loop_name: str, tmp_path: Path) -> None:
     server = start_server(APP, loop_name, tmp_path, env={"LOOPGUARD_TEST_STARTUP_BLOCK": "1"})
     try:

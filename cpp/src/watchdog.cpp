@@ -164,6 +164,14 @@ void Engine::stop() {
   cv_.notify_all();
   if (thread_ && thread_->joinable()) thread_->join();
   thread_.reset();
+  // A stall the watchdog had not yet seen end is still delivered: stop() is usually called on the
+  // loop thread right after one (a lifespan shutdown that blocked, then completed). The watchdog
+  // is joined, so its state is ours now; the sampler is still there for a late stack.
+  if (stall_.active) {
+    Nanos end = pulse_.epoch() != stall_.epoch ? pulse_.watched_end() : 0;
+    if (end <= 0) end = clock_->now();
+    finish_stall(end);
+  }
   if (sampler_) sampler_->shutdown();
 }
 

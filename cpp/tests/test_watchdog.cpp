@@ -1022,6 +1022,26 @@ TEST_F(EngineTest, LateSampleFromBeforeTheStallIsIgnored) {
   EXPECT_EQ(engine_->request_counters(token).count, 0u);
 }
 
+// stop() right after a stall the watchdog had not yet seen end (a lifespan shutdown that blocked
+// and then completed): the event is still delivered, ending where the loop came back.
+TEST_F(EngineTest, StopDeliversAStallThatHadEnded) {
+  const std::uint64_t token = engine_->begin_request("lifespan.shutdown");
+  py_->token = token;
+  const Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(60 * kMs);
+  Step();  // a stall now, sampled
+  Advance(140 * kMs);
+  LoopWaits();  // over; no step saw it
+  Advance(1 * kMs);
+  engine_->stop();
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].duration, Now() - 1 * kMs - t0);
+}
+
 // ---- Cumulative blocking ------------------------------------------------------------------------
 
 // Steps of a request's coroutine reach the cumulative threshold: the event is the request's, its

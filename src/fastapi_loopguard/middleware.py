@@ -181,19 +181,29 @@ class LoopGuardMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shutdown: tuple[RequestInfo, Any] | None = None
+
         async def receive_and_start() -> Message:
+            nonlocal shutdown
             message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
+            try:
+                if message["type"] == "lifespan.startup":
                     self.guard.start()
-                except Exception:
-                    self._failed("starting the engine")
+                elif message["type"] == "lifespan.shutdown" and self.guard.running:
+                    # The app's shutdown code runs next, in this task: tracked like a request, so
+                    # the watchdog is awake for it (an idle server is looked at once a second
+                    # only) and its blocks are named.
+                    shutdown = self.guard.begin("lifespan.shutdown")
+            except Exception:
+                self._failed("starting the engine")
             return message
 
         async def send_and_stop(message: Message) -> None:
             await send(message)
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 try:
+                    if shutdown is not None:
+                        self.guard.end(*shutdown)
                     self.guard.stop()
                 except Exception:
                     self._failed("stopping the engine")

@@ -36,6 +36,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         time.sleep(0.2)  # culprit:startup
     app.state.gate = asyncio.Event()
     yield
+    if os.environ.get("LOOPGUARD_TEST_SHUTDOWN_BLOCK") == "1":
+        time.sleep(0.2)  # culprit:shutdown
 
 
 app = FastAPI(lifespan=lifespan)
