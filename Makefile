@@ -35,7 +35,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CPPTEST_DIR := build/cpptest
 SANITIZE_DIR := build/sanitize
-# A venv of its own for the extension built with ASan+UBSan, so .venv keeps the normal build.
+# A venv (and build directory) of its own for the extension built with ASan+UBSan, so .venv
+# keeps the normal build.
 ASAN_VENV := .venv-asan
 # The Python tests that drive the engine hardest (sampler, GIL hand-overs, split stalls, hangs,
 # cumulative steps) on real uvicorn; the rest would add time, not native coverage.
@@ -150,8 +151,10 @@ test-leg: ## Run all tests on one Python of the matrix: make test-leg LEG=3.13
 # the runtime is preloaded, and leak checking is off because CPython keeps its own allocations
 # for the life of the process. TSan cannot run the extension: an uninstrumented CPython takes and
 # hands over the GIL without TSan seeing it, so every sampler read would be a false race.
-# setarch -R: gcc 12's TSan refuses the address layout of kernels with high mmap randomisation.
-sanitize: system-deps venv ## C++ tests under ASan+UBSan and TSan; Python subset under ASan+UBSan
+# setarch -R: gcc 12's TSan refuses the address layout of kernels with high mmap randomisation
+# (the build runs the test binary too, to list its tests). The extension is built in a directory
+# of its own, so the normal build's CMake cache never learns the sanitizer flags.
+sanitize: system-deps ## C++ tests under ASan+UBSan and TSan; Python subset under ASan+UBSan
 	$(CMAKE) -S . -B $(SANITIZE_DIR)/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 		-DLOOPGUARD_BUILD_TESTS=ON -DLOOPGUARD_BUILD_MODULE=OFF -DLOOPGUARD_SANITIZE=address,undefined
 	$(CMAKE) --build $(SANITIZE_DIR)/asan -j $(JOBS)
@@ -159,14 +162,14 @@ sanitize: system-deps venv ## C++ tests under ASan+UBSan and TSan; Python subset
 		--output-on-failure --no-tests=error
 	$(CMAKE) -S . -B $(SANITIZE_DIR)/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 		-DLOOPGUARD_BUILD_TESTS=ON -DLOOPGUARD_BUILD_MODULE=OFF -DLOOPGUARD_SANITIZE=thread
-	$(CMAKE) --build $(SANITIZE_DIR)/tsan -j $(JOBS)
+	setarch "$$(uname -m)" -R $(CMAKE) --build $(SANITIZE_DIR)/tsan -j $(JOBS)
 	TSAN_OPTIONS=halt_on_error=1 setarch "$$(uname -m)" -R $(CTEST) --test-dir $(SANITIZE_DIR)/tsan \
 		--output-on-failure --no-tests=error -R '^(EngineTest|BoundedQueue)\.'
 	[[ -x $(ASAN_VENV)/bin/python ]] || $(SYSTEM_PYTHON) -m venv $(ASAN_VENV)
 	$(ASAN_VENV)/bin/python -m pip install -q --upgrade pip
-	$(ASAN_VENV)/bin/python -m pip install -q '.[test]'
-	$(ASAN_VENV)/bin/python -m pip install -q --force-reinstall --no-deps \
-		-Ccmake.define.LOOPGUARD_SANITIZE=address,undefined -Ccmake.build-type=RelWithDebInfo .
+	$(ASAN_VENV)/bin/python -m pip install -q -Cbuild-dir=$(SANITIZE_DIR)/wheel \
+		-Ccmake.define.LOOPGUARD_SANITIZE=address,undefined -Ccmake.build-type=RelWithDebInfo \
+		'.[test]'
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 		$(ASAN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SANITIZE_PYTEST)

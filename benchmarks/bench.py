@@ -82,10 +82,15 @@ def detection(loop: str) -> list[str]:
     try:
         for _ in range(20):  # stalls of 80 ms: several stack samples each
             urllib.request.urlopen(url + "block?ms=80", timeout=10).read()
-        sent = time.monotonic()
-        blocker = subprocess.Popen(
-            [sys.executable, "-c", f"import urllib.request as u; u.urlopen('{url}block?ms=2500')"]
+        # The client says when it sends (CLOCK_MONOTONIC is one clock for every process), so its
+        # interpreter's start-up is not counted.
+        client = (
+            "import time, urllib.request as u; print(time.monotonic(), flush=True); "
+            f"u.urlopen('{url}block?ms=2500')"
         )
+        blocker = subprocess.Popen([sys.executable, "-c", client], stdout=subprocess.PIPE)
+        assert blocker.stdout is not None
+        sent = float(blocker.stdout.readline())
         first = None
         while blocker.poll() is None and first is None:
             if "loopguard: event loop blocked for" in err.read_text(errors="replace"):

@@ -4,10 +4,18 @@
 
 namespace loopguard {
 
-std::optional<Event> CumulativeTracker::record(std::uint64_t token, Nanos start, Nanos end,
-                                               Nanos stall_threshold) {
-  const Nanos step = end - start;
-  if (!config_.enabled || token == 0 || step <= 0 || step >= stall_threshold) return std::nullopt;
+StepVerdict CumulativeTracker::record(std::uint64_t token, Nanos start, Nanos end, Nanos cpu,
+                                      Nanos stall_threshold, Event& out) {
+  const Nanos wall = end - start;
+  if (!config_.enabled || token == 0 || start < 0 || wall <= 0 || wall >= stall_threshold) {
+    return StepVerdict::kNone;
+  }
+  // Wall time counts everything that held the loop (CPU, sleep, I/O), but also waits for the GIL
+  // and for a CPU, which another thread or process caused. Once a request looks suspect its steps
+  // are measured on the thread's CPU clock as well and count only what they really ran.
+  const bool measured = cpu >= 0;
+  const Nanos counted = measured ? std::min(cpu, wall) : wall;
+
   Window& w = windows_[token];
   const Nanos width = std::max<Nanos>(1, config_.window / kBuckets);
   const std::int64_t bucket = end / width;
@@ -17,39 +25,47 @@ std::optional<Event> CumulativeTracker::record(std::uint64_t token, Nanos start,
     for (std::int64_t i = 0; i < stale; ++i) {
       const auto slot = static_cast<std::size_t>((bucket - i) % kBuckets);
       w.busy[slot] = 0;
+      w.measured[slot] = 0;
       w.steps[slot] = 0;
       w.first[slot] = 0;
     }
     w.newest = bucket;
   }
-  // A step ending in an older bucket than the newest (clocks are monotonic, so only by a
-  // rounding at the edge) still counts in the newest: it is inside the window either way.
+  // One request's steps end in increasing time, so `newest` is this step's bucket.
   const auto slot = static_cast<std::size_t>(w.newest % kBuckets);
   if (w.steps[slot] == 0) w.first[slot] = start;
-  w.busy[slot] += step;
+  w.busy[slot] += counted;
+  if (measured) w.measured[slot] += counted;
   ++w.steps[slot];
 
   Nanos busy = 0;
+  Nanos on_cpu_clock = 0;
   std::uint32_t steps = 0;
   Nanos first = start;
   for (std::size_t i = 0; i < kBuckets; ++i) {
     if (w.steps[i] == 0) continue;
     busy += w.busy[i];
+    on_cpu_clock += w.measured[i];
     steps += w.steps[i];
     first = std::min(first, w.first[i]);
   }
-  if (busy < config_.threshold) return std::nullopt;
-
-  Event ev;
-  ev.token = token;
-  ev.kind = Kind::kCumulative;
-  ev.start = first;
-  ev.duration = busy;
-  ev.cpu = 0;  // not measured per step: timing a step costs two clock reads, its CPU two more
-  ev.samples = steps;
-  ev.stack_missing = true;
-  windows_.erase(token);  // the next report needs a full threshold of new time
-  return ev;
+  // Reported only when at least half of the threshold was measured on the CPU clock (wall time
+  // alone could be another thread's doing), and never for a single step: one block below the
+  // stall threshold is what the user chose not to call blocking.
+  if (busy >= config_.threshold && steps >= 2 && 2 * on_cpu_clock >= config_.threshold) {
+    out = Event{};
+    out.token = token;
+    out.kind = Kind::kCumulative;
+    out.start = first;
+    out.duration = busy;
+    out.cpu = on_cpu_clock;
+    out.samples = steps;
+    out.stack_missing = true;
+    windows_.erase(token);  // the next report needs a full threshold of new time
+    return StepVerdict::kReport;
+  }
+  if (2 * busy >= config_.threshold) return StepVerdict::kMeasureCpu;
+  return StepVerdict::kNone;
 }
 
 }  // namespace loopguard

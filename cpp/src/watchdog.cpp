@@ -574,13 +574,23 @@ void Engine::end_request(std::uint64_t token) {
   last_request_end_.store(clock_->now(), std::memory_order_relaxed);
 }
 
-std::optional<Event> Engine::record_step(std::uint64_t token, Nanos start, Nanos end) {
-  std::optional<Event> ev = cumulative_.record(token, start, end, threshold_.current());
-  if (!ev) return ev;
+StepVerdict Engine::record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) {
+  // Only requests in flight have a window: nothing to forget for one that already ended.
+  if (!requests_.contains(token)) return StepVerdict::kNone;
+  Event ev;
+  const StepVerdict verdict = cumulative_.record(token, start, end, cpu, threshold_.current(), ev);
+  if (verdict != StepVerdict::kReport) return verdict;
   const std::uint32_t inflight = requests_.inflight();
-  ev->victims = inflight > 0 ? inflight - 1 : 0;
-  requests_.credit(token, ev->duration);
+  ev.victims = inflight > 0 ? inflight - 1 : 0;
+  requests_.credit(token, ev.duration);
   cumulative_events_.fetch_add(1, std::memory_order_relaxed);
+  cumulative_event_ = std::move(ev);
+  return verdict;
+}
+
+std::optional<Event> Engine::take_cumulative() {
+  std::optional<Event> ev = std::move(cumulative_event_);
+  cumulative_event_.reset();
   return ev;
 }
 

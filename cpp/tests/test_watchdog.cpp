@@ -1049,13 +1049,16 @@ TEST_F(EngineTest, StopDeliversAStallThatHadEnded) {
 TEST_F(EngineTest, CumulativeStepsAreCreditedToTheRequest) {
   const std::uint64_t culprit = engine_->begin_request("GET /cuts");
   const std::uint64_t other = engine_->begin_request("GET /ping");
-  std::optional<Event> ev;
+  StepVerdict verdict = StepVerdict::kNone;
   Nanos t = Now();
-  for (int i = 0; i < 40 && !ev; ++i, t += 10 * kMs) {
-    EXPECT_FALSE(engine_->record_step(other, t + 8 * kMs, t + 9 * kMs).has_value());
-    ev = engine_->record_step(culprit, t, t + 8 * kMs);
+  for (int i = 0; i < 40 && verdict != StepVerdict::kReport; ++i, t += 10 * kMs) {
+    EXPECT_EQ(engine_->record_step(other, t + 8 * kMs, t + 9 * kMs, -1), StepVerdict::kNone);
+    verdict = engine_->record_step(culprit, t, t + 8 * kMs, 8 * kMs);
   }
+  ASSERT_EQ(verdict, StepVerdict::kReport);
+  const std::optional<Event> ev = engine_->take_cumulative();
   ASSERT_TRUE(ev.has_value());
+  EXPECT_FALSE(engine_->take_cumulative().has_value());  // handed out once
   EXPECT_EQ(ev->kind, Kind::kCumulative);
   EXPECT_EQ(ev->token, culprit);
   EXPECT_EQ(ev->victims, 1u);
@@ -1065,7 +1068,7 @@ TEST_F(EngineTest, CumulativeStepsAreCreditedToTheRequest) {
   EXPECT_EQ(engine_->stats().cumulative_events, 1u);
   EXPECT_TRUE(engine_->drain().empty());  // handed back directly, never through the ring
   engine_->end_request(culprit);
-  EXPECT_FALSE(engine_->record_step(culprit, t, t + 8 * kMs).has_value());
+  EXPECT_EQ(engine_->record_step(culprit, t, t + 8 * kMs, 8 * kMs), StepVerdict::kNone);
 }
 
 // A late sample of the GIL holder taken after it went back to its pool (no request, no

@@ -116,6 +116,7 @@ NB_MODULE(_core, m) {
       .def("begin_request", &PyEngine::begin_request)
       .def("end_request", &PyEngine::end_request)
       .def("record_step", &PyEngine::record_step)
+      .def("take_cumulative", &PyEngine::take_cumulative)
       .def("request_counters", &PyEngine::request_counters)
       .def("drain", &PyEngine::drain)
       .def("calibrate", &PyEngine::calibrate)

@@ -45,6 +45,7 @@ _RECENT_REQUESTS = 4096
 _KEPT_EVENTS = 1000
 # Coroutines followed down from a request's own when it is suspended (a cumulative event's stack).
 _MAX_SUSPENDED_DEPTH = 64
+_REPORT = 2  # the engine's StepVerdict::kReport: a cumulative event is ready
 
 
 @dataclass
@@ -61,14 +62,23 @@ class RequestInfo:
     trace_span: Any = field(default=None, repr=False)
     # Events drained while the request was in flight (strict/warn modes show their culprits).
     events: list[BlockingEvent] | None = field(default=None, repr=False)
+    # The route template, kept once the scope is let go (see release_scope).
+    _route: str | None = field(default=None, repr=False)
 
     @property
     def route(self) -> str | None:
         if self.scope is None:
-            return None
+            return self._route
         route = self.scope.get("route")
         template = getattr(route, "path", None)
         return template if isinstance(template, str) else None
+
+    def release_scope(self) -> None:
+        """Keeps the route template and lets the scope go. Finished requests are kept for a
+        while (an event drained after its request ended still names it), and a scope holds the
+        whole request: thousands of them would cost tens of megabytes."""
+        self._route = self.route
+        self.scope = None
 
 
 def _library_prefixes() -> list[str]:
@@ -262,6 +272,7 @@ class LoopGuard:
     def end(self, info: RequestInfo, var_token: contextvars.Token[int]) -> None:
         self._request_var.reset(var_token)
         self._requests.pop(info.token, None)
+        info.release_scope()
         self._recent[info.token] = info
         if len(self._recent) > _RECENT_REQUESTS:
             self._recent.popitem(last=False)
@@ -364,15 +375,23 @@ class LoopGuard:
         return _TimedSteps(coro, self, info)
 
     def _step(
-        self, info: RequestInfo, start: int, end: int, coro: Coroutine[Any, Any, Any] | None
-    ) -> None:
+        self,
+        info: RequestInfo,
+        start: int,
+        cpu_start: int,
+        coro: Coroutine[Any, Any, Any] | None,
+    ) -> bool:
+        """Hands one step to the engine; True when it wants the steps' CPU time from now on."""
         engine = self._engine
         if engine is None:
-            return
+            return False
         try:
-            raw = engine.record_step(info.token, start, end)
-            if raw is None:
-                return
+            end = time.monotonic_ns()
+            cpu = time.thread_time_ns() - cpu_start if cpu_start >= 0 else -1
+            verdict = engine.record_step(info.token, start, end, cpu)
+            if verdict != _REPORT:
+                return bool(verdict)
+            raw = engine.take_cumulative()
             event = self._convert(raw, info, engine.now_ns(), time.time())
             # The steps are over; the one place left to point at is where the request's
             # coroutine waits now, right after the last of them.
@@ -386,6 +405,7 @@ class LoopGuard:
             self._dispatch(event, info)
         except Exception:  # the guard must never break the request it times
             logger.exception("fastapi_loopguard: timing a request step failed")
+        return True
 
     # -- pulse and delivery ---------------------------------------------------------------------
 
@@ -472,8 +492,10 @@ class _TimedSteps:
     """Drives a coroutine as ``await`` would, and reports how long each step ran on the loop.
 
     A step runs from the loop resuming the coroutine (``send``/``throw``) until it suspends
-    again or finishes; that is exactly the time the request's own code held the loop. The only
-    cost is two clock reads and one call into the engine per step.
+    again or finishes. Its wall time is what the request's code held the loop for, plus any wait
+    for the GIL or for a CPU that other threads caused; so once the engine finds a request
+    suspect it asks for the thread's CPU time of each step too. A step costs two monotonic clock
+    reads and one call into the engine, and two CPU clock reads (system calls) only then.
     """
 
     __slots__ = ("_coro", "_guard", "_info")
@@ -488,19 +510,21 @@ class _TimedSteps:
         clock = time.monotonic_ns  # CLOCK_MONOTONIC, the engine's clock
         value: Any = None
         error: BaseException | None = None
+        measure = False
         while True:
             start = clock()
+            cpu_start = time.thread_time_ns() if measure else -1
             try:
                 yielded = coro.send(value) if error is None else coro.throw(error)
             except StopIteration as stop:
-                guard._step(info, start, clock(), None)
+                guard._step(info, start, cpu_start, None)
                 return stop.value
             except BaseException:
-                guard._step(info, start, clock(), None)
+                guard._step(info, start, cpu_start, None)
                 raise
             finally:
                 error = None
-            guard._step(info, start, clock(), coro)
+            measure = guard._step(info, start, cpu_start, coro) or measure
             try:
                 value = yield yielded
             except GeneratorExit:

@@ -186,24 +186,30 @@ class LoopGuardMiddleware:
         async def receive_and_start() -> Message:
             nonlocal shutdown
             message = await receive()
-            try:
-                if message["type"] == "lifespan.startup":
+            if message["type"] == "lifespan.startup":
+                try:
                     self.guard.start()
-                elif message["type"] == "lifespan.shutdown" and self.guard.running:
-                    # The app's shutdown code runs next, in this task: tracked like a request, so
-                    # the watchdog is awake for it (an idle server is looked at once a second
-                    # only) and its blocks are named.
+                except Exception:
+                    self._failed("starting the engine")
+            elif message["type"] == "lifespan.shutdown" and self.guard.running:
+                # The app's shutdown code runs next, in this task: tracked like a request, so
+                # the watchdog is awake for it (an idle server is looked at once a second only)
+                # and its blocks are named.
+                try:
                     shutdown = self.guard.begin("lifespan.shutdown")
-            except Exception:
-                self._failed("starting the engine")
+                except Exception:
+                    self._failed("tracking the lifespan shutdown")
             return message
 
         async def send_and_stop(message: Message) -> None:
             await send(message)
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                try:
-                    if shutdown is not None:
+                if shutdown is not None:
+                    try:
                         self.guard.end(*shutdown)
+                    except Exception:  # completed from another Context: still stop below
+                        self._failed("finishing the lifespan shutdown")
+                try:
                     self.guard.stop()
                 except Exception:
                     self._failed("stopping the engine")

@@ -3,15 +3,16 @@
 //
 // The middleware times every step of a request's own coroutine (from the loop resuming it to it
 // suspending again) and hands the step here. Steps as long as the stall threshold are left out:
-// the watchdog sees those as stalls and reports them itself, so no time is counted twice. The
-// rest is summed per request over a sliding window; when the sum reaches the threshold, one
-// event is reported and the window starts afresh, so a long-lived request (a websocket, a stream)
-// is reported again only for new time.
+// the watchdog sees those as stalls and reports them itself. (A shorter step can still be part
+// of a stall made of several callbacks; such a stall is only an event for a culprit whose own
+// part reached the threshold, so it is rarely counted in both.) The rest is summed per request
+// over a sliding window; when the sum reaches the threshold, one event is reported and the
+// window starts afresh, so a long-lived request (a websocket, a stream) is reported again only
+// for new time.
 #pragma once
 
 #include <array>
 #include <cstdint>
-#include <optional>
 #include <unordered_map>
 
 #include "loopguard/clock.h"
@@ -25,15 +26,22 @@ struct CumulativeConfig {
   Nanos window = 1000 * kMs;
 };
 
+enum class StepVerdict : int {
+  kNone = 0,
+  kMeasureCpu = 1,  // the request looks suspect: pass its steps' CPU time from now on
+  kReport = 2,      // the step completed a cumulative event
+};
+
 // Loop thread only: steps are recorded, and requests forgotten, by the loop thread.
 class CumulativeTracker {
  public:
   explicit CumulativeTracker(CumulativeConfig config) : config_(config) {}
 
-  // One step of `token`'s coroutine ran from `start` to `end`. Returns the event when this step
-  // brings the request's window to the threshold. The event has no stack: the caller knows where
-  // the coroutine is suspended now, which is the only place left to point at.
-  std::optional<Event> record(std::uint64_t token, Nanos start, Nanos end, Nanos stall_threshold);
+  // One step of `token`'s coroutine ran from `start` to `end` (monotonic), using `cpu` of the
+  // thread's CPU clock (-1: not measured). On kReport, `out` holds the event. It has no stack:
+  // the caller knows where the coroutine is suspended now, the only place left to point at.
+  StepVerdict record(std::uint64_t token, Nanos start, Nanos end, Nanos cpu, Nanos stall_threshold,
+                     Event& out);
   void forget(std::uint64_t token) { windows_.erase(token); }
   std::size_t tracked() const noexcept { return windows_.size(); }
 
@@ -44,7 +52,8 @@ class CumulativeTracker {
   static constexpr int kBuckets = 16;
   struct Window {
     std::array<Nanos, kBuckets> busy{};
-    std::array<Nanos, kBuckets> first{};  // start of the earliest step in each bucket
+    std::array<Nanos, kBuckets> measured{};  // the part counted from the CPU clock
+    std::array<Nanos, kBuckets> first{};     // start of the earliest step in each bucket
     std::array<std::uint32_t, kBuckets> steps{};
     std::int64_t newest = -1;  // absolute index of the newest bucket written
   };

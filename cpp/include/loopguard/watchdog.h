@@ -191,9 +191,11 @@ class Engine {
   void heartbeat_off() noexcept;
   std::uint64_t begin_request(std::string label = {});
   void end_request(std::uint64_t token);
-  // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic).
-  // Returns the cumulative-blocking event this step completes, already credited to the request.
-  std::optional<Event> record_step(std::uint64_t token, Nanos start, Nanos end);
+  // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic),
+  // using `cpu` of the thread's CPU clock (-1: not measured). kReport: take_cumulative() returns
+  // the event, already credited to the request.
+  StepVerdict record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu);
+  std::optional<Event> take_cumulative();
   // Loop thread, from gc.callbacks: a collection started/finished on the loop thread.
   void gc_begin() noexcept { in_gc_.store(true, std::memory_order_relaxed); }
   void gc_end() noexcept { in_gc_.store(false, std::memory_order_relaxed); }
@@ -252,7 +254,8 @@ class Engine {
   RequestTable requests_;
   LagHistogram lag_;
   BoundedQueue<Event> ring_;
-  CumulativeTracker cumulative_;  // loop thread only
+  CumulativeTracker cumulative_;  // loop thread only, as is the next member
+  std::optional<Event> cumulative_event_;
 
   std::unique_ptr<std::thread> thread_;
   std::mutex mutex_;

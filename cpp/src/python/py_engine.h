@@ -62,9 +62,10 @@ class PyEngine {
     if (engine_) engine_->gc_end();
   }
   void end_request(std::uint64_t token) { engine().end_request(token); }
-  std::optional<Event> record_step(std::uint64_t token, Nanos start, Nanos end) {
-    return engine().record_step(token, start, end);
+  int record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) {
+    return static_cast<int>(engine().record_step(token, start, end, cpu));
   }
+  std::optional<Event> take_cumulative() { return engine().take_cumulative(); }
   RequestCounters request_counters(std::uint64_t token) { return engine().request_counters(token); }
   std::vector<Event> drain() { return engine().drain(); }
   void calibrate(std::vector<Nanos> lags) { engine().calibrate(std::move(lags)); }

@@ -82,7 +82,11 @@ class PySampler final : public StackSampler {
   static int run_loop_capture(void* arg) {
     std::lock_guard<std::mutex> guard(registry_mutex());
     const auto it = registry().find(reinterpret_cast<std::uintptr_t>(arg));
-    if (it != registry().end()) it->second->capture_on_loop_thread();
+    // A forked child inherits the queued call but not the sampler's threads, whose mutex may
+    // have been held at the fork: check before touching it.
+    if (it != registry().end() && it->second->pid_ == ::getpid()) {
+      it->second->capture_on_loop_thread();
+    }
     return 0;
   }
 
@@ -210,7 +214,12 @@ class PySampler final : public StackSampler {
   // the pending capture itself; whichever of the two gets there first serves it.
   // Called with mutex_ held; Py_AddPendingCall needs neither the GIL nor a thread state.
   void queue_loop_capture() {
-    if (!config_.loop_is_main_thread || loop_capture_queued_ || compat::is_finalizing()) return;
+    // Without frames the capture could only name the request, and a late sample is only used
+    // for its stack.
+    if (!config_.loop_is_main_thread || !want_frames_ || loop_capture_queued_ ||
+        compat::is_finalizing()) {
+      return;
+    }
     if (Py_AddPendingCall(&PySampler::run_loop_capture, reinterpret_cast<void*>(id_)) == 0) {
       loop_capture_queued_ = true;  // a full queue (-1) just leaves it to the sampler thread
     }
@@ -222,8 +231,7 @@ class PySampler final : public StackSampler {
     {
       std::lock_guard<std::mutex> guard(mutex_);
       loop_capture_queued_ = false;
-      // A forked child inherits the queue but not the request it was for.
-      if (state_ != State::kAbandoned || served_ || ::getpid() != pid_) return;
+      if (state_ != State::kAbandoned || served_) return;
       target = target_;
       frames = want_frames_;
     }
