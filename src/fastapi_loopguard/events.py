@@ -25,7 +25,8 @@ class BlockingEvent:
     ``starved`` or ``unknown`` (docs/architecture.md says how each is decided), or
     ``cumulative``: many steps of one request, each shorter than the threshold, that together
     reached ``cumulative_blocking_threshold_ms`` within ``cumulative_window_ms``; its
-    ``duration_ms`` is their sum, ``samples`` their count, ``cpu_ms`` is not measured (0), and its
+    ``duration_ms`` is their sum, ``samples`` their count, ``cpu_ms`` the part of it measured on
+    the thread's CPU clock (steps after the request became suspect), and its
     stack shows where the request waited right after the last of them. ``stack`` runs from
     the outermost frame to the innermost; ``culprit`` is the innermost frame of application code
     (not the standard library, not site-packages, not this package). ``victims`` counts the
