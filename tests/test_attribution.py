@@ -7,6 +7,7 @@ real uvicorn, on asyncio and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,20 @@ async def _fire(
         return guilty, list(await asyncio.gather(*innocents))
 
 
-def _events(server: Server) -> list[dict[str, Any]]:
-    response = httpx.get(server.url + "/_events", timeout=5)
-    response.raise_for_status()
-    events: list[dict[str, Any]] = response.json()
-    return events
+def _events(server: Server, at_least: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The app's events, once ``at_least`` arrived (or the time is up).
+
+    An event is handed to the loop one watchdog tick after the loop came back, so a client that
+    asks right after its response (a websocket close is quick) can be there first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(server.url + "/_events", timeout=5)
+        response.raise_for_status()
+        events: list[dict[str, Any]] = response.json()
+        if len(events) >= at_least or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
 
 
 CASES = [
