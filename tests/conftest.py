@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -106,6 +107,22 @@ def slow_peer() -> Iterator[int]:
     yield int(server.server_address[1])
     server.shutdown()
     server.server_close()
+
+
+def wait_events(server: Server, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The test app's events (its ``/_events`` route) once ``count`` arrived, or when time is up.
+
+    An event is handed to the loop one watchdog tick after the loop came back, so a client that
+    asks right after its response (a websocket close is quick) can be there first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(server.url + "/_events", timeout=5)
+        response.raise_for_status()
+        events: list[dict[str, Any]] = response.json()
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
 
 
 def culprit_line(path: Path, name: str) -> int:

@@ -7,14 +7,12 @@ real uvicorn, on asyncio and on uvloop.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, culprit_line
+from .conftest import ROOT, Server, culprit_line, wait_events
 
 APP_FILE = ROOT / "tests" / "apps" / "culprits.py"
 INNOCENTS = 20
@@ -32,22 +30,6 @@ async def _fire(
         await asyncio.sleep(0.25)  # all innocents are now awaiting inside the app
         guilty = await client.get(guilty_path, headers={"x-request-id": guilty_id})
         return guilty, list(await asyncio.gather(*innocents))
-
-
-def _events(server: Server, at_least: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The app's events, once ``at_least`` arrived (or the time is up).
-
-    An event is handed to the loop one watchdog tick after the loop came back, so a client that
-    asks right after its response (a websocket close is quick) can be there first.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        response = httpx.get(server.url + "/_events", timeout=5)
-        response.raise_for_status()
-        events: list[dict[str, Any]] = response.json()
-        if len(events) >= at_least or time.monotonic() > deadline:
-            return events
-        time.sleep(0.05)
 
 
 CASES = [
@@ -70,7 +52,7 @@ def test_exact_request_and_line_blamed(
     assert guilty.status_code == 200
     assert all(r.status_code == 200 for r in innocents)
 
-    events = _events(culprit_server)
+    events = wait_events(culprit_server)
     blamed = {e["request_id"] for e in events}
     assert blamed == {guilty_id}, f"only the guilty request may be blamed, got {events}"
     assert len(events) == 1, events
@@ -122,7 +104,7 @@ def test_websocket_is_attributed(culprit_server: Server) -> None:
     with ws_client.connect(url) as ws:
         ws.send("go")
         assert ws.recv(timeout=5) == "done"
-    events = _events(culprit_server)
+    events = wait_events(culprit_server)
     assert len(events) == 1, events
     assert events[0]["method"] == "WEBSOCKET"
     assert events[0]["path"] == "/ws"
@@ -141,7 +123,7 @@ def test_no_headers_without_dev_mode(loop_name: str, tmp_path: Path) -> None:
         assert not [h for h in response.headers if h.lower().startswith("x-blocking")]
         assert "x-request-id" not in response.headers
         # Detection itself still runs.
-        assert [e["path"] for e in _events(server)] == ["/sleep/120"]
+        assert [e["path"] for e in wait_events(server)] == ["/sleep/120"]
     finally:
         stop_server(server)
 

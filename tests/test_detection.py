@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, culprit_line, start_server, stop_server
+from .conftest import ROOT, Server, culprit_line, start_server, stop_server, wait_events
 
 APP = "tests.apps.detection:app"
 APP_FILE = ROOT / "tests" / "apps" / "detection.py"
@@ -30,16 +30,6 @@ def server(loop_name: str, tmp_path: Path) -> Iterator[Server]:
 
 def line(name: str) -> int:
     return culprit_line(APP_FILE, name)
-
-
-def wait_events(server: Server, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Events are delivered after the stall; poll until `count` arrived (or time is up)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        events: list[dict[str, Any]] = httpx.get(server.url + "/_events", timeout=5).json()
-        if len(events) >= count or time.monotonic() > deadline:
-            return events
-        time.sleep(0.05)
 
 
 def stats(server: Server) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, culprit_line, start_server, stop_server
+from .conftest import ROOT, Server, culprit_line, start_server, stop_server, wait_events
 
 APP = "tests.apps.integrations:app"
 APP_FILE = ROOT / "tests" / "apps" / "integrations.py"
@@ -133,11 +133,7 @@ def test_broken_sdk_never_breaks_the_request(loop_name: str, tmp_path: Path) -> 
         response = httpx.get(server.url + "/sleep/150", timeout=10)
         assert response.status_code == 200
         assert response.json()["slept"] == 150
-        for _ in range(100):
-            events = httpx.get(server.url + "/_events", timeout=5).json()
-            if events:
-                break
-            asyncio.run(asyncio.sleep(0.05))
+        events = wait_events(server, 1)
         # The exporter raised; the event still reached the log and on_blocking.
         assert [e["path"] for e in events] == ["/sleep/150"]
         log = server.log()
