@@ -521,6 +521,7 @@ void Engine::finish_stall(Nanos end) {
   }
   requests_.commit(credits_of(result.events));
   saturated_.fetch_add(result.saturated, std::memory_order_relaxed);
+  detected_.fetch_add(result.events.size(), std::memory_order_relaxed);
   bool queued = false;
   for (auto& ev : result.events) queued |= ring_.push(std::move(ev));
   if (queued) signal_loop();
@@ -606,6 +607,7 @@ std::vector<Event> Engine::drain() {
 EngineStats Engine::stats() const {
   EngineStats s;
   s.stalls = stalls_.load(std::memory_order_relaxed);
+  s.events_detected = detected_.load(std::memory_order_relaxed);
   s.events_emitted = ring_.pushed();
   s.events_dropped = ring_.dropped();
   s.samples = samples_.load(std::memory_order_relaxed);

@@ -483,6 +483,7 @@ TEST_F(EngineTest, RingOverflowCountsDrops) {
   EXPECT_EQ(s.stalls, 4u);
   EXPECT_EQ(s.events_emitted, 2u);
   EXPECT_EQ(s.events_dropped, 2u);
+  EXPECT_EQ(s.events_detected, 4u);  // counted before the queue: none vanishes unaccounted
   const std::vector<Event> events = engine_->drain();
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[0].duration, 60 * kMs);  // the oldest are kept
@@ -492,6 +493,7 @@ TEST_F(EngineTest, RingOverflowCountsDrops) {
   s = engine_->stats();
   EXPECT_EQ(s.events_emitted, 3u);
   EXPECT_EQ(s.events_dropped, 2u);
+  EXPECT_EQ(s.events_detected, 5u);
 }
 
 // The GIL could not be had in time: counted, and the event still exists but says it has no stack.

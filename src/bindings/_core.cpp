@@ -78,6 +78,7 @@ NB_MODULE(_core, m) {
       .def_ro("stalls", &EngineStats::stalls)
       .def_ro("events_emitted", &EngineStats::events_emitted)
       .def_ro("events_dropped", &EngineStats::events_dropped)
+      .def_ro("events_detected", &EngineStats::events_detected)
       .def_ro("samples", &EngineStats::samples)
       .def_ro("stack_timeouts", &EngineStats::stack_timeouts)
       .def_ro("hangs", &EngineStats::hangs)

@@ -339,6 +339,7 @@ class LoopGuard:
             "stalls": s.stalls,
             "events_emitted": s.events_emitted,
             "events_dropped": s.events_dropped,
+            "events_detected": s.events_detected,
             "samples": s.samples,
             "stack_timeouts": s.stack_timeouts,
             "late_stacks": s.late_stacks,

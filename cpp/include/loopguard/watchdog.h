@@ -151,6 +151,9 @@ struct WatchdogConfig {
 
 struct EngineStats {
   std::uint64_t stalls = 0;
+  // Stall events the split produced, counted before the hand-off queue: always equal to
+  // events_emitted + events_dropped, so a soak can check that no event vanishes unaccounted.
+  std::uint64_t events_detected = 0;
   std::uint64_t events_emitted = 0;
   std::uint64_t events_dropped = 0;
   std::uint64_t samples = 0;
@@ -279,6 +282,7 @@ class Engine {
   Nanos pre_t_ = -1, pre_cpu_ = -1;
 
   std::atomic<std::uint64_t> stalls_{0};
+  std::atomic<std::uint64_t> detected_{0};
   std::atomic<std::uint64_t> samples_{0};
   std::atomic<std::uint64_t> stack_timeouts_{0};
   std::atomic<std::uint64_t> hangs_{0};
