@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._native import _core
+from ._native import LOAD_ERROR, _core
 from ._text import escape
 from .config import LoopGuardConfig
 from .eventlog import EventLog
@@ -145,6 +145,8 @@ class LoopGuard:
             if self._loop is loop:
                 return
             self.stop()  # a new loop (tests, reload): watch that one instead
+        if _core is None:
+            raise RuntimeError(LOAD_ERROR)
         cfg = self.config
         watchdog = _core.WatchdogConfig()
         watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import enforcement
+from ._native import LOAD_ERROR
 from ._text import valid_request_id
 from .config import LoopGuardConfig
 from .guard import LoopGuard, RequestInfo, new_request_id
@@ -48,6 +49,11 @@ class LoopGuardMiddleware:
     def __init__(self, app: ASGIApp, config: LoopGuardConfig | None = None) -> None:
         self.app = app
         self.config = config if config is not None else LoopGuardConfig()
+        # Without its engine the guard can only get in the way: say so once, loudly, and pass
+        # every request straight through.
+        self._available = LOAD_ERROR is None
+        if not self._available and self.config.enabled:
+            logger.error("%s", LOAD_ERROR)
         self.guard = LoopGuard(self.config)
         self._warned = False
         self._prometheus: PrometheusExporter | None = None
@@ -68,7 +74,7 @@ class LoopGuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if not self.config.enabled:
+        if not self.config.enabled or not self._available:
             await self.app(scope, receive, send)
         elif (
             kind == "http"
