@@ -172,6 +172,36 @@ def test_two_guards_on_one_loop_stop_in_either_order(loop_name: str) -> None:
         assert restored
 
 
+def test_a_guard_with_nothing_in_flight_ignores_a_busy_loop(loop_name: str) -> None:
+    """One guard's requests keep the loop busy for 1.5 s, in short iterations; the other guard
+    has nothing in flight. On uvloop that one has no heartbeat, and the OS shows the loop thread
+    always running: it must ask the loop (the notify pipe) rather than call that a stall."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> tuple[int, list[str]]:
+        busy = LoopGuardMiddleware(app, LoopGuardConfig(log_blocking_events=False))
+        idle = LoopGuardMiddleware(app, LoopGuardConfig(log_blocking_events=False))
+        await call(idle, http_scope("/once"))  # started, then nothing in flight
+        end = time.monotonic() + 1.5
+        served = 0
+        while time.monotonic() < end:
+            await call(busy, http_scope("/busy"))
+            await asyncio.sleep(0)
+            served += 1
+        await asyncio.sleep(0.1)
+        seen = [f"{e.kind} {e.duration_ms:.0f} ms" for e in idle.guard.events]
+        busy.guard.stop()
+        idle.guard.stop()
+        return served, seen
+
+    served, seen = run(loop_name, main)
+    assert served > 1000
+    assert seen == []
+
+
 # ---- the extension missing or failing to load ---------------------------------------------------
 
 

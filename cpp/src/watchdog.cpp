@@ -299,6 +299,11 @@ Nanos Engine::os_busy_since(Nanos now, std::uint64_t epoch) {
   if (os_busy_since_ == 0 || os_busy_epoch_ != epoch) {
     os_busy_since_ = now;
     os_busy_epoch_ = epoch;
+    // With the heartbeat off (uvloop, nothing of ours in flight) a running thread may just be a
+    // loop busy with work we do not track: another guard's requests, excluded paths, background
+    // tasks. Ask it: the notify pipe makes a live loop run drain(), which beats and so ends this
+    // stretch; a loop stuck in one callback cannot, and becomes a stall a threshold later.
+    if (heartbeat_mode_.load(std::memory_order_relaxed)) signal_loop();
     // The pre-detection CPU reading is per busy stretch; with a silent pulse the epoch does not
     // tell stretches apart, so forget the old one here.
     pre_epoch_ = ~std::uint64_t{0};
@@ -551,6 +556,7 @@ void Engine::wait_begin() noexcept {
 void Engine::wait_end() noexcept { pulse_.wait_end(clock_->now()); }
 
 void Engine::heartbeat() noexcept {
+  heartbeat_mode_.store(true, std::memory_order_relaxed);
   const Nanos now = clock_->now();
   const Nanos due = pulse_.busy_since();
   if (due > 0) {

@@ -433,6 +433,37 @@ TEST_F(EngineTest, HeartbeatStall) {
   EXPECT_EQ(engine_->stats().stalls, 1u);
 }
 
+// Heartbeat off, yet the OS shows the loop thread running: maybe a loop busy with work the guard
+// does not track (another guard's requests, excluded paths). The watchdog pokes the notify pipe;
+// a live loop answers with a beat, which starts the busy stretch over, so it is never a stall.
+// A loop stuck in one callback cannot answer, and is a stall a threshold later.
+TEST_F(EngineTest, HeartbeatOffBusyLoopIsAskedBeforeBlamed) {
+  auto poked = [this] {
+    char buf[16];
+    return ::read(engine_->notify_fd(), buf, sizeof buf) > 0;
+  };
+  engine_->heartbeat();
+  engine_->heartbeat_off();
+  os_->loop_waiting = false;
+  for (int i = 0; i < 30; ++i) {  // 300 ms of a busy, answering loop
+    Step();
+    EXPECT_TRUE(poked()) << i;
+    engine_->heartbeat();  // what drain() does on the loop thread
+    engine_->heartbeat_off();
+    Advance(10 * kMs);
+  }
+  EXPECT_EQ(engine_->stats().stalls, 0u);
+
+  Step();  // asked once more, and never answers from here on
+  EXPECT_TRUE(poked());
+  for (int i = 0; i < 6; ++i) {
+    Advance(10 * kMs);
+    Step();
+    EXPECT_FALSE(poked());  // one question per busy stretch
+  }
+  EXPECT_EQ(engine_->stats().stalls, 1u);
+}
+
 // The watchdog's own schedule: a short interval while requests are in flight or recently were,
 // the long idle tick otherwise.
 TEST_F(EngineTest, TickFollowsActivity) {
