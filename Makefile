@@ -63,7 +63,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
 .PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py test-matrix \
-	test-leg demo bench sanitize lint format clean distclean
+	test-leg demo bench soak sanitize lint format clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -181,6 +181,11 @@ demo: install ## Install, then run `loopguard demo` (DEMO_ARGS=..., e.g. --durat
 bench: install ## A/B against a bare app: throughput ratios and idle CPU, asyncio and uvloop (wrk)
 	@scripts/system-deps.sh wrk util-linux
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
+# SOAK_ARGS='--seconds 60' for a short run (the seconds are per loop).
+soak: install ## 10 min of mixed load + blocking culprits: no crash, flat RSS, no event lost (wrk)
+	@scripts/system-deps.sh wrk util-linux
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 
 # ---- code style --------------------------------------------------------------------------------
 
