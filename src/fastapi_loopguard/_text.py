@@ -14,6 +14,8 @@ def escape(text: str, limit: int = MAX_PATH_CHARS) -> str:
     A path can carry CR/LF (log injection) or ANSI escapes (terminal tricks); neither reaches a
     log line raw. Long text is cut so one hostile request cannot flood the log.
     """
+    if len(text) <= limit and text.isprintable() and "\\" not in text:
+        return text  # the common case, on every request: nothing to escape, checked in C
     out: list[str] = []
     for ch in text[:limit]:
         if ch.isprintable() and ch != "\\":

@@ -48,7 +48,7 @@ _MAX_SUSPENDED_DEPTH = 64
 _REPORT = 2  # the engine's StepVerdict::kReport: a cumulative event is ready
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestInfo:
     """What we know of one tracked request (or labelled unit of work)."""
 

@@ -10,7 +10,8 @@ also answers ``metrics_path`` itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from . import enforcement
@@ -112,7 +113,8 @@ class LoopGuardMiddleware:
                 call = self.app(scope, receive, self._checked_send(scope, info, send))
             else:
                 call = self.app(scope, receive, send)
-            if self.config.cumulative_blocking_enabled and isinstance(call, Coroutine):
+            # A native coroutine (the exact type, not the ABC: checked on every request).
+            if self.config.cumulative_blocking_enabled and type(call) is CoroutineType:
                 await self.guard.timed(call, info)
             else:
                 await call
