@@ -629,7 +629,8 @@ def test_interpreter_exit_during_a_sample(loop_name: str) -> None:
     failures: list[tuple[str, float, int | str, str]] = []
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for outcome in pool.map(one, runs):
-            if outcome[2] != 0 or "Fatal" in outcome[3] or "Traceback" in outcome[3]:
+            stderr = outcome[3]
+            if outcome[2] != 0 or any(bad in stderr for bad in ("Fatal", "Traceback", "leaked")):
                 with lock:
                     failures.append(outcome)
     assert not failures, f"{len(failures)} of {EXIT_RUNS} runs failed, e.g. {failures[:3]}"

@@ -175,7 +175,7 @@ class LoopGuard:
         engine.start()
         self._restore_pulse = _install_selector_pulse(loop, engine)
         self._heartbeat_mode = self._restore_pulse is None
-        loop.add_reader(engine.notify_fd(), self._drain)
+        loop.add_reader(engine.notify_fd(), self._on_notify)
         self._gc_callback = _gc_tracker(engine)
         gc.callbacks.append(self._gc_callback)
         if cfg.calibration_iterations > 0:
@@ -198,6 +198,7 @@ class LoopGuard:
             self._restore_pulse = None
         if self._gc_callback in gc.callbacks:
             gc.callbacks.remove(self._gc_callback)
+        self._gc_callback = None  # it holds the engine's methods
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError, ValueError):  # loop closing under us
                 loop.remove_reader(engine.notify_fd())
@@ -425,14 +426,18 @@ class LoopGuard:
             engine.heartbeat_off()
             self._heartbeat = None
 
+    def _on_notify(self) -> None:
+        """The notify pipe's reader: events are waiting, or the watchdog asks if the loop runs."""
+        if self._heartbeat_mode and self._heartbeat is None and self._engine is not None:
+            # The watchdog pokes the pipe when it sees the loop thread running with the
+            # heartbeat off: one beat here proves the loop is iterating, not stuck.
+            self._beat()
+        self._drain()
+
     def _drain(self) -> None:
         engine = self._engine
         if engine is None:
             return
-        if self._heartbeat_mode and self._heartbeat is None:
-            # The watchdog pokes the pipe when it sees the loop thread running with the
-            # heartbeat off: one beat here proves the loop is iterating, not stuck.
-            self._beat()
         try:
             raw_events = engine.drain()
             now_ns = engine.now_ns()
@@ -674,11 +679,17 @@ def _install_selector_pulse(
 
 def _stop_all_at_exit() -> None:
     # Interpreter exit: the sampler thread must not be waiting for the GIL once finalization
-    # starts, so every engine is stopped (GIL released while joining) before that.
+    # starts, so every engine is stopped (GIL released while joining) before that. A full stop
+    # also delivers what the engine still held and lets go of every reference to it (gc hook,
+    # selector hook): an engine still referenced at the very end is reported by nanobind as a
+    # leak, on the stderr of an app that merely never ran its lifespan shutdown.
     for guard in list(_live_guards):
-        engine = guard._engine
-        if engine is not None:
-            engine.stop()
+        try:
+            guard.stop()
+        except Exception:
+            engine = guard._engine
+            if engine is not None:
+                engine.stop()
 
 
 def _after_fork_in_child() -> None:
