@@ -106,6 +106,13 @@ OsState OsThreadProbe::state() noexcept {
   return st;
 }
 
+OsState OsThreadProbe::where() noexcept {
+  char buf[512];
+  OsState st;
+  if (read_at_zero(syscall_fd_, buf, sizeof buf)) st = parse_syscall_line(buf);
+  return st;
+}
+
 OsState read_thread_syscall(long tid) noexcept {
   OsState st;
 #ifdef __linux__

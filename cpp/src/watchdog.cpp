@@ -289,7 +289,7 @@ Nanos Engine::step(Nanos now) {
 
 Nanos Engine::os_busy_since(Nanos now, std::uint64_t epoch) {
   if (!probe_) return 0;
-  const OsState os = probe_->state();
+  const OsState os = probe_->where();  // polled every tick: the cheap read
   if (os.where == OsState::Where::kUnknown || classify(os) == Kind::kIdle) {
     os_busy_since_ = 0;
     pre_epoch_ = ~std::uint64_t{0};

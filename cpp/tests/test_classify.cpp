@@ -1,6 +1,12 @@
 #include <gtest/gtest.h>
+#include <pthread.h>
+#include <sys/epoll.h>
 #include <sys/syscall.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
+#include <thread>
 #include <vector>
 
 #include "loopguard/classify.h"
@@ -16,6 +22,39 @@ OsState InSyscall(long nr, char sched = 'S') {
   st.sched_state = sched;
   return st;
 }
+
+#ifdef __linux__
+// The real probe on a real thread: where() (the watchdog's every-tick poll, one /proc read) and
+// state() agree on a thread waiting in epoll_wait (idle) and on one running user code.
+TEST(OsThreadProbe, WhereSeesAWaitingAndARunningThread) {
+  std::atomic<long> tid{-1};
+  std::atomic<int> phase{0};  // 0: wait in epoll_wait, 1: spin, 2: done
+  const int ep = ::epoll_create1(EPOLL_CLOEXEC);
+  ASSERT_GE(ep, 0);
+  std::thread worker([&] {
+    tid = static_cast<long>(::syscall(SYS_gettid));
+    epoll_event ev{};
+    while (phase.load() == 0) ::epoll_wait(ep, &ev, 1, 20);
+    while (phase.load() == 1) {
+    }
+  });
+  while (tid.load() < 0) std::this_thread::yield();
+  OsThreadProbe probe(tid.load(), worker.native_handle());
+  auto eventually = [&](Kind want) {
+    for (int i = 0; i < 500; ++i) {
+      if (classify(probe.where()) == want && classify(probe.state()) == want) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return false;
+  };
+  EXPECT_TRUE(eventually(Kind::kIdle));
+  phase = 1;
+  EXPECT_TRUE(eventually(Kind::kCpu));
+  phase = 2;
+  worker.join();
+  ::close(ep);
+}
+#endif
 
 // ---- /proc/self/task/<tid>/syscall -------------------------------------------------------------
 

@@ -15,6 +15,10 @@ class ThreadProbe {
  public:
   virtual ~ThreadProbe() = default;
   virtual OsState state() noexcept = 0;
+  // Only where the thread is (running, or in which system call), without the scheduler
+  // details: all the watchdog's idle poll needs to tell a waiting loop from a busy one, so a
+  // probe may answer it with fewer reads.
+  virtual OsState where() noexcept { return state(); }
   // CPU time the thread has used, or -1 when the platform cannot tell.
   virtual Nanos cpu_time() noexcept = 0;
   // Threads of this process running in user space right now, except `exclude`: when the loop
@@ -38,6 +42,7 @@ class OsThreadProbe final : public ThreadProbe {
   OsThreadProbe& operator=(const OsThreadProbe&) = delete;
 
   OsState state() noexcept override;
+  OsState where() noexcept override;  // the syscall file only: one read instead of three
   Nanos cpu_time() noexcept override;
   std::vector<long> running_threads(const std::vector<long>& exclude) override;
   long tid() const noexcept override { return tid_; }
