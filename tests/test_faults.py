@@ -173,18 +173,22 @@ def test_two_guards_on_one_loop_stop_in_either_order(loop_name: str) -> None:
 
 
 def test_a_guard_with_nothing_in_flight_ignores_a_busy_loop(loop_name: str) -> None:
-    """One guard's requests keep the loop busy for 1.5 s, in short iterations; the other guard
-    has nothing in flight. On uvloop that one has no heartbeat, and the OS shows the loop thread
-    always running: it must ask the loop (the notify pipe) rather than call that a stall."""
+    """One guard's requests keep the loop busy for 1.5 s, in short iterations; the others have
+    nothing in flight (one tracked a request before, one never did). On uvloop they have no
+    heartbeat, and the OS shows the loop thread always running: they must ask the loop (the
+    notify pipe) rather than call that a stall."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
     async def main() -> tuple[int, list[str]]:
-        busy = LoopGuardMiddleware(app, LoopGuardConfig(log_blocking_events=False))
-        idle = LoopGuardMiddleware(app, LoopGuardConfig(log_blocking_events=False))
+        quiet = LoopGuardConfig(log_blocking_events=False)
+        busy = LoopGuardMiddleware(app, quiet)
+        idle = LoopGuardMiddleware(app, quiet)
         await call(idle, http_scope("/once"))  # started, then nothing in flight
+        never = LoopGuardMiddleware(app, quiet)
+        never.guard.start()  # started (as by the lifespan), never a request
         end = time.monotonic() + 1.5
         served = 0
         while time.monotonic() < end:
@@ -192,9 +196,11 @@ def test_a_guard_with_nothing_in_flight_ignores_a_busy_loop(loop_name: str) -> N
             await asyncio.sleep(0)
             served += 1
         await asyncio.sleep(0.1)
-        seen = [f"{e.kind} {e.duration_ms:.0f} ms" for e in idle.guard.events]
-        busy.guard.stop()
-        idle.guard.stop()
+        seen = [
+            f"{e.kind} {e.duration_ms:.0f} ms" for e in (*idle.guard.events, *never.guard.events)
+        ]
+        for middleware in (busy, idle, never):
+            middleware.guard.stop()
         return served, seen
 
     served, seen = run(loop_name, main)

@@ -567,7 +567,10 @@ void Engine::heartbeat() noexcept {
   pulse_.beat(now, config_.interval);
 }
 
-void Engine::heartbeat_off() noexcept { pulse_.heartbeat_off(clock_->now()); }
+void Engine::heartbeat_off() noexcept {
+  heartbeat_mode_.store(true, std::memory_order_relaxed);
+  pulse_.heartbeat_off(clock_->now());
+}
 
 std::uint64_t Engine::begin_request(std::string label) {
   const std::uint64_t token = requests_.begin(std::move(label));

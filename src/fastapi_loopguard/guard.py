@@ -175,6 +175,10 @@ class LoopGuard:
         engine.start()
         self._restore_pulse = _install_selector_pulse(loop, engine)
         self._heartbeat_mode = self._restore_pulse is None
+        if self._heartbeat_mode:
+            # No beat until a request comes; meanwhile a loop the OS shows busy is asked
+            # through the notify pipe, so untracked traffic is never taken for a stall.
+            engine.heartbeat_off()
         loop.add_reader(engine.notify_fd(), self._on_notify)
         self._gc_callback = _gc_tracker(engine)
         gc.callbacks.append(self._gc_callback)

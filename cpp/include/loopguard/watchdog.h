@@ -282,7 +282,8 @@ class Engine {
   Nanos pre_t_ = -1, pre_cpu_ = -1;
 
   std::atomic<std::uint64_t> stalls_{0};
-  // Set by the first heartbeat(): the loop has no select hook, and answers pokes (see step()).
+  // Set by the first heartbeat() or heartbeat_off(): the loop has no select hook, and answers
+  // pokes (see step()).
   std::atomic<bool> heartbeat_mode_{false};
   std::atomic<std::uint64_t> detected_{0};
   std::atomic<std::uint64_t> samples_{0};
