@@ -49,6 +49,25 @@ def make_detect_app() -> FastAPI:
     return app
 
 
+def make_same_process_app() -> FastAPI:
+    """One guarded app with the trivial endpoint twice: tracked at ``/``, excluded at
+    ``/excluded``. wrk against each, in the same process, gives the per-request cost alone (the
+    engine, its watchdog and the loop hooks run for both), free of the few percent by which two
+    processes of the same app differ on this machine."""
+    app = FastAPI()
+
+    @app.get("/")
+    async def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/excluded")
+    async def excluded() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(LoopGuardMiddleware, config=LoopGuardConfig(exclude_paths={"/excluded"}))
+    return app
+
+
 class SoakError(RuntimeError):
     """The soak app's own, deliberate failure. Its traceback in the server log is expected; the
     soak tells it apart from anything else by this name."""
@@ -145,4 +164,5 @@ def make_soak_app() -> FastAPI:
 bare = make_app(False)
 guarded = make_app(True)
 detect = make_detect_app()
+same_process = make_same_process_app()
 soak = make_soak_app()

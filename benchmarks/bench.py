@@ -190,6 +190,20 @@ def main() -> None:
                 for p in (bare, guarded):
                     p.terminate()
                     p.wait()
+        # The per-request cost alone: tracked against excluded requests of one process.
+        same, same_url = start("same_process", loop, {})
+        try:
+            excluded_url = same_url + "excluded"
+            wrk(same_url, 1)
+            wrk(excluded_url, 1)
+            t = x = 0.0
+            for _ in range(args.rounds):
+                x += wrk(excluded_url, args.seconds)
+                t += wrk(same_url, args.seconds)
+            rows.append([loop, "same process", f"{t / x:.3f}x", "-"])
+        finally:
+            same.terminate()
+            same.wait()
     notes = []
     for loop in ("asyncio", "uvloop"):
         notes += detection(loop)
@@ -198,7 +212,8 @@ def main() -> None:
     print(f"\n{'loop':<8} {'config':<14} {'throughput guarded/bare':>24} {'idle CPU added':>22}")
     for row in rows:
         print(f"{row[0]:<8} {row[1]:<14} {row[2]:>24} {row[3]:>22}")
-    print("(targets: defaults >= 0.99x, dev_mode >= 0.97x, idle CPU <= 0.01% of a core)\n")
+    print("(targets: defaults >= 0.99x, dev_mode >= 0.97x, idle CPU <= 0.01% of a core;")
+    print(" 'same process': tracked/excluded requests of one guarded server)\n")
     for line in notes:
         print(line)
 
