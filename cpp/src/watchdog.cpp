@@ -303,7 +303,8 @@ Nanos Engine::os_busy_since(Nanos now, std::uint64_t epoch) {
     // loop busy with work we do not track: another guard's requests, excluded paths, background
     // tasks. Ask it: the notify pipe makes a live loop run drain(), which beats and so ends this
     // stretch; a loop stuck in one callback cannot, and becomes a stall a threshold later.
-    if (heartbeat_mode_.load(std::memory_order_relaxed)) signal_loop();
+    // A heartbeat that is on answers for itself (a missed beat is the stall), so only then.
+    if (heartbeat_mode_.load(std::memory_order_relaxed) && pulse_.busy_since() <= 0) signal_loop();
     // The pre-detection CPU reading is per busy stretch; with a silent pulse the epoch does not
     // tell stretches apart, so forget the old one here.
     pre_epoch_ = ~std::uint64_t{0};

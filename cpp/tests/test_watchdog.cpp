@@ -464,6 +464,20 @@ TEST_F(EngineTest, HeartbeatOffBusyLoopIsAskedBeforeBlamed) {
   EXPECT_EQ(engine_->stats().stalls, 1u);
 }
 
+// With the heartbeat on, a missed beat is the stall: a busy loop is never poked then.
+TEST_F(EngineTest, HeartbeatOnBusyLoopIsNotPoked) {
+  py_->token = engine_->begin_request();
+  os_->loop_waiting = false;
+  for (int i = 0; i < 10; ++i) {
+    engine_->heartbeat();
+    Step();
+    char buf[16];
+    EXPECT_LE(::read(engine_->notify_fd(), buf, sizeof buf), 0) << i;
+    Advance(10 * kMs);
+  }
+  EXPECT_EQ(engine_->stats().stalls, 0u);
+}
+
 // The watchdog's own schedule: a short interval while requests are in flight or recently were,
 // the long idle tick otherwise.
 TEST_F(EngineTest, TickFollowsActivity) {
