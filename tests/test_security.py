@@ -49,6 +49,7 @@ def _guard_events(server: Server, count: int) -> list[dict[str, object]]:
         events = [json.loads(line) for line in lines if '"type": "event"' in line]
         if len(events) >= count or time.monotonic() > deadline:
             return events
+        time.sleep(0.05)
 
 
 def test_responses_reveal_nothing_without_dev_mode(defaults_server: Server) -> None:
