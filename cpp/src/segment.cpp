@@ -21,8 +21,9 @@ double cpu_ratio(Nanos t0, Nanos cpu0, Nanos t1, Nanos cpu1) {
   return std::clamp(r, 0.0, 1.0);
 }
 
+// `measured`: whether ev.cpu comes from CPU clock readings rather than from the kind alone.
 Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::size_t last,
-                 Nanos start, Nanos end, const StallInput& in) {
+                 Nanos start, Nanos end, const StallInput& in, bool& measured) {
   Event ev;
   for (std::size_t i = first; i <= last && ev.token == 0; ++i) ev.token = s[i]->token;
   ev.start = start;
@@ -60,6 +61,7 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
   if (rep != nullptr) {
     ev.stack = rep->frames;
     ev.culprit = rep->culprit;
+    ev.task = rep->task;
   } else {
     ev.stack_missing = true;
   }
@@ -69,6 +71,7 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
   if (r < 0 && first > 0)
     r = cpu_ratio(s[first - 1]->t, s[first - 1]->cpu, s[first]->t, s[first]->cpu);
   if (r < 0 && first == 0) r = cpu_ratio(in.pre_t, in.pre_cpu, s[first]->t, s[first]->cpu);
+  measured = r >= 0;
   // No CPU clock at all: the kinds that run on the CPU get all of it.
   if (r < 0)
     r = ev.kind == Kind::kCpu || ev.kind == Kind::kNative || ev.kind == Kind::kGc ? 1.0 : 0.0;
@@ -82,6 +85,9 @@ bool identified(const Sample& s) { return s.has_stack || s.token != 0; }
 
 bool same_culprit(const Sample& a, const Sample& b) noexcept {
   if (a.token != b.token) return false;
+  // Outside requests, the task is what a request is inside them: two tasks' blocks are never
+  // one event, even when they run the same function back to back.
+  if (a.token == 0 && a.has_stack && b.has_stack && a.task != b.task) return false;
   // Outside any request, library and loop code (no application frame) is where a saturated loop
   // spends its time, and samples can only land where the loop releases the GIL, so many short
   // callbacks look alike (the same uvicorn or stdlib function each time). Such samples are never
@@ -147,11 +153,24 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
     for (std::size_t i = first; i <= last && anonymous; ++i) {
       anonymous = s[i]->token == 0 && s[i]->has_stack && s[i]->culprit < 0;
     }
+    bool counted = false;
     if (end - start >= in.threshold && !anonymous) {
-      out.events.push_back(make_event(s, first, last, start, end, in));
-    } else {
-      out.saturated += end - start;
+      bool measured = false;
+      Event ev = make_event(s, first, last, start, end, in, measured);
+      // A thread that was running or runnable all along, yet was on a CPU for less than half
+      // of the time and for less than a threshold in all: it mostly waited for a CPU that other
+      // processes had (an overloaded host, cgroup throttling), and its own code did not hold
+      // the loop for a threshold's worth of work. That is no culprit's event (a 1 ms request
+      // descheduled for 60 ms is not a 60 ms CPU hog); the time counts as saturation. Sleep,
+      // I/O, lock and GIL waits use no CPU by nature and are not judged this way.
+      const bool on_cpu =
+          ev.kind == Kind::kCpu || ev.kind == Kind::kNative || ev.kind == Kind::kStarved;
+      if (!(measured && on_cpu && ev.cpu < in.threshold && ev.cpu * 2 < ev.duration)) {
+        out.events.push_back(std::move(ev));
+        counted = true;
+      }
     }
+    if (!counted) out.saturated += end - start;
     start = end;
   }
   return out;

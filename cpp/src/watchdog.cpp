@@ -1,7 +1,12 @@
 #include "loopguard/watchdog.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -36,6 +41,11 @@ void LoopPulse::heartbeat_off(Nanos now) noexcept {
   busy_since_.store(0, std::memory_order_release);
 }
 
+void LoopPulse::restart(Nanos now) noexcept {
+  end_busy(now);
+  busy_since_.store(now, std::memory_order_release);
+}
+
 void LoopPulse::watch(std::uint64_t epoch) noexcept {
   watched_end_.store(0, std::memory_order_relaxed);
   watched_.store(epoch, std::memory_order_release);
@@ -61,9 +71,11 @@ std::string RequestTable::label(std::uint64_t token) const {
   return it == inflight_.end() ? std::string() : it->second.label;
 }
 
-void RequestTable::end(std::uint64_t token) {
+bool RequestTable::end(std::uint64_t token) {
   std::lock_guard<std::mutex> lock(mutex_);
   inflight_.erase(token);
+  return std::any_of(live_.begin(), live_.end(),
+                     [token](const auto& credit) { return credit.first == token; });
 }
 
 std::uint32_t RequestTable::inflight() const {
@@ -120,6 +132,27 @@ RequestTable::Credits credits_of(const std::vector<Event>& events) {
 }
 }  // namespace
 
+struct ThreadExitHook {
+  std::mutex mutex;
+  Engine* engine = nullptr;  // null once the engine is gone
+  pid_t pid = 0;             // a forked child's copy of the thread record must not act
+};
+
+namespace {
+// One per thread that runs a watched loop; its destructor runs when that thread exits (for the
+// main thread, at process exit, after every engine was stopped).
+struct ThreadExitRecord {
+  std::vector<std::shared_ptr<ThreadExitHook>> hooks;
+  ~ThreadExitRecord() {
+    for (const auto& hook : hooks) {
+      std::lock_guard<std::mutex> lock(hook->mutex);
+      if (hook->engine != nullptr && hook->pid == ::getpid()) hook->engine->loop_thread_exited();
+    }
+  }
+};
+thread_local ThreadExitRecord thread_exit_record;
+}  // namespace
+
 Engine::Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
                std::unique_ptr<ThreadProbe> probe, std::unique_ptr<StackSampler> sampler,
                const Clock* clock)
@@ -139,19 +172,53 @@ Engine::Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
     notify_read_ = fds[0];
     notify_write_ = fds[1];
   }
+#ifdef __linux__
+  wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  // The timer runs on CLOCK_MONOTONIC, the engine's clock; with a fake clock (unit tests driving
+  // step() by hand) it is never armed.
+  if (clock == nullptr) timer_fd_ = ::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+#endif
 }
 
 Engine::~Engine() {
   if (abandoned_) return;
+  if (exit_hook_) {
+    std::lock_guard<std::mutex> lock(exit_hook_->mutex);
+    exit_hook_->engine = nullptr;
+  }
   stop();
-  if (notify_read_ >= 0) ::close(notify_read_);
-  if (notify_write_ >= 0) ::close(notify_write_);
+  for (int fd : {notify_read_, notify_write_, wake_fd_, timer_fd_}) {
+    if (fd >= 0) ::close(fd);
+  }
+}
+
+void Engine::watch_thread_exit() {
+  if (exit_hook_) return;
+  exit_hook_ = std::make_shared<ThreadExitHook>();
+  exit_hook_->engine = this;
+  exit_hook_->pid = ::getpid();
+  auto& hooks = thread_exit_record.hooks;
+  // Engines started and stopped on this thread before (a test suite's many loops) leave their
+  // hooks behind; drop those, so the record stays as small as the live engines.
+  hooks.erase(std::remove_if(hooks.begin(), hooks.end(),
+                             [](const std::shared_ptr<ThreadExitHook>& h) {
+                               std::lock_guard<std::mutex> lock(h->mutex);
+                               return h->engine == nullptr;
+                             }),
+              hooks.end());
+  hooks.push_back(exit_hook_);
+}
+
+void Engine::loop_thread_exited() noexcept {
+  loop_gone_.store(true, std::memory_order_release);
+  wake();
 }
 
 void Engine::start() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (thread_ || abandoned_) return;
   stop_ = false;
+  running_ = true;
   thread_ = std::make_unique<std::thread>([this] { run(); });
 }
 
@@ -161,7 +228,7 @@ void Engine::stop() {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
   }
-  cv_.notify_all();
+  wake();
   if (thread_ && thread_->joinable()) thread_->join();
   thread_.reset();
   // A stall the watchdog had not yet seen end is still delivered: stop() is usually called on the
@@ -179,7 +246,7 @@ void Engine::abandon_after_fork() noexcept {
   // In the child of a fork only the forking thread exists. The watchdog and sampler threads are
   // gone, and any mutex they held at the moment of the fork stays locked forever. Joining would
   // hang and destroying a locked mutex is undefined, so everything is leaked on purpose; the
-  // child builds a fresh engine.
+  // child builds a fresh engine. (The thread-exit hook checks the pid, so it stays inert too.)
   abandoned_ = true;
   (void)thread_.release();
   (void)sampler_.release();
@@ -191,25 +258,142 @@ void Engine::wake() noexcept {
     std::lock_guard<std::mutex> lock(mutex_);
     woken_ = true;
   }
-  cv_.notify_one();
+  if (wake_fd_ >= 0) {
+    const std::uint64_t one = 1;
+    while (::write(wake_fd_, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+  }
+}
+
+void Engine::sleep_until(Nanos deadline) {
+  const Nanos wait = std::max<Nanos>(deadline - clock_->now(), 0);
+  pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
+  const nfds_t count = timer_fd_ >= 0 ? 2 : 1;
+  if (wake_fd_ < 0) {
+    // No eventfd (not Linux): sleep in short slices so that stop() is still seen promptly.
+    std::this_thread::sleep_for(std::chrono::nanoseconds(std::min<Nanos>(wait, 10 * kMs)));
+    return;
+  }
+  timespec ts{static_cast<time_t>(wait / 1'000'000'000), static_cast<long>(wait % 1'000'000'000)};
+  if (::ppoll(fds, count, &ts, nullptr) <= 0) return;
+  std::uint64_t value = 0;
+  if (fds[0].revents & POLLIN) (void)!::read(wake_fd_, &value, sizeof value);
+  if (count == 2 && (fds[1].revents & POLLIN)) {
+    (void)!::read(timer_fd_, &value, sizeof value);
+    timer_armed_.store(false, std::memory_order_relaxed);
+  }
 }
 
 void Engine::run() {
   watchdog_tid_ = current_tid();
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stop_) {
+    const std::uint64_t settle_seen = settle_requested_;
+    woken_ = false;
     lock.unlock();
     const Nanos next = step(clock_->now());
     lock.lock();
-    if (stop_) break;
-    if (woken_) {
-      woken_ = false;
-      continue;
+    // Everything asked before this step began has been seen by it (the pulse change that a
+    // settle() makes happens before its request), so those callers can go on.
+    if (settle_done_ < settle_seen) {
+      settle_done_ = settle_seen;
+      settled_cv_.notify_all();
     }
-    const Nanos wait = std::max<Nanos>(next - clock_->now(), 0);
-    cv_.wait_for(lock, std::chrono::nanoseconds(wait), [this] { return stop_ || woken_; });
-    woken_ = false;
+    if (stop_) break;
+    if (loop_gone_.load(std::memory_order_acquire)) break;  // the loop's thread has exited
+    if (woken_ || settle_requested_ != settle_seen) continue;
+    lock.unlock();
+    sleep_until(next);
+    lock.lock();
   }
+  running_ = false;
+  settled_cv_.notify_all();
+}
+
+bool Engine::unsettled() const noexcept {
+  return stall_active_.load(std::memory_order_acquire) || ring_.has_items();
+}
+
+bool Engine::settle(bool in_select) {
+  if (!stall_active_.load(std::memory_order_acquire)) return ring_.has_items();
+  if (in_select) {
+    // wait_begin() ended the busy stretch already.
+  } else if (heartbeat_mode_.load(std::memory_order_relaxed)) {
+    heartbeat();  // the beat the stall delayed, with its lag
+  } else {
+    // Ends the busy stretch for the watchdog; the loop-lag sample still spans the whole
+    // iteration (iteration_start_ is left alone).
+    pulse_.restart(clock_->now());
+  }
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (running_ && !stop_) {
+    const std::uint64_t want = ++settle_requested_;
+    woken_ = true;
+    if (wake_fd_ >= 0) {
+      const std::uint64_t one = 1;
+      (void)!::write(wake_fd_, &one, sizeof one);
+    }
+    settled_cv_.wait_for(lock, std::chrono::nanoseconds(config_.settle_timeout),
+                         [&] { return settle_done_ >= want || !running_; });
+  }
+  lock.unlock();
+  return ring_.has_items();
+}
+
+void Engine::pause() noexcept {
+  pulse_.heartbeat_off(clock_->now());  // the busy stretch, if any, ends here
+  iteration_start_ = 0;                 // and the time until the next run is no loop lag
+  paused_.store(true, std::memory_order_release);
+  disarm_timer();
+  wake();
+}
+
+void Engine::resume() noexcept {
+  if (!paused_.load(std::memory_order_acquire)) return;
+  const Nanos now = clock_->now();
+  if (heartbeat_mode_.load(std::memory_order_relaxed)) {
+    pulse_.heartbeat_off(now);
+  } else {
+    pulse_.restart(now);
+    iteration_start_ = now;
+  }
+  paused_.store(false, std::memory_order_release);
+  wake();
+}
+
+Nanos Engine::finish_paused(Nanos now) {
+  if (stall_.active) {
+    Nanos end = pulse_.epoch() != stall_.epoch ? pulse_.watched_end() : 0;
+    if (end <= 0) end = stall_.samples.empty() ? now : stall_.samples.back().t;
+    finish_stall(end);
+  }
+  os_busy_since_ = 0;
+  pre_epoch_ = ~std::uint64_t{0};
+  deep_sleep_.store(true, std::memory_order_relaxed);
+  // Nothing to look at until resume(), settle() or stop() wakes us.
+  return now + 3600 * 1000 * kMs;
+}
+
+void Engine::arm_timer() noexcept {
+#ifdef __linux__
+  if (timer_fd_ < 0 || timer_armed_.exchange(true, std::memory_order_relaxed)) return;
+  const Nanos t = std::max<Nanos>(threshold_.current(), kMs);
+  itimerspec spec{};
+  spec.it_value.tv_sec = static_cast<time_t>(t / 1'000'000'000);
+  spec.it_value.tv_nsec = static_cast<long>(t % 1'000'000'000);
+  ::timerfd_settime(timer_fd_, 0, &spec, nullptr);
+#endif
+}
+
+void Engine::disarm_timer() noexcept {
+#ifdef __linux__
+  if (timer_fd_ < 0 || !timer_armed_.load(std::memory_order_relaxed) ||
+      !timer_armed_.exchange(false, std::memory_order_relaxed)) {
+    return;
+  }
+  const itimerspec off{};
+  ::timerfd_settime(timer_fd_, 0, &off, nullptr);
+#endif
 }
 
 bool Engine::active(Nanos now) const {
@@ -221,6 +405,11 @@ bool Engine::active(Nanos now) const {
 bool Engine::wants_heartbeat() const noexcept { return active(clock_->now()); }
 
 Nanos Engine::step(Nanos now) {
+  // A loop that is not running (stopped between two runs, or its thread gone) blocks nothing:
+  // whatever its thread does meanwhile is not the loop's.
+  if (paused_.load(std::memory_order_acquire) || loop_gone_.load(std::memory_order_acquire)) {
+    return finish_paused(now);
+  }
   if (stall_.active) {
     // Back in epoll_wait: the loop waits again even if the pulse has not said so (the pulse is
     // silent while uvloop's heartbeat is off, and the OS noticed this stall, not the pulse).
@@ -278,9 +467,15 @@ Nanos Engine::step(Nanos now) {
     deep_sleep_.store(false, std::memory_order_relaxed);
     next = now + config_.interval;
   } else {
-    // Nothing in flight: wake rarely. begin_request() wakes us early.
-    deep_sleep_.store(true, std::memory_order_relaxed);
+    // Nothing in flight: sleep in the kernel. begin_request() wakes us early, and so does the
+    // timer the loop arms when it leaves select while we sleep (wait_end()), one threshold later.
+    deep_sleep_.store(true, std::memory_order_seq_cst);
+    // The loop may have left select between our look at the pulse and the store above, and then
+    // it saw us awake and armed nothing: look once more (pairs with the fence in wait_end()).
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    const Nanos since = pulse_.busy_since();
     next = now + config_.idle_tick;
+    if (since > 0 && since <= now) next = std::min(next, since + threshold);
   }
   // Heartbeat mode: the next beat is due at pulse_since; look again once it is a threshold late.
   if (pulse_since > now) next = std::min(next, pulse_since + threshold);
@@ -324,6 +519,7 @@ void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
     stall_.pre_cpu = pre_cpu_;
   }
   stall_.os_detected = os_busy_since_ > 0 && busy_since == os_busy_since_;
+  stall_active_.store(true, std::memory_order_release);
   // Whatever happens next is judged afresh: a later busy stretch never inherits this start.
   os_busy_since_ = 0;
   pulse_.watch(epoch);
@@ -438,6 +634,7 @@ void Engine::fill_late_stack(Nanos until) {
     s.token = late.token;
     s.frames = late.frames;
     s.culprit = late.culprit;
+    s.task = late.task;
     s.has_stack = true;
     used = true;
   }
@@ -530,8 +727,9 @@ void Engine::finish_stall(Nanos end) {
   detected_.fetch_add(result.events.size(), std::memory_order_relaxed);
   bool queued = false;
   for (auto& ev : result.events) queued |= ring_.push(std::move(ev));
-  if (queued) signal_loop();
   stall_ = Stall{};
+  stall_active_.store(false, std::memory_order_release);
+  if (queued) signal_loop();
 }
 
 void Engine::signal_loop() noexcept {
@@ -542,19 +740,30 @@ void Engine::signal_loop() noexcept {
   }
 }
 
-void Engine::wait_begin() noexcept {
+bool Engine::wait_begin() noexcept {
   const Nanos now = clock_->now();
-  const Nanos busy_since = pulse_.busy_since();
-  if (busy_since > 0) {
-    const Nanos lag = now - busy_since;
+  if (iteration_start_ > 0) {
+    const Nanos lag = now - iteration_start_;
     lag_.record(lag);
     // Stalls stay out of the adaptive window, or one bad endpoint would raise the bar for itself.
     if (lag < threshold_.current()) threshold_.record(lag, now);
   }
+  iteration_start_ = 0;
   pulse_.wait_begin(now);
+  disarm_timer();
+  return stall_active_.load(std::memory_order_acquire);
 }
 
-void Engine::wait_end() noexcept { pulse_.wait_end(clock_->now()); }
+void Engine::wait_end() noexcept {
+  const Nanos now = clock_->now();
+  iteration_start_ = now;
+  pulse_.wait_end(now);
+  // While the watchdog sleeps deeply (nothing in flight), a kernel timer stands in for it: it
+  // fires a threshold from now unless the loop is back in select first, so a block outside any
+  // request is seen as soon as one inside would be, and an idle loop wakes nobody.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (deep_sleep_.load(std::memory_order_relaxed)) arm_timer();
+}
 
 void Engine::heartbeat() noexcept {
   heartbeat_mode_.store(true, std::memory_order_relaxed);
@@ -579,10 +788,11 @@ std::uint64_t Engine::begin_request(std::string label) {
   return token;
 }
 
-void Engine::end_request(std::uint64_t token) {
-  requests_.end(token);
+bool Engine::end_request(std::uint64_t token) {
+  const bool blocked = requests_.end(token);
   cumulative_.forget(token);
   last_request_end_.store(clock_->now(), std::memory_order_relaxed);
+  return blocked && stall_active_.load(std::memory_order_acquire);
 }
 
 StepVerdict Engine::record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) {

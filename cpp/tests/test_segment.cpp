@@ -323,6 +323,47 @@ TEST(SplitStall, CpuFromPreReadingForSingleSample) {
   EXPECT_EQ(r.events[0].cpu, 40 * kMs);
 }
 
+// Outside requests the task plays the request's part: two tasks running the same function back to
+// back are two events, each naming its task.
+TEST(SplitStall, TwoTasksAreTwoEventsOutsideRequests) {
+  std::vector<Sample> samples;
+  for (int i = 0; i < 8; ++i) {
+    Sample s = Make(At(50 + 10 * i), 0, "handle_job");
+    s.task = i < 4 ? "queue-worker-1 (worker)" : "queue-worker-2 (worker)";
+    samples.push_back(s);
+  }
+  const StallResult r = split_stall(samples, Input(kT0, At(150)));
+  ASSERT_EQ(r.events.size(), 2u);
+  EXPECT_EQ(r.events[0].task, "queue-worker-1 (worker)");
+  EXPECT_EQ(r.events[1].task, "queue-worker-2 (worker)");
+}
+
+// A short request descheduled under CPU contention: 60 ms on the loop, 1 ms of it on a CPU. Not a
+// 60 ms CPU hog: no event, and the time is saturation.
+TEST(SplitStall, MostlyWaitingForACpuIsNoEvent) {
+  std::vector<Sample> samples{Make(At(50), 1, "handler", 10, Kind::kCpu),
+                              Make(At(52), 1, "handler", 10, Kind::kCpu)};
+  samples[0].cpu = 100 * kMs;
+  samples[1].cpu = 100 * kMs;
+  StallInput in = Input(kT0, At(60));
+  in.pre_t = At(5);
+  in.pre_cpu = 99 * kMs;
+  const StallResult r = split_stall(samples, in);
+  EXPECT_TRUE(r.events.empty());
+  EXPECT_EQ(r.saturated, 60 * kMs);
+}
+
+// The same wait on a sleep is the request's event: a sleep uses no CPU by nature.
+TEST(SplitStall, ASleepIsJudgedByWallTime) {
+  std::vector<Sample> samples{Make(At(50), 1, "handler", 10, Kind::kSleep),
+                              Make(At(52), 1, "handler", 10, Kind::kSleep)};
+  samples[0].cpu = 100 * kMs;
+  samples[1].cpu = 100 * kMs;
+  const StallResult r = split_stall(samples, Input(kT0, At(60)));
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].kind, Kind::kSleep);
+}
+
 // A later single-sample run uses the reading of the sample before it.
 TEST(SplitStall, CpuFromPreviousSampleForLaterSingleSampleRun) {
   std::vector<Sample> samples{Make(At(50), 1, "a"), Make(At(60), 1, "a"),

@@ -30,6 +30,7 @@ NB_MODULE(_core, m) {
       .def_rw("stack_timeout_ns", &WatchdogConfig::stack_timeout)
       .def_rw("max_samples", &WatchdogConfig::max_samples)
       .def_rw("ring_capacity", &WatchdogConfig::ring_capacity)
+      .def_rw("settle_timeout_ns", &WatchdogConfig::settle_timeout)
       .def_rw("capture_stacks", &WatchdogConfig::capture_stacks)
       .def_rw("hang_threshold_ns", &WatchdogConfig::hang_threshold)
       .def_rw("hang_fd", &WatchdogConfig::hang_fd)
@@ -68,7 +69,8 @@ NB_MODULE(_core, m) {
       .def_ro("victims", &Event::victims)
       .def_ro("samples", &Event::samples)
       .def_ro("stack_missing", &Event::stack_missing)
-      .def_ro("hang", &Event::hang);
+      .def_ro("hang", &Event::hang)
+      .def_ro("task", &Event::task);
 
   nb::class_<RequestCounters>(m, "RequestCounters")
       .def_ro("count", &RequestCounters::count)
@@ -102,9 +104,15 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](PyEngine* self, const WatchdogConfig& w, const ThresholdConfig& t,
-             const SamplerConfig& s,
-             nb::handle request_var) { new (self) PyEngine(w, t, s, request_var.ptr()); },
-          nb::arg("watchdog"), nb::arg("threshold"), nb::arg("sampler"), nb::arg("request_var"))
+             const SamplerConfig& s, nb::handle request_var, nb::handle loop,
+             nb::handle current_tasks, nb::handle task_type) {
+            const auto or_null = [](nb::handle h) { return h.is_none() ? nullptr : h.ptr(); };
+            new (self)
+                PyEngine(w, t, s, request_var.ptr(),
+                         TaskLookup{or_null(loop), or_null(current_tasks), or_null(task_type)});
+          },
+          nb::arg("watchdog"), nb::arg("threshold"), nb::arg("sampler"), nb::arg("request_var"),
+          nb::arg("loop").none(), nb::arg("current_tasks").none(), nb::arg("task_type").none())
       .def("start", &PyEngine::start)
       .def("stop", &PyEngine::stop)
       .def("abandon_after_fork", &PyEngine::abandon_after_fork)
@@ -116,6 +124,17 @@ NB_MODULE(_core, m) {
       .def("gc_end", &PyEngine::gc_end)
       .def("begin_request", &PyEngine::begin_request)
       .def("end_request", &PyEngine::end_request)
+      .def("settle", &PyEngine::settle)
+      .def("watch_thread_exit", &PyEngine::watch_thread_exit)
+      .def(
+          "attach_uvloop",
+          [](PyEngine& e, nb::handle loop, const std::string& library) {
+            return e.attach_uvloop(loop.ptr(), library);
+          },
+          nb::arg("loop"), nb::arg("library"))
+      .def("close_uvloop", &PyEngine::close_uvloop)
+      .def("pause", &PyEngine::pause)
+      .def("resume", &PyEngine::resume)
       .def("record_step", &PyEngine::record_step)
       .def("take_cumulative", &PyEngine::take_cumulative)
       .def("request_counters", &PyEngine::request_counters)
@@ -123,10 +142,8 @@ NB_MODULE(_core, m) {
       .def("calibrate", &PyEngine::calibrate)
       .def("wants_heartbeat", &PyEngine::wants_heartbeat)
       .def("notify_fd", &PyEngine::notify_fd)
-      .def("threshold_ns", &PyEngine::threshold)
       .def("now_ns", &PyEngine::now)
       .def("stats", &PyEngine::stats)
       .def("lag_cumulative", &PyEngine::lag_cumulative)
-      .def("lag_sum_ns", &PyEngine::lag_sum)
-      .def_prop_ro("alive", &PyEngine::alive);
+      .def("lag_sum_ns", &PyEngine::lag_sum);
 }

@@ -30,7 +30,8 @@ class BlockingEvent:
     stack shows where the request waited right after the last of them. ``stack`` runs from
     the outermost frame to the innermost; ``culprit`` is the innermost frame of application code
     (not the standard library, not site-packages, not this package). ``victims`` counts the
-    *other* requests in flight while the loop was blocked.
+    *other* requests in flight while the loop was blocked. ``task`` names what ran outside
+    requests (the task's name and its coroutine, or ``(callback)``).
     """
 
     duration_ms: float
@@ -47,3 +48,6 @@ class BlockingEvent:
     samples: int = 0
     stack_missing: bool = False
     hang: bool = False
+    # Outside requests, what ran: "name (coroutine)" for an asyncio task, "(callback)" for a plain
+    # callback; None inside a request (the request names it) or when no stack was taken.
+    task: str | None = None

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import contextvars
-import gc
 import itertools
 import logging
 import os
-import selectors
 import site
 import sysconfig
 import threading
@@ -36,6 +33,7 @@ from .config import LoopGuardConfig
 from .eventlog import EventLog
 from .events import BlockingEvent, Frame
 from .exporters.base import Exporter
+from .pulse import LoopHooks
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -116,13 +114,13 @@ class LoopGuard:
         )
         self._engine: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._hooks: LoopHooks | None = None
+        # Stops the engine if this guard is dropped without stop() (an app thrown away while its
+        # loop lives on): its threads must not outlive everything that could stop them.
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._requests: dict[int, RequestInfo] = {}
         self._recent: OrderedDict[int, RequestInfo] = OrderedDict()
-        self._heartbeat: asyncio.TimerHandle | None = None
-        self._heartbeat_mode = False
-        self._restore_pulse: Callable[[], None] | None = None
         self._calibration: asyncio.Task[None] | None = None
-        self._gc_callback: Callable[[str, dict[str, int]], None] | None = None
         self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
         self.exporters: list[Exporter] = _build_exporters(self)
@@ -139,73 +137,51 @@ class LoopGuard:
         return self._engine is not None
 
     def start(self) -> None:
-        """Starts watching the running loop (idempotent). Call on the loop thread."""
-        loop = asyncio.get_running_loop()
+        """Starts watching the running loop (idempotent). Call on the loop thread.
+
+        A guard belongs to one loop. Started from another loop (``TestClient`` without ``with``
+        runs each request on a new loop in a new thread; pytest-asyncio gives each test its own),
+        it lets go of the old one and watches the new one.
+        """
+        loop = _running_asyncio_loop()
         if self._engine is not None:
             if self._loop is loop:
                 return
             self.stop()  # a new loop (tests, reload): watch that one instead
         if _core is None:
             raise RuntimeError(LOAD_ERROR)
-        cfg = self.config
-        watchdog = _core.WatchdogConfig()
-        watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
-        watchdog.capture_stacks = cfg.capture_stacks
-        watchdog.hang_threshold_ns = int(cfg.hang_threshold_ms * _NS_PER_MS)
-        cumulative = _core.CumulativeConfig()
-        cumulative.enabled = cfg.cumulative_blocking_enabled
-        cumulative.threshold_ns = int(cfg.cumulative_blocking_threshold_ms * _NS_PER_MS)
-        cumulative.window_ns = int(cfg.cumulative_window_ms * _NS_PER_MS)
-        watchdog.cumulative = cumulative
-        threshold = _core.ThresholdConfig()
-        threshold.multiplier = float(cfg.threshold_multiplier)
-        threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
-        threshold.adaptive = cfg.adaptive_threshold
-        threshold.window = cfg.adaptive_window_size
-        threshold.percentile = float(cfg.adaptive_percentile)
-        threshold.min_samples = cfg.adaptive_min_samples
-        threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
-        sampler = _core.SamplerConfig()
-        sampler.library_prefixes = _LIBRARY_PREFIXES
-        sampler.application_prefixes = _APPLICATION_PREFIXES
-        sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()
-        engine = _core.Engine(watchdog, threshold, sampler, self._request_var)
-        self._engine = engine
-        self._loop = loop
+        # The running task's name outside requests: 3.11 to 3.13 keep it in this dict (the
+        # native side knows which versions do, see compat.h).
+        current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+        engine = _core.Engine(
+            *_engine_configs(self.config),
+            self._request_var,
+            loop,
+            current_tasks if isinstance(current_tasks, dict) else None,
+            asyncio.Task,
+        )
+        hooks = LoopHooks(loop, engine, self, self.config.monitor_interval_ms / 1000)
+        self._engine, self._loop, self._hooks = engine, loop, hooks
+        engine.watch_thread_exit()
         engine.start()
-        self._restore_pulse = _install_selector_pulse(loop, engine)
-        self._heartbeat_mode = self._restore_pulse is None
-        if self._heartbeat_mode:
-            # No beat until a request comes; meanwhile a loop the OS shows busy is asked
-            # through the notify pipe, so untracked traffic is never taken for a stall.
-            engine.heartbeat_off()
-        loop.add_reader(engine.notify_fd(), self._on_notify)
-        self._gc_callback = _gc_tracker(engine)
-        gc.callbacks.append(self._gc_callback)
-        if cfg.calibration_iterations > 0:
+        hooks.install()
+        self._finalizer = weakref.finalize(self, _release, hooks, engine)
+        if self.config.calibration_iterations > 0:
             self._calibration = loop.create_task(self._calibrate())
         _live_guards.add(self)
 
     def stop(self) -> None:
         """Stops the watchdog and delivers what it still held. Safe to call twice."""
-        engine, loop = self._engine, self._loop
-        if engine is None:
+        engine, hooks = self._engine, self._hooks
+        if engine is None or hooks is None:
             return
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._calibration is not None:
             self._calibration.cancel()
             self._calibration = None
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
-        if self._restore_pulse is not None:
-            self._restore_pulse()
-            self._restore_pulse = None
-        if self._gc_callback in gc.callbacks:
-            gc.callbacks.remove(self._gc_callback)
-        self._gc_callback = None  # it holds the engine's methods
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError, ValueError):  # loop closing under us
-                loop.remove_reader(engine.notify_fd())
+        hooks.remove()
         engine.stop()
         self._drain()
         for exporter in self.exporters:
@@ -217,6 +193,7 @@ class LoopGuard:
             self._event_log.write_stats(self.stats())
         self._engine = None
         self._loop = None
+        self._hooks = None
         _live_guards.discard(self)
 
     async def __aenter__(self) -> LoopGuard:
@@ -227,16 +204,17 @@ class LoopGuard:
         self.stop()
 
     def _abandon_after_fork(self) -> None:
-        if self._gc_callback in gc.callbacks:
-            gc.callbacks.remove(self._gc_callback)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._hooks is not None:
+            self._hooks.forget_after_fork()
         if self._engine is not None:
             self._engine.abandon_after_fork()
         self._engine = None
         self._loop = None
-        self._heartbeat = None
-        self._restore_pulse = None
+        self._hooks = None
         self._calibration = None
-        self._gc_callback = None
 
     async def _calibrate(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,8 +250,8 @@ class LoopGuard:
                 exporter.request_started(info)
             except Exception:
                 logger.exception("fastapi_loopguard: exporter %r failed on a request", exporter)
-        if self._heartbeat_mode and self._heartbeat is None:
-            self._beat()
+        if self._hooks is not None:
+            self._hooks.wake_heartbeat()
         return info, self._request_var.set(token)
 
     def end(self, info: RequestInfo, var_token: contextvars.Token[int]) -> None:
@@ -283,8 +261,20 @@ class LoopGuard:
         self._recent[info.token] = info
         if len(self._recent) > _RECENT_REQUESTS:
             self._recent.popitem(last=False)
-        if self._engine is not None:
-            self._engine.end_request(info.token)
+        # The request's code has just run again, so a stall it was part of is over: the engine
+        # finishes it now, and its events are delivered before the request is done (tests that
+        # call an app in-process see them when the call returns).
+        if self._engine is not None and self._engine.end_request(info.token):
+            self._drain()
+
+    def settle(self) -> None:
+        """Delivers now the events of a stall that just ended, without waiting for the watchdog.
+
+        For code that runs on the loop right after its own block (strict mode at response
+        start): the engine finishes the stall at once (the GIL is released meanwhile).
+        """
+        if self._engine is not None and self._engine.settle():
+            self._drain()
 
     @contextmanager
     def label(self, name: str) -> Iterator[RequestInfo]:
@@ -323,6 +313,7 @@ class LoopGuard:
         name the culprit at response start (strict and warn modes) waits here for it.
         """
         deadline = time.monotonic() + timeout
+        self.settle()
         while True:
             self._drain()
             if len(info.events or ()) >= count or time.monotonic() >= deadline:
@@ -417,25 +408,12 @@ class LoopGuard:
 
     # -- pulse and delivery ---------------------------------------------------------------------
 
-    def _beat(self) -> None:
-        """Heartbeat for loops without a selector hook (uvloop): only while there is work."""
-        engine, loop = self._engine, self._loop
-        if engine is None or loop is None:
-            self._heartbeat = None
-            return
-        engine.heartbeat()
-        if engine.wants_heartbeat():
-            self._heartbeat = loop.call_later(self.config.monitor_interval_ms / 1000, self._beat)
-        else:
-            engine.heartbeat_off()
-            self._heartbeat = None
-
     def _on_notify(self) -> None:
         """The notify pipe's reader: events are waiting, or the watchdog asks if the loop runs."""
-        if self._heartbeat_mode and self._heartbeat is None and self._engine is not None:
+        if self._hooks is not None and self._engine is not None:
             # The watchdog pokes the pipe when it sees the loop thread running with the
             # heartbeat off: one beat here proves the loop is iterating, not stuck.
-            self._beat()
+            self._hooks.wake_heartbeat()
         self._drain()
 
     def _drain(self) -> None:
@@ -482,6 +460,7 @@ class LoopGuard:
             samples=raw.samples,
             stack_missing=raw.stack_missing,
             hang=raw.hang,
+            task=(raw.task or None) if info is None else None,
         )
 
     def _dispatch(self, event: BlockingEvent, info: RequestInfo | None) -> None:
@@ -589,6 +568,8 @@ def format_event(event: BlockingEvent) -> str:
     else:
         head = f"Event loop blocked for {event.duration_ms:.2f}ms (no active request)"
     details = [f"kind={event.kind}"]
+    if event.task is not None:
+        details.insert(0, f"task={escape(event.task, 200)}")
     if event.route is not None:
         details.insert(0, f"route={escape(event.route)}")
     if event.hang:
@@ -622,19 +603,6 @@ def _build_exporters(guard: LoopGuard) -> list[Exporter]:
     return exporters
 
 
-def _gc_tracker(engine: Any) -> Callable[[str, dict[str, int]], None]:
-    """A gc.callbacks hook telling the engine when the loop thread is inside a collection."""
-    loop_thread = threading.get_ident()
-    begin, end = engine.gc_begin, engine.gc_end
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        # Collections on other threads are not the loop's stall.
-        if threading.get_ident() == loop_thread:
-            (begin if phase == "start" else end)()
-
-    return on_gc
-
-
 _ID_PREFIX = os.urandom(6).hex()
 _id_counter = itertools.count(1)
 
@@ -648,37 +616,71 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
-def _install_selector_pulse(
-    loop: asyncio.AbstractEventLoop, engine: Any
-) -> Callable[[], None] | None:
-    """On selector loops, brackets each ``select`` call: exact busy periods, no timer at all.
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio (or uvloop) loop, or UnsupportedLoop naming what runs instead."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise UnsupportedLoop(_async_library()) from None
 
-    Returns the undo function, or None when the loop has no selector to hook (uvloop), in which
-    case the guard falls back to a heartbeat that runs only while requests are in flight.
+
+def _async_library() -> str:
+    """What runs this coroutine when it is not asyncio: trio under anyio, for instance."""
+    try:
+        import sniffio
+
+        return str(sniffio.current_async_library())
+    except Exception:  # sniffio missing, or no async library it knows
+        return "no asyncio event loop"
+
+
+class UnsupportedLoop(RuntimeError):
+    """Raised by ``LoopGuard.start`` off an asyncio loop: the engine watches asyncio and uvloop."""
+
+    def __init__(self, library: str) -> None:
+        super().__init__(
+            f"fastapi_loopguard watches asyncio and uvloop loops; this app runs on {library}, "
+            "so it is served unguarded"
+        )
+        self.library = library
+
+
+def _engine_configs(cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
+    """The engine's native configs from the documented options (the binding converts, no more)."""
+    watchdog = _core.WatchdogConfig()
+    watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
+    watchdog.capture_stacks = cfg.capture_stacks
+    watchdog.hang_threshold_ns = int(cfg.hang_threshold_ms * _NS_PER_MS)
+    cumulative = _core.CumulativeConfig()
+    cumulative.enabled = cfg.cumulative_blocking_enabled
+    cumulative.threshold_ns = int(cfg.cumulative_blocking_threshold_ms * _NS_PER_MS)
+    cumulative.window_ns = int(cfg.cumulative_window_ms * _NS_PER_MS)
+    watchdog.cumulative = cumulative
+    threshold = _core.ThresholdConfig()
+    threshold.multiplier = float(cfg.threshold_multiplier)
+    threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
+    threshold.adaptive = cfg.adaptive_threshold
+    threshold.window = cfg.adaptive_window_size
+    threshold.percentile = float(cfg.adaptive_percentile)
+    threshold.min_samples = cfg.adaptive_min_samples
+    threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
+    sampler = _core.SamplerConfig()
+    sampler.library_prefixes = _LIBRARY_PREFIXES
+    sampler.application_prefixes = _APPLICATION_PREFIXES
+    sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()
+    return watchdog, threshold, sampler
+
+
+def _release(hooks: LoopHooks, engine: Any) -> None:
+    """A dropped guard's finalizer: takes its hooks off the loop and stops its engine's threads.
+
+    Holds no reference to the guard (that would keep it alive); runs at the guard's collection,
+    or at interpreter exit for one that is still alive then.
     """
-    selector = getattr(loop, "_selector", None)
-    if not isinstance(loop, asyncio.SelectorEventLoop) or not isinstance(
-        selector, selectors.BaseSelector
-    ):
-        return None
-    original = selector.select
-    wait_begin, wait_end = engine.wait_begin, engine.wait_end
-
-    def select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        wait_begin()
-        try:
-            return original(timeout)
-        finally:
-            wait_end()
-
-    selector.select = select  # type: ignore[method-assign]
-    engine.wait_end()  # this very iteration is busy from now on
-
-    def restore() -> None:
-        if selector.__dict__.get("select") is select:
-            del selector.select
-
-    return restore
+    try:
+        hooks.remove()
+    finally:
+        engine.stop()
 
 
 def _stop_all_at_exit() -> None:

@@ -18,7 +18,7 @@ from . import enforcement
 from ._native import LOAD_ERROR
 from ._text import valid_request_id
 from .config import LoopGuardConfig
-from .guard import LoopGuard, RequestInfo, new_request_id
+from .guard import LoopGuard, RequestInfo, UnsupportedLoop, new_request_id
 
 if TYPE_CHECKING:
     from .report.live import Dashboard
@@ -33,6 +33,15 @@ if TYPE_CHECKING:
     from .exporters.prometheus import PrometheusExporter
 
 logger = logging.getLogger("fastapi_loopguard")
+# Said once per process: an app on trio (anyio's other backend) is served, just not watched.
+_unsupported_said = False
+
+
+def _say_unsupported(error: UnsupportedLoop) -> None:
+    global _unsupported_said
+    if not _unsupported_said:
+        _unsupported_said = True
+        logger.warning("%s", error)
 
 
 def _incoming_request_id(scope: Scope) -> str:
@@ -104,6 +113,10 @@ class LoopGuardMiddleware:
             info, var_token = self.guard.begin(
                 _incoming_request_id(scope), method, scope.get("path"), dict_scope(scope)
             )
+        except UnsupportedLoop as error:
+            _say_unsupported(error)
+            await self.app(scope, receive, send)
+            return
         except Exception:
             self._failed("starting to track a request")
             await self.app(scope, receive, send)
@@ -189,14 +202,19 @@ class LoopGuardMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        startup: tuple[RequestInfo, Any] | None = None
         shutdown: tuple[RequestInfo, Any] | None = None
 
         async def receive_and_start() -> Message:
-            nonlocal shutdown
+            nonlocal startup, shutdown
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # The app's startup code runs next, in this task: labelled, so its blocks name
+                # it rather than "(no active request)".
                 try:
-                    self.guard.start()
+                    startup = self.guard.begin("lifespan.startup")
+                except UnsupportedLoop as error:
+                    _say_unsupported(error)
                 except Exception:
                     self._failed("starting the engine")
             elif message["type"] == "lifespan.shutdown" and self.guard.running:
@@ -210,6 +228,13 @@ class LoopGuardMiddleware:
             return message
 
         async def send_and_stop(message: Message) -> None:
+            nonlocal startup
+            if startup is not None and message["type"].startswith("lifespan.startup."):
+                try:
+                    self.guard.end(*startup)
+                except Exception:  # completed from another Context: the label just ends
+                    self._failed("finishing the lifespan startup")
+                startup = None
             await send(message)
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 if shutdown is not None:

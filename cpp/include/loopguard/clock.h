@@ -18,12 +18,6 @@ inline Nanos monotonic_now() noexcept {
       .count();
 }
 
-inline Nanos realtime_now() noexcept {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 class Clock {
  public:
   virtual ~Clock() = default;

@@ -34,6 +34,9 @@ struct Sample {
   std::vector<FrameInfo> frames;  // innermost first, depth bounded by the sampler
   int culprit = -1;               // index into frames of the innermost application frame
   std::uint32_t inflight = 0;     // tracked requests in flight at t
+  // Outside any request: what ran ("name (coroutine)" for a task, "(callback)" for a plain
+  // handle); empty inside a request, or without a stack.
+  std::string task;
 };
 
 struct Event {
@@ -48,6 +51,7 @@ struct Event {
   std::uint32_t samples = 0;
   bool stack_missing = false;
   bool hang = false;  // the stall passed the hang threshold (and was reported while ongoing)
+  std::string task;   // see Sample::task
 };
 
 }  // namespace loopguard

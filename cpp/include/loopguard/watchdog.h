@@ -2,11 +2,16 @@
 // that notices a stall while it is still going on, samples it, and turns it into events.
 //
 //   loop thread                              watchdog thread (never runs Python)
-//   wait_begin()/wait_end() around select    wakes every `interval` while there is work, once per
-//   or heartbeat() from call_later           `idle_tick` otherwise; sees busy_since older than the
-//   begin_request()/end_request()            threshold -> samples (OS state, CPU clock, and a stack
-//   drain() when notify_fd() is readable     through StackSampler) until the loop is back, then
-//                                            splits the stall into events and queues them.
+//   wait_begin()/wait_end() around select    wakes every `interval` while there is work; otherwise
+//   or heartbeat() from call_later           sleeps in the kernel until a timer the loop armed on
+//   begin_request()/end_request()            leaving select expires (or `idle_tick`); sees
+//   settle() when its own code runs again    busy_since older than the threshold -> samples (OS
+//   pause()/resume() when it stops/reruns    state, CPU clock, a stack through StackSampler) until
+//   drain() when notify_fd() is readable     the loop is back, then splits the stall into events
+//                                            and queues them.
+//
+// An engine belongs to one loop on one thread: paused while that loop is not running, silent for
+// good once its thread has exited (see watch_thread_exit()).
 #pragma once
 
 #include <atomic>
@@ -39,6 +44,9 @@ class LoopPulse {
   // Selector mode: the loop is about to wait in select / it came back from select.
   void wait_begin(Nanos now) noexcept;
   void wait_end(Nanos now) noexcept { busy_since_.store(now, std::memory_order_release); }
+  // The loop's own code runs again at `now` (selector mode): whatever held it is over, and a new
+  // busy stretch starts.
+  void restart(Nanos now) noexcept;
   // Heartbeat mode: a beat proves the loop ran now; the next is due at now + interval, so if it
   // has not come by then the loop has been busy since then.
   void beat(Nanos now, Nanos interval) noexcept;
@@ -73,7 +81,8 @@ class RequestTable {
  public:
   // `label` names the request in native hang reports ("GET /path id=..."), already escaped.
   std::uint64_t begin(std::string label = {});
-  void end(std::uint64_t token);
+  // True when the request had live credits: it is part of the stall still going on.
+  bool end(std::uint64_t token);
   std::uint32_t inflight() const;
   bool contains(std::uint64_t token) const;
   RequestCounters get(std::uint64_t token) const;
@@ -141,6 +150,9 @@ struct WatchdogConfig {
   Nanos stack_timeout = 20 * kMs;
   std::size_t max_samples = 256;  // per stall; beyond it samples are thinned and slowed down
   std::size_t ring_capacity = 1024;
+  // How long settle() waits for the watchdog to finish a stall (a sample in progress and a late
+  // stack may each take up to stack_timeout).
+  Nanos settle_timeout = 100 * kMs;
   bool capture_stacks = true;
   // A stall this long is a hang: reported to hang_fd at once, from the watchdog, then again at
   // doubling intervals while it lasts. 0 disables.
@@ -171,6 +183,10 @@ struct EngineStats {
   Nanos pause_p50 = 0, pause_p99 = 0, pause_max = 0;
 };
 
+// Shared between an engine and the thread-local record of the loop thread it watches, so that
+// whichever goes first (the engine, or the thread) never leaves the other a dangling pointer.
+struct ThreadExitHook;
+
 class Engine {
  public:
   Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
@@ -188,12 +204,37 @@ class Engine {
   void abandon_after_fork() noexcept;
 
   // Loop thread.
-  void wait_begin() noexcept;
+  // Registers the calling thread (the loop's) so that its exit silences this engine for good: a
+  // loop that dies with its thread (a TestClient portal, a worker thread) never closes itself.
+  void watch_thread_exit();
+  // What the thread's exit does (public for that record, and for tests): silent for good.
+  void loop_thread_exited() noexcept;
+  // The loop is about to stop running (loop.stop(), run_forever() returning): a stall in progress
+  // ends now, and nothing is watched until resume(). Sync code between two runs of a loop is not
+  // the loop's blocking.
+  void pause() noexcept;
+  void resume() noexcept;
+  bool paused() const noexcept { return paused_.load(std::memory_order_relaxed); }
+  bool timer_armed() const noexcept { return timer_armed_.load(std::memory_order_relaxed); }
+  // Whether a stall is in progress or events wait to be drained: settle() has something to do.
+  bool unsettled() const noexcept;
+  // The loop thread runs its own code again (a request's code resumed or finished), so a stall in
+  // progress is over: the watchdog finishes it now instead of at its next look. Blocks until it
+  // did (bounded by settle_timeout); call without the GIL. True when events wait in the queue.
+  // `in_select`: the loop is about to wait (wait_begin() said so already), not running code.
+  bool settle(bool in_select = false);
+  // True when a stall was in progress: it ends here, and settle(true) hands its events over
+  // before the select that follows returns (the notify pipe is readable by then).
+  bool wait_begin() noexcept;
   void wait_end() noexcept;
   void heartbeat() noexcept;
   void heartbeat_off() noexcept;
   std::uint64_t begin_request(std::string label = {});
-  void end_request(std::uint64_t token);
+  // True when the request's code was part of a stall still in progress: the caller should
+  // settle() now, so that its events are delivered before the request is over.
+  bool end_request(std::uint64_t token);
+  // Whether drain() has anything, without taking a lock.
+  bool has_events() const noexcept { return ring_.has_items(); }
   // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic),
   // using `cpu` of the thread's CPU clock (-1: not measured). kReport: take_cumulative() returns
   // the event, already credited to the request.
@@ -236,6 +277,10 @@ class Engine {
   };
 
   void run();
+  void sleep_until(Nanos deadline);
+  void arm_timer() noexcept;
+  void disarm_timer() noexcept;
+  Nanos finish_paused(Nanos now);
   bool active(Nanos now) const;
   Nanos os_busy_since(Nanos now, std::uint64_t epoch);
   void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
@@ -257,15 +302,30 @@ class Engine {
   RequestTable requests_;
   LagHistogram lag_;
   BoundedQueue<Event> ring_;
-  CumulativeTracker cumulative_;  // loop thread only, as is the next member
+  CumulativeTracker cumulative_;  // loop thread only, as are the next two members
   std::optional<Event> cumulative_event_;
+  // Selector mode: when the current iteration left select (0: in select, or paused). The loop-lag
+  // sample spans the whole iteration even when settle() ended the busy stretch in its middle.
+  Nanos iteration_start_ = 0;
 
   std::unique_ptr<std::thread> thread_;
   std::mutex mutex_;
-  std::condition_variable cv_;
+  std::condition_variable settled_cv_;
   bool stop_ = false;
   bool woken_ = false;
+  bool running_ = false;  // the watchdog thread is in run()
+  std::uint64_t settle_requested_ = 0;
+  std::uint64_t settle_done_ = 0;
   std::atomic<bool> deep_sleep_{false};
+  std::atomic<bool> paused_{false};
+  std::atomic<bool> loop_gone_{false};
+  std::atomic<bool> stall_active_{false};  // stall_.active, readable from the loop thread
+  // The watchdog sleeps in ppoll on wake_fd_ (an eventfd: wake(), stop(), settle()) and timer_fd_
+  // (a one-shot timerfd the loop arms when it leaves select while the watchdog sleeps deeply).
+  int wake_fd_ = -1;
+  int timer_fd_ = -1;
+  std::atomic<bool> timer_armed_{false};
+  std::shared_ptr<ThreadExitHook> exit_hook_;
   std::atomic<bool> in_gc_{false};
   long watchdog_tid_ = -1;
   std::atomic<Nanos> last_request_end_{0};

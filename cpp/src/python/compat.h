@@ -44,4 +44,29 @@ inline bool is_finalizing() {
 inline PyObject* code_filename(PyCodeObject* code) { return code->co_filename; }
 inline PyObject* code_qualname(PyCodeObject* code) { return code->co_qualname; }
 
+// The task the loop runs right now, or NULL (a borrowed reference). 3.11 to 3.13 keep it in
+// _asyncio's current_tasks dict, exported as asyncio.tasks._current_tasks and keyed by loop; the
+// caller passes that dict. The lookup hashes the loop, so it is only done when the loop's type
+// hashes by identity (object's own tp_hash): a loop class with its own __hash__ would be Python
+// code run on the sampler thread. 3.14 keeps the running task in the thread state instead, in an
+// internal header only (pycore_tstate.h): no name there, the coroutine alone names the task.
+inline PyObject* running_task(PyObject* current_tasks, PyObject* loop) {
+#if PY_VERSION_HEX >= 0x030E0000
+  (void)current_tasks, (void)loop;
+  return nullptr;
+#else
+  if (current_tasks == nullptr || loop == nullptr || !PyDict_CheckExact(current_tasks) ||
+      Py_TYPE(loop)->tp_hash != PyBaseObject_Type.tp_hash) {
+    return nullptr;
+  }
+  PyObject* task = PyDict_GetItemWithError(current_tasks, loop);
+  if (task == nullptr) PyErr_Clear();
+  return task;
+#endif
+}
+
+// Whether a code object is a coroutine's (async def): co_flags has been public, under this name,
+// in every supported version.
+inline bool is_coroutine_code(PyCodeObject* code) { return (code->co_flags & CO_COROUTINE) != 0; }
+
 }  // namespace loopguard::compat

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "loopguard/uv_pulse.h"
 #include "loopguard/watchdog.h"
 
 namespace loopguard {
@@ -24,11 +25,20 @@ struct SamplerConfig {
   bool loop_is_main_thread = false;
 };
 
+// The Python objects the sampler reads to name the task outside requests (see compat.h's
+// running_task): the loop, asyncio's current-task dict, and the exact Task type whose get_name
+// is C code. Any of them may be None; the engine holds strong references.
+struct TaskLookup {
+  PyObject* loop = nullptr;
+  PyObject* current_tasks = nullptr;
+  PyObject* task_type = nullptr;
+};
+
 class PyEngine {
  public:
   // Must be called on the loop thread, with the GIL: that thread is the one being watched.
   PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& threshold,
-           const SamplerConfig& sampler, PyObject* request_var);
+           const SamplerConfig& sampler, PyObject* request_var, TaskLookup tasks);
   ~PyEngine();
   PyEngine(const PyEngine&) = delete;
   PyEngine& operator=(const PyEngine&) = delete;
@@ -40,8 +50,14 @@ class PyEngine {
 
   // The per-iteration calls stay silent no-ops after abandon_after_fork(): a forked child may keep
   // running a loop whose selector still calls them.
+  // The loop is about to wait in select. When that ends a stall, the stall is finished now (GIL
+  // released; once per stall), so its events are drained in the very next loop iteration rather
+  // than one watchdog tick later.
   void wait_begin() noexcept {
-    if (engine_) engine_->wait_begin();
+    if (engine_ && engine_->wait_begin()) {
+      Py_BEGIN_ALLOW_THREADS(void) engine_->settle(true);
+      Py_END_ALLOW_THREADS
+    }
   }
   void wait_end() noexcept {
     if (engine_) engine_->wait_end();
@@ -61,7 +77,37 @@ class PyEngine {
   void gc_end() noexcept {
     if (engine_) engine_->gc_end();
   }
-  void end_request(std::uint64_t token) { engine().end_request(token); }
+  // Ends the request. When its code was part of a stall still in progress, that stall is over
+  // (the request's code ran again, to finish), so it is settled now: its events are delivered
+  // before the request is done. True when events are ready to drain. One crossing per request
+  // end; the GIL is released only when there is a stall of this request's to settle.
+  bool end_request(std::uint64_t token) {
+    Engine& e = engine();
+    if (e.end_request(token)) return settle();
+    return e.has_events();
+  }
+  // The same, without ending a request (strict mode at response start, a loop about to stop).
+  bool settle() {
+    Engine& e = engine();
+    bool pending = false;
+    Py_BEGIN_ALLOW_THREADS pending = e.settle();
+    Py_END_ALLOW_THREADS return pending;
+  }
+  void watch_thread_exit() { engine().watch_thread_exit(); }
+  // uvloop: hooks the running loop's libuv prepare/check handles as the pulse (see uv_pulse.h).
+  // `library` is uvloop's extension, which exports libuv. Loop thread. "" on success, otherwise
+  // why not (the caller falls back to the heartbeat).
+  std::string attach_uvloop(PyObject* loop, const std::string& library);
+  // Loop thread: closes those handles; uvloop's close() needs them closed first. Idempotent.
+  void close_uvloop() {
+    if (uv_) uv_->close();
+  }
+  void pause() noexcept {
+    if (engine_) engine_->pause();
+  }
+  void resume() noexcept {
+    if (engine_) engine_->resume();
+  }
   int record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) {
     return static_cast<int>(engine().record_step(token, start, end, cpu));
   }
@@ -71,20 +117,21 @@ class PyEngine {
   void calibrate(std::vector<Nanos> lags) { engine().calibrate(std::move(lags)); }
   bool wants_heartbeat() { return engine().wants_heartbeat(); }
   int notify_fd() { return engine().notify_fd(); }
-  Nanos threshold() { return engine().threshold(); }
   Nanos now() { return engine().clock().now(); }
   EngineStats stats() { return engine().stats(); }
   std::vector<std::uint64_t> lag_cumulative(const std::vector<Nanos>& bounds) {
     return engine().lag_histogram().cumulative(bounds);
   }
   Nanos lag_sum() { return engine().lag_histogram().sum(); }
-  bool alive() const noexcept { return engine_ != nullptr; }
 
  private:
   Engine& engine();
 
+  // uvloop's pulse; the destructor detaches it from the engine before the engine goes.
+  std::shared_ptr<UvPulse> uv_;
   std::unique_ptr<Engine> engine_;
-  PyObject* request_var_;  // strong reference, released with the GIL in the destructor
+  PyObject* request_var_;  // strong references, released with the GIL in the destructor
+  TaskLookup tasks_;
 };
 
 }  // namespace loopguard

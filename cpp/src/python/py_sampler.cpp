@@ -59,8 +59,12 @@ std::map<std::uintptr_t, PySampler*>& registry() {
 
 class PySampler final : public StackSampler {
  public:
-  PySampler(PyThreadState* loop, PyObject* request_var, SamplerConfig config)
-      : loop_(loop), request_var_(request_var), config_(std::move(config)), pid_(::getpid()) {
+  PySampler(PyThreadState* loop, PyObject* request_var, TaskLookup tasks, SamplerConfig config)
+      : loop_(loop),
+        request_var_(request_var),
+        tasks_(tasks),
+        config_(std::move(config)),
+        pid_(::getpid()) {
     {
       std::lock_guard<std::mutex> guard(registry_mutex());
       static std::uintptr_t next_id = 0;
@@ -137,15 +141,6 @@ class PySampler final : public StackSampler {
 
   const LagHistogram* pause_histogram() const override { return &pause_; }
 
-  // Called on the loop thread, which holds the GIL, right after construction: the new sampler
-  // thread is about to wait for the GIL, which is the moment to learn where the GIL's futex is.
-  void learn_gil_while_held() {
-    for (int i = 0; i < 50 && gil_futexes_[0].load(std::memory_order_relaxed) == 0; ++i) {
-      learn_gil_address();
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-    }
-  }
-
  private:
   enum class State { kIdle, kRequested, kDone, kAbandoned };
   enum class Phase { kOther, kAcquiringGil };
@@ -185,6 +180,7 @@ class PySampler final : public StackSampler {
     out.has_stack = result_.has_stack;
     out.frames = std::move(result_.frames);
     out.culprit = result_.culprit;
+    out.task = std::move(result_.task);
     return result_.found;
   }
 
@@ -257,7 +253,12 @@ class PySampler final : public StackSampler {
     PyThreadState* self = PyEval_SaveThread();
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      cv_.wait(lock, [this] { return stop_ || state_ == State::kRequested; });
+      // An abandoned request is served too: the watchdog may have given up on one before this
+      // thread ever picked it up (it was still waiting for the GIL to create its thread state,
+      // right after the engine started). Left waiting, it would block every later request.
+      cv_.wait(lock, [this] {
+        return stop_ || state_ == State::kRequested || state_ == State::kAbandoned;
+      });
       if (stop_) break;
       const bool frames = want_frames_;
       lock.unlock();
@@ -358,6 +359,27 @@ class PySampler final : public StackSampler {
     return token;
   }
 
+  // Outside requests, what ran: "name (coroutine)" for a task whose name can be read, the
+  // coroutine alone otherwise, "(callback)" when no coroutine is on the stack (a plain handle).
+  // The name comes from the exact asyncio Task type's get_name, which is C code; a subclass could
+  // override it in Python, so a subclass is named by its coroutine only.
+  std::string describe_task(const std::string& coroutine) const {
+    if (coroutine.empty()) return "(callback)";
+    PyObject* task = compat::running_task(tasks_.current_tasks, tasks_.loop);
+    if (task == nullptr || tasks_.task_type == nullptr ||
+        Py_TYPE(task) != reinterpret_cast<PyTypeObject*>(tasks_.task_type)) {
+      return coroutine;
+    }
+    PyObject* name = PyObject_CallMethod(task, "get_name", nullptr);
+    if (name == nullptr) {
+      PyErr_Clear();
+      return coroutine;
+    }
+    std::string text = utf8_of(name);
+    Py_DECREF(name);
+    return text + " (" + coroutine + ")";
+  }
+
   void capture(Sample& out, bool frames, long target) {
     out.found = false;
     out.thread = target;
@@ -367,6 +389,9 @@ class PySampler final : public StackSampler {
     const int gc_was_enabled = PyGC_Disable();
     out.token = read_token(tstate);
     if (frames) {
+      // The outermost coroutine frame is the running task's own coroutine: the task step that
+      // drives it is C, so the loop's frames come right below it.
+      std::string outermost_coroutine;
       PyFrameObject* frame = PyThreadState_GetFrame(tstate);
       while (frame != nullptr && out.frames.size() < config_.max_depth) {
         PyCodeObject* code = PyFrame_GetCode(frame);
@@ -374,6 +399,7 @@ class PySampler final : public StackSampler {
         info.line = PyFrame_GetLineNumber(frame);
         info.filename = utf8_of(compat::code_filename(code));
         info.function = utf8_of(compat::code_qualname(code));
+        if (compat::is_coroutine_code(code)) outermost_coroutine = info.function;
         Py_DECREF(code);
         if (out.culprit < 0 && is_application(info.filename))
           out.culprit = static_cast<int>(out.frames.size());
@@ -384,6 +410,7 @@ class PySampler final : public StackSampler {
       }
       Py_XDECREF(frame);
       out.has_stack = true;
+      if (out.token == 0 && target == 0) out.task = describe_task(outermost_coroutine);
     }
     if (gc_was_enabled) PyGC_Enable();
     if (PyErr_Occurred()) PyErr_Clear();
@@ -391,6 +418,7 @@ class PySampler final : public StackSampler {
 
   PyThreadState* const loop_;
   PyObject* const request_var_;  // borrowed: PyEngine owns it and outlives this sampler
+  const TaskLookup tasks_;       // borrowed, likewise
   const SamplerConfig config_;
   const pid_t pid_;
   std::uintptr_t id_ = 0;
@@ -418,19 +446,38 @@ class PySampler final : public StackSampler {
 }  // namespace
 
 PyEngine::PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& threshold,
-                   const SamplerConfig& sampler, PyObject* request_var)
-    : request_var_(request_var) {
+                   const SamplerConfig& sampler, PyObject* request_var, TaskLookup tasks)
+    : request_var_(request_var), tasks_(tasks) {
   Py_INCREF(request_var_);
+  Py_XINCREF(tasks_.loop);
+  Py_XINCREF(tasks_.current_tasks);
+  Py_XINCREF(tasks_.task_type);
   auto probe = std::make_unique<OsThreadProbe>(current_tid(), pthread_self());
-  auto stacks = std::make_unique<PySampler>(PyThreadState_Get(), request_var_, sampler);
-  stacks->learn_gil_while_held();
+  // The GIL's futex is learned during the sampler's first wait for the GIL (request()), not
+  // here: learning it now would mean holding the GIL on the loop thread while the new sampler
+  // thread queues for it, a block of our own making at every engine start (on a busy host,
+  // tens of milliseconds for each loop a test suite starts).
+  auto stacks = std::make_unique<PySampler>(PyThreadState_Get(), request_var_, tasks_, sampler);
   engine_ = std::make_unique<Engine>(watchdog, threshold, std::move(probe), std::move(stacks));
 }
 
 PyEngine::~PyEngine() {
   stop();
+  if (uv_) uv_->set_engine(nullptr);  // handles the loop still has are inert from here on
   engine_.reset();
   Py_DECREF(request_var_);
+  Py_XDECREF(tasks_.loop);
+  Py_XDECREF(tasks_.current_tasks);
+  Py_XDECREF(tasks_.task_type);
+}
+
+std::string PyEngine::attach_uvloop(PyObject* loop, const std::string& library) {
+  if (uv_) return {};
+  std::string why;
+  uv_ = UvPulse::attach(loop, library, why);
+  if (!uv_) return why.empty() ? std::string("unknown reason") : why;
+  uv_->set_engine(&engine());
+  return {};
 }
 
 void PyEngine::stop() {
@@ -440,6 +487,7 @@ void PyEngine::stop() {
 }
 
 void PyEngine::abandon_after_fork() {
+  if (uv_) uv_->forget_engine();
   if (!engine_) return;
   engine_->abandon_after_fork();
   // Leaked with everything it holds; see Engine::abandon_after_fork.
