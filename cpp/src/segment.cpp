@@ -76,6 +76,15 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
   if (r < 0)
     r = ev.kind == Kind::kCpu || ev.kind == Kind::kNative || ev.kind == Kind::kGc ? 1.0 : 0.0;
   ev.cpu = static_cast<Nanos>(r * static_cast<double>(ev.duration));
+  // Starved samples of a run that still spent a threshold on the CPU: the code's own CPU work,
+  // stretched by a busy host. What it did is the kind: native when the sampler could mostly not
+  // get the GIL (native code held it), cpu otherwise. split_stall drops the runs that mostly
+  // waited for a CPU.
+  if (measured && ev.kind == Kind::kStarved && ev.cpu >= in.threshold) {
+    std::size_t no_gil = 0;
+    for (std::size_t i = first; i <= last; ++i) no_gil += s[i]->no_gil ? 1 : 0;
+    ev.kind = no_gil * 2 > last - first + 1 ? Kind::kNative : Kind::kCpu;
+  }
   return ev;
 }
 

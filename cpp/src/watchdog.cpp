@@ -570,6 +570,7 @@ void Engine::take_sample() {
     if (!ok) {
       stack_timeouts_.fetch_add(1, std::memory_order_relaxed);
       s.has_stack = false;
+      s.no_gil = true;
       // Nobody could get the GIL in time. A loop thread that is running holds it itself, in
       // native code (a regex, a big json or pickle, a C extension); one that waits on a futex
       // waits for it while another thread holds it.

@@ -353,6 +353,37 @@ TEST(SplitStall, MostlyWaitingForACpuIsNoEvent) {
   EXPECT_EQ(r.saturated, 60 * kMs);
 }
 
+// A real CPU burn on a busy host: its samples say starved (the run queue grew), but the thread
+// still spent more than a threshold on the CPU. That is the code's CPU work: kind cpu.
+TEST(SplitStall, StarvedRunWithAThresholdOfCpuIsCpu) {
+  std::vector<Sample> samples{Make(At(50), 1, "burn", 10, Kind::kStarved),
+                              Make(At(100), 1, "burn", 10, Kind::kStarved)};
+  samples[0].cpu = 130 * kMs;
+  samples[1].cpu = 160 * kMs;  // 30 of 50 ms on a CPU
+  StallInput in = Input(kT0, At(150));
+  in.pre_t = kT0;
+  in.pre_cpu = 100 * kMs;
+  const StallResult r = split_stall(samples, in);
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].kind, Kind::kCpu);
+  EXPECT_GE(r.events[0].cpu, 50 * kMs);
+}
+
+// The same on a busy host while native code held the GIL (the sampler could not get it): native.
+TEST(SplitStall, StarvedRunWithoutTheGilIsNative) {
+  std::vector<Sample> samples{Make(At(50), 1, "match", 10, Kind::kStarved),
+                              Make(At(100), 1, "match", 10, Kind::kStarved)};
+  for (auto& s : samples) s.no_gil = true;
+  samples[0].cpu = 130 * kMs;
+  samples[1].cpu = 160 * kMs;
+  StallInput in = Input(kT0, At(150));
+  in.pre_t = kT0;
+  in.pre_cpu = 100 * kMs;
+  const StallResult r = split_stall(samples, in);
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].kind, Kind::kNative);
+}
+
 // The same wait on a sleep is the request's event: a sleep uses no CPU by nature.
 TEST(SplitStall, ASleepIsJudgedByWallTime) {
   std::vector<Sample> samples{Make(At(50), 1, "handler", 10, Kind::kSleep),

@@ -25,8 +25,13 @@ CATASTROPHIC = re.compile(r"(a+)+$")
 
 
 def burn(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:  # culprit:burn
+    # A fixed amount of CPU work, as real work is (a hash, a parse): on a busy host it takes
+    # longer, but it never shrinks to the few milliseconds of CPU a wall-clock loop would get.
+    # The thread's CPU clock is a system call: read once every 10,000 turns, all on one line, so
+    # every sample of the loop lands on the culprit line.
+    n = 0
+    end = time.thread_time() + seconds
+    while (n := n + 1) % 10_000 or time.thread_time() < end:  # culprit:burn
         pass
 
 

@@ -28,6 +28,8 @@ struct Sample {
   Nanos cpu = -1;  // loop thread CPU clock at t, -1 when unknown
   Kind kind = Kind::kUnknown;
   bool has_stack = false;         // false: the GIL could not be had in time, or stacks are off
+  bool no_gil = false;            // the sampler could not get the GIL in time (stays true when a
+                                  // late stack fills this sample in)
   bool found = true;              // false: the sampled thread runs no Python (anymore)
   long thread = 0;                // kernel id of the sampled thread, 0 for the loop thread
   std::uint64_t token = 0;        // request token from the loop thread's Context, 0 = none
