@@ -134,10 +134,14 @@ test-py: ## Run the Python tests with .venv's pytest (PYTEST_ARGS=...)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The Pythons we claim (pyproject's classifiers): 3.11 is the host's python3 and runs `make test`
-# itself; 3.13 and 3.14 run the same `make test` inside Debian trixie and sid chroots (created on
-# first use in CHROOT_DIR, then reused). Needs root. See scripts/matrix-leg.sh.
-MATRIX_LEGS := 3.11 3.13 3.14
-test-matrix: ## Run all tests on every Python we claim: 3.11, 3.13, 3.14 (root; chroots)
+# itself; 3.12 runs the same `make test` on the host, from a CPython 3.12 the machine has (pyenv's,
+# say: no Debian release ships one) into a venv of its own, and is skipped when there is none;
+# 3.13 and 3.14 run it inside Debian trixie and sid chroots (created on first use in CHROOT_DIR,
+# then reused). Needs root. See scripts/matrix-leg.sh.
+MATRIX_LEGS := 3.11 3.12 3.13 3.14
+# The venvs of host legs other than 3.11 (named in scripts/matrix-leg.sh), for distclean.
+MATRIX_VENVS := .venv-3.12
+test-matrix: ## Run all tests on every Python we claim: 3.11 to 3.14 (root; chroots)
 	@scripts/matrix-leg.sh $(MATRIX_LEGS)
 
 test-leg: ## Run all tests on one Python of the matrix: make test-leg LEG=3.13
@@ -214,5 +218,5 @@ clean: ## Remove build output (build/, dist/) and tool caches; keeps .venv
 	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find $(wildcard src tests) -name __pycache__ -type d -prune -exec rm -rf {} +
 
-distclean: clean ## clean, and also remove .venv (and the sanitizer venv)
-	rm -rf $(VENV) $(ASAN_VENV)
+distclean: clean ## clean, and also remove .venv (and the sanitizer and 3.12 leg venvs)
+	rm -rf $(VENV) $(ASAN_VENV) $(MATRIX_VENVS)

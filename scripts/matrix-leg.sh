@@ -4,12 +4,16 @@
 # Usage: scripts/matrix-leg.sh LEG...        (as root: chroot and mount need it)
 #
 #   3.11  the host's python3, which must be 3.11: exactly `make test`
+#   3.12  a CPython 3.12 the machine already has (python3.12 on PATH, else pyenv's), on the host:
+#         `make test` with its own venv (.venv-3.12); skipped, not failed, when there is none
 #   3.13  Debian trixie's python3.13, in a chroot
 #   3.14  Debian sid's python3.14, in a chroot (sid is where Debian ships 3.14)
 #
 # A chroot leg runs the very same `make test` inside the chroot, on a copy of this checkout, so
 # every leg builds the package and runs every test the same way; only the interpreter and the
-# Debian release (compiler, cmake, GoogleTest) change.
+# Debian release (compiler, cmake, GoogleTest) change. 3.12 has no chroot because no Debian
+# release ships it (bookworm has 3.11, trixie 3.13): it can only use an interpreter from
+# elsewhere (pyenv, a source build), so it runs on the host, with the host's compiler.
 #
 # The chroots live in CHROOT_DIR (default /var/cache/fastapi-loopguard/chroots), outside the
 # checkout, so that every clone on the machine, CI's fresh ones included, reuses them; set
@@ -37,13 +41,13 @@ chroot_base=${CHROOT_DIR:-/var/cache/fastapi-loopguard/chroots}
 base_pkgs=(make g++ cmake libgtest-dev ca-certificates python3 python3-dev python3-venv)
 
 usage() {
-  echo "usage: $0 LEG...   (LEG: 3.11 | 3.13 | 3.14)" >&2
+  echo "usage: $0 LEG...   (LEG: 3.11 | 3.12 | 3.13 | 3.14)" >&2
   exit 2
 }
 
 log() { printf 'matrix: %s\n' "$*"; }
 
-# Leg table: LEG -> Debian suite and interpreter. 3.11 is the host.
+# Leg table: LEG -> Debian suite and interpreter. 3.11 and 3.12 are the host.
 leg_suite() {
   case $1 in
     3.13) echo trixie ;;
@@ -233,14 +237,15 @@ prepare_run() {
 # The checkout, as it is now (uncommitted edits included), into the chroot's /src. build/ is
 # removed: CMake decides what to rebuild by timestamps, and the copy may come from a different
 # checkout than the last run's, whose objects could look newer than these sources. .venv is
-# kept: it only holds PyPI packages, and pip reinstalls the project itself on every run.
+# kept: it only holds PyPI packages, and pip reinstalls the project itself on every run. The
+# host's other venvs (.venv-3.12, .venv-asan) are left out: their interpreters are the host's.
 copy_source() {
   local dir=$1 src
   src=$(inside "$dir" /src)
   mkdir -p "$src"
   find "$src" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf --one-file-system {} +
-  tar -C "$repo" --exclude=./.venv --exclude=./build --exclude=./.cache --exclude=./.git \
-    --exclude='*/__pycache__' -cf - . | tar -C "$src" -xf -
+  tar -C "$repo" --exclude=./.venv --exclude='./.venv-*' --exclude=./build --exclude=./.cache \
+    --exclude=./.git --exclude='*/__pycache__' -cf - . | tar -C "$src" -xf -
 }
 
 run_in_chroot() {
@@ -284,6 +289,7 @@ chroot_leg() {
   return $status
 }
 
+# Leg 3.11: `make test` itself, on the host's python3 (or SYSTEM_PYTHON), into .venv.
 host_leg() {
   local leg=$1 py=${SYSTEM_PYTHON:-python3} version
   version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -295,10 +301,57 @@ host_leg() {
   make -C "$repo" test
 }
 
+# The CPython 3.12 for leg 3.12, as its real path (sys.executable): the first python3.12 on PATH,
+# else the newest of pyenv's 3.12 versions. Each candidate is asked what it is rather than
+# trusted by name: pyenv's python3.12 shim is on PATH even when 3.12 is not the selected version,
+# and then it only prints "command not found".
+find_python312() {
+  local cand what
+  while IFS= read -r cand; do
+    [[ -x $cand ]] || continue
+    what=$("$cand" -c 'import sys; print(sys.implementation.name, *sys.version_info[:2])' \
+      </dev/null 2>/dev/null) || continue
+    if [[ $what == "cpython 3 12" ]]; then
+      "$cand" -c 'import sys; print(sys.executable)' </dev/null
+      return 0
+    fi
+  done < <(
+    command -v python3.12 || true
+    compgen -G '/root/.pyenv/versions/3.12*/bin/python3.12' | sort -rV || true
+  )
+  return 1
+}
+
+# Leg 3.12: the same `make test` on the host, from that interpreter, into a venv of its own so the
+# 3.11 leg's .venv is never touched (`make distclean` removes both). The wheel's build directory
+# is per wheel tag already (build/cp312-cp312-<platform>/, pyproject's build-dir); the C++ unit
+# tests' build/cpptest is shared with the 3.11 leg on purpose: it is built without Python, by the
+# same host compiler, so it is the same build. The Debian packages `make test` checks for are the
+# host's, as on the 3.11 leg (python3-dev and python3-venv serve the host's python3, not this one,
+# which brings its own headers and venv).
+py312_leg() {
+  local py
+  py=$(find_python312)
+  log "leg 3.12: make test on the host ($("$py" --version), $py)"
+  make -C "$repo" test SYSTEM_PYTHON="$py" VENV=.venv-3.12
+}
+
+# Why a leg cannot run on this machine, printed, when it cannot; such a leg is reported as
+# skipped, not failed. Only leg 3.12 depends on what happens to be installed.
+skip_reason() {
+  if [[ $1 == 3.12 ]] && ! find_python312 >/dev/null; then
+    echo "3.12: built against the same API as 3.11 and 3.13; not run here" \
+      "(no CPython 3.12 on this machine)"
+    return 0
+  fi
+  return 1
+}
+
 run_leg() {
   local leg=$1
   case $leg in
     3.11) host_leg "$leg" ;;
+    3.12) py312_leg ;;
     3.13 | 3.14)
       if ((EUID != 0)); then
         echo "matrix: leg $leg needs root (debootstrap, chroot, mount); run it as root" >&2
@@ -312,7 +365,7 @@ run_leg() {
 
 (($# > 0)) || usage
 for leg in "$@"; do
-  [[ $leg == 3.11 ]] || leg_suite "$leg" >/dev/null || usage
+  [[ $leg == 3.11 || $leg == 3.12 ]] || leg_suite "$leg" >/dev/null || usage
 done
 
 # Turn SIGINT/SIGTERM into an ordinary exit so EXIT traps (the unmounting) run.
@@ -320,6 +373,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if (($# == 1)); then
+  if reason=$(skip_reason "$1"); then
+    log "$reason"
+    exit 0
+  fi
   run_leg "$1"
   exit 0
 fi
@@ -339,6 +396,11 @@ trap 'forward 143' TERM
 results=()
 failed=0
 for leg in "$@"; do
+  if reason=$(skip_reason "$leg"); then
+    log "$reason"
+    results+=("$leg skipped -")
+    continue
+  fi
   start=$SECONDS
   status=0
   "$BASH" "${BASH_SOURCE[0]}" "$leg" &

@@ -2,10 +2,23 @@
 // The sampler reads another thread's state (its frames and its contextvars Context) while holding
 // the GIL; that is exactly the part of CPython that moves between versions.
 //
-// Supported: CPython 3.11, 3.13 and 3.14, each built and tested by `make test-matrix`. Every field
-// and function used below was checked against those three versions' headers; where they agree no
-// branch is needed, and the one branch left is taken by 3.11 on one side and by 3.13/3.14 on the
-// other, so each side is compiled and run by a leg of the matrix.
+// Supported: CPython 3.11, 3.12, 3.13 and 3.14, each built and tested by `make test-matrix` (3.12
+// where the machine has a 3.12 interpreter: no Debian release ships one). Every field and function
+// used below was checked against those four versions' headers; where they agree no branch is
+// needed. Each side of the two branches left is compiled and run by a leg of the matrix:
+// is_finalizing() splits 3.11/3.12 from 3.13/3.14, running_task() 3.11 to 3.13 from 3.14.
+//
+// 3.12 needs no branch of its own. Checked against its headers (3.12.1) and the C API part of its
+// "What's New": PyThreadState still has context and native_thread_id (cpython/pystate.h);
+// _Py_IsFinalizing is still the only spelling (cpython/pylifecycle.h); PyCodeObject still has
+// co_filename, co_qualname and co_flags, and CO_COROUTINE is unchanged (cpython/code.h). What
+// py_sampler.cpp calls is all there with the same signatures and reference semantics: the frame
+// accessors (PyThreadState_GetFrame, PyFrame_GetCode, PyFrame_GetBack, PyFrame_GetLineNumber),
+// PyInterpreterState_ThreadHead/PyThreadState_Next, PyGILState_*, PyEval_SaveThread/RestoreThread,
+// PyGC_Disable/Enable and PyUnicode_AsUTF8AndSize. Py_AddPendingCall, whose pending calls 3.12 made
+// per interpreter, still queues for the main thread of the main interpreter, which is where
+// PySampler's loop capture wants to run. Nothing 3.12 removed (the Py_UNICODE APIs, token.h) is
+// used, and immortal objects (PEP 683) only make some of our INCREF/DECREFs no-ops.
 //
 // Free-threaded builds (Py_GIL_DISABLED) have no GIL to serialise the sampler against the loop
 // thread, so reading that thread's frames would race with it. fastapi_loopguard/_native.py refuses
@@ -48,8 +61,12 @@ inline PyObject* code_qualname(PyCodeObject* code) { return code->co_qualname; }
 // _asyncio's current_tasks dict, exported as asyncio.tasks._current_tasks and keyed by loop; the
 // caller passes that dict. The lookup hashes the loop, so it is only done when the loop's type
 // hashes by identity (object's own tp_hash): a loop class with its own __hash__ would be Python
-// code run on the sampler thread. 3.14 keeps the running task in the thread state instead, in an
-// internal header only (pycore_tstate.h): no name there, the coroutine alone names the task.
+// code run on the sampler thread. Checked by running a named task on 3.11.7, 3.12.1 and 3.13.0:
+// that dict is _asyncio's own and maps the loop to asyncio.current_task(), also during the first
+// step of 3.12's eager tasks (_swap_current_task sets it); such a task still has its default name
+// then, as create_task names a factory's task only once the factory has returned. 3.14 keeps the
+// running task in the thread state instead, in an internal header only (pycore_tstate.h): no name
+// there, the coroutine alone names the task.
 inline PyObject* running_task(PyObject* current_tasks, PyObject* loop) {
 #if PY_VERSION_HEX >= 0x030E0000
   (void)current_tasks, (void)loop;
