@@ -94,6 +94,25 @@ _LIBRARY_PREFIXES = _library_prefixes()
 # The bundled demo app is application code, although it is installed inside this package.
 _APPLICATION_PREFIXES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "")]
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
+# Called with (guard, event) for every event of every guard in the process, on the loop thread
+# that delivers it: the pytest plugin watches a test through whichever guards its app carries.
+# A tuple, replaced on change, so a dispatching loop thread reads it without a lock; when empty
+# it costs `_dispatch` one falsy check.
+_observers: tuple[Callable[[LoopGuard, BlockingEvent], object], ...] = ()
+_observers_lock = threading.Lock()
+
+
+def add_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> None:
+    """Calls ``observer(guard, event)`` for every event of every guard, until removed."""
+    global _observers
+    with _observers_lock:
+        _observers = (*_observers, observer)
+
+
+def remove_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> None:
+    global _observers
+    with _observers_lock:
+        _observers = tuple(o for o in _observers if o is not observer)
 
 
 class LoopGuard:
@@ -482,6 +501,12 @@ class LoopGuard:
                 callback(event)
             except Exception:
                 logger.exception("fastapi_loopguard: on_blocking callback raised")
+        if _observers:
+            for observer in _observers:
+                try:
+                    observer(self, event)
+                except Exception:
+                    logger.exception("fastapi_loopguard: event observer %r raised", observer)
 
 
 class _TimedSteps:
