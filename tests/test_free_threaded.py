@@ -76,11 +76,16 @@ def test_refusal_when_the_build_says_gil_disabled() -> None:
     assert result.stdout.split() == ["False"]
     assert result.stderr.strip().splitlines()[-1] == REFUSAL
 
-    # The same import without the pretence loads the extension: the refusal above came from the
-    # build variable, not from something else in this environment.
-    control = run(sys.executable, IMPORT_AND_REPORT)
+    # The same import without the pretence succeeds, and the extension loads when first needed:
+    # the refusal above came from the build variable, not from something else in this
+    # environment.
+    control = run(
+        sys.executable,
+        IMPORT_AND_REPORT + "from fastapi_loopguard import _native\n"
+        "print(_native.load() is not None, 'fastapi_loopguard._core' in sys.modules)\n",
+    )
     assert control.returncode == 0, control.stderr
-    assert control.stdout.split() == ["True"]
+    assert control.stdout.split() == ["False", "True", "True"]
 
 
 def test_free_threaded_interpreter_is_refused_at_import(free_threaded_python: str) -> None:

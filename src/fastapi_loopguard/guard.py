@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._native import LOAD_ERROR, _core
+from . import _native
 from ._text import escape
 from .config import LoopGuardConfig
 from .eventlog import EventLog
@@ -94,6 +94,25 @@ _LIBRARY_PREFIXES = _library_prefixes()
 # The bundled demo app is application code, although it is installed inside this package.
 _APPLICATION_PREFIXES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "")]
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
+# Called with (guard, event) for every event of every guard in the process, on the loop thread
+# that delivers it: the pytest plugin watches a test through whichever guards its app carries.
+# A tuple, replaced on change, so a dispatching loop thread reads it without a lock; when empty
+# it costs `_dispatch` one falsy check.
+_observers: tuple[Callable[[LoopGuard, BlockingEvent], object], ...] = ()
+_observers_lock = threading.Lock()
+
+
+def add_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> None:
+    """Calls ``observer(guard, event)`` for every event of every guard, until removed."""
+    global _observers
+    with _observers_lock:
+        _observers = (*_observers, observer)
+
+
+def remove_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> None:
+    global _observers
+    with _observers_lock:
+        _observers = tuple(o for o in _observers if o is not observer)
 
 
 class LoopGuard:
@@ -148,13 +167,14 @@ class LoopGuard:
             if self._loop is loop:
                 return
             self.stop()  # a new loop (tests, reload): watch that one instead
-        if _core is None:
-            raise RuntimeError(LOAD_ERROR)
+        core = _native.load()
+        if core is None:
+            raise RuntimeError(_native.load_error())
         # The running task's name outside requests: 3.11 to 3.13 keep it in this dict (the
         # native side knows which versions do, see compat.h).
         current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
-        engine = _core.Engine(
-            *_engine_configs(self.config),
+        engine = core.Engine(
+            *_engine_configs(core, self.config),
             self._request_var,
             loop,
             current_tasks if isinstance(current_tasks, dict) else None,
@@ -481,6 +501,12 @@ class LoopGuard:
                 callback(event)
             except Exception:
                 logger.exception("fastapi_loopguard: on_blocking callback raised")
+        if _observers:
+            for observer in _observers:
+                try:
+                    observer(self, event)
+                except Exception:
+                    logger.exception("fastapi_loopguard: event observer %r raised", observer)
 
 
 class _TimedSteps:
@@ -645,18 +671,18 @@ class UnsupportedLoop(RuntimeError):
         self.library = library
 
 
-def _engine_configs(cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
+def _engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
     """The engine's native configs from the documented options (the binding converts, no more)."""
-    watchdog = _core.WatchdogConfig()
+    watchdog = core.WatchdogConfig()
     watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
     watchdog.capture_stacks = cfg.capture_stacks
     watchdog.hang_threshold_ns = int(cfg.hang_threshold_ms * _NS_PER_MS)
-    cumulative = _core.CumulativeConfig()
+    cumulative = core.CumulativeConfig()
     cumulative.enabled = cfg.cumulative_blocking_enabled
     cumulative.threshold_ns = int(cfg.cumulative_blocking_threshold_ms * _NS_PER_MS)
     cumulative.window_ns = int(cfg.cumulative_window_ms * _NS_PER_MS)
     watchdog.cumulative = cumulative
-    threshold = _core.ThresholdConfig()
+    threshold = core.ThresholdConfig()
     threshold.multiplier = float(cfg.threshold_multiplier)
     threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
     threshold.adaptive = cfg.adaptive_threshold
@@ -664,7 +690,7 @@ def _engine_configs(cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
     threshold.percentile = float(cfg.adaptive_percentile)
     threshold.min_samples = cfg.adaptive_min_samples
     threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
-    sampler = _core.SamplerConfig()
+    sampler = core.SamplerConfig()
     sampler.library_prefixes = _LIBRARY_PREFIXES
     sampler.application_prefixes = _APPLICATION_PREFIXES
     sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()

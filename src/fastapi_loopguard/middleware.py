@@ -14,8 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
-from . import enforcement
-from ._native import LOAD_ERROR
+from . import _native, enforcement
 from ._text import valid_request_id
 from .config import LoopGuardConfig
 from .guard import LoopGuard, RequestInfo, UnsupportedLoop, new_request_id
@@ -61,9 +60,9 @@ class LoopGuardMiddleware:
         self.config = config if config is not None else LoopGuardConfig()
         # Without its engine the guard can only get in the way: say so once, loudly, and pass
         # every request straight through.
-        self._available = LOAD_ERROR is None
+        self._available = _native.load() is not None
         if not self._available and self.config.enabled:
-            logger.error("%s", LOAD_ERROR)
+            logger.error("%s", _native.load_error())
         self.guard = LoopGuard(self.config)
         self._warned = False
         self._prometheus: PrometheusExporter | None = None

@@ -220,21 +220,35 @@ def _install_selector_pulse(
     ):
         return None
     original = selector.select
-    wait_begin, wait_end = engine.wait_begin, engine.wait_end
+    # Another guard's pulse on this loop (guards stack: the plugin's and the app's), kept when
+    # ours comes off before it, or that guard would be left without a pulse.
+    previous = selector.__dict__.get("select")
+    pulse: tuple[Callable[[], None], Callable[[], None]] | None = (
+        engine.wait_begin,
+        engine.wait_end,
+    )
 
     def select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        wait_begin()
+        calls = pulse
+        if calls is None:  # taken off while another guard's pulse sat on top: passes through
+            return original(timeout)
+        calls[0]()
         try:
             return original(timeout)
         finally:
-            wait_end()
+            calls[1]()
 
     selector.select = select  # type: ignore[method-assign]
     engine.wait_end()  # this very iteration is busy from now on
 
     def restore() -> None:
+        nonlocal pulse
+        pulse = None  # and no reference to the engine left, wherever this wrapper stays
         if selector.__dict__.get("select") is select:
-            del selector.select
+            if previous is None:
+                del selector.select
+            else:
+                selector.select = previous  # type: ignore[method-assign]
 
     return restore
 
