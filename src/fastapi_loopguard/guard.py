@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import site
+import sys
 import sysconfig
 import threading
 import time
@@ -651,13 +652,19 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop:
 
 
 def _async_library() -> str:
-    """What runs this coroutine when it is not asyncio: trio under anyio, for instance."""
-    try:
-        import sniffio
+    """What runs this code when it is not asyncio: trio under anyio, for instance.
 
-        return str(sniffio.current_async_library())
-    except Exception:  # sniffio missing, or no async library it knows
-        return "no asyncio event loop"
+    Asked of trio itself, and only when it is already imported (nothing is imported for this):
+    sniffio, which anyio used for the same question, is no longer always installed.
+    """
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+            return "trio"
+        except Exception:  # not inside trio's run
+            pass
+    return "no asyncio event loop"
 
 
 class UnsupportedLoop(RuntimeError):

@@ -59,6 +59,7 @@ class LoopHooks:
         self._wrapped: dict[str, Callable[..., Any]] = {}
         # What each wrapped name was in the instance dict before us (another guard's wrapper).
         self._previous: dict[str, Any] = {}
+        self._held: dict[str, Any] = {}
         self._gc_callback: Callable[[str, dict[str, int]], None] | None = None
         self._reader = False
         self._thread = threading.get_ident()
@@ -115,6 +116,8 @@ class LoopHooks:
                     self.loop.__dict__[name] = previous
         self._wrapped.clear()
         self._previous.clear()
+        if not self._uv_open:
+            self._held.clear()  # else the close wrapper still needs the engine, to close libuv's
         if self._gc_callback is not None and self._gc_callback in gc.callbacks:
             gc.callbacks.remove(self._gc_callback)
         self._gc_callback = None
@@ -150,31 +153,39 @@ class LoopHooks:
     # -- the loop's own life cycle --------------------------------------------------------------
 
     def _wrap_lifecycle(self) -> None:
-        loop, engine, guard_ref = self.loop, self.engine, self._guard_ref
+        loop, guard_ref = self.loop, self._guard_ref
         originals = {name: getattr(loop, name) for name in _LIFECYCLE}
         instance = getattr(loop, "__dict__", {})
         self._previous = {name: instance[name] for name in _LIFECYCLE if name in instance}
         wrapped = self._wrapped
+        # The wrappers reach the engine through this holder: a wrapper that stays on the loop
+        # after the guard let go of it (buried under another guard's, or the uvloop close
+        # wrapper kept off-thread) must not keep the engine alive once it is emptied.
+        held = self._held = {"engine": self.engine}
 
         def stop() -> None:
             # The loop leaves run_forever at the end of this iteration: whatever its thread
             # does afterwards (a test's sync code, the next run_until_complete's caller) is not
             # the loop's blocking.
-            if "stop" in wrapped:
+            engine = held.get("engine")
+            if engine is not None and "stop" in wrapped:
                 engine.pause()
             originals["stop"]()
 
         def run_forever() -> None:
-            if "run_forever" in wrapped:
+            engine = held.get("engine")
+            if engine is not None and "run_forever" in wrapped:
                 engine.resume()
             try:
                 originals["run_forever"]()
             finally:
-                if "run_forever" in wrapped:
+                if engine is not None and "run_forever" in wrapped:
                     engine.pause()
 
         def close() -> None:
-            engine.close_uvloop()  # first of all, whatever else happens (idempotent)
+            engine = held.pop("engine", None)
+            if engine is not None:
+                engine.close_uvloop()  # first of all, whatever else happens (idempotent)
             guard = guard_ref()
             if "close" in wrapped and guard is not None:
                 # Delivers what the engine still held, then lets go of the loop.
