@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .report.model import Report
 
 _EXTRA_HINT = "install the command's dependencies with: pip install 'fastapi-loopguard[cli]'"
 
@@ -43,6 +46,14 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
     return value
+
+
+# Output formats of `loopguard report`, with the file written when -o is not given.
+_OUTPUTS = {
+    "html": "loopguard-report.html",
+    "collapsed": "loopguard-profile.collapsed",
+    "speedscope": "loopguard-profile.speedscope.json",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,13 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="build the HTML report from an event log",
-        description="Reads an event log written with event_log_path (LOOPGUARD_EVENT_LOG_PATH), "
-        "prints the summary and writes one self-contained HTML file.",
+        help="build the HTML report (or a profile) from event logs",
+        description="Reads event logs written with event_log_path (LOOPGUARD_EVENT_LOG_PATH), "
+        "merged when there are several (a glob in quotes is "
+        "expanded too), prints the summary and writes one self-contained HTML file, or the "
+        "blocking profile as folded stacks (--format collapsed: flamegraph.pl, inferno, "
+        "Pyroscope) or as a speedscope file (--format speedscope).",
     )
-    report.add_argument("log", help="the event log (JSON lines)")
-    report.add_argument("-o", "--output", default="loopguard-report.html")
+    report.add_argument("logs", nargs="+", metavar="LOG", help="event logs (JSON lines)")
+    report.add_argument(
+        "--format", choices=list(_OUTPUTS), default="html", help="what to write (default html)"
+    )
+    report.add_argument("-o", "--output", help="where to write it ('-': standard output)")
     report.add_argument("-q", "--quiet", action="store_true", help="no terminal summary")
+
     return parser
 
 
@@ -154,25 +172,49 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _report(args: argparse.Namespace) -> int:
-    from .report import load_event_log, render
+def _load(command: str, patterns: list[str]) -> Report | None:
+    """The merged report of the logs, or None after saying why they cannot be read."""
+    from .report.model import expand_paths, load_event_logs
 
     try:
-        report = load_event_log(args.log)
+        return load_event_logs(expand_paths(patterns))
     except OSError as exc:
-        print(f"loopguard report: error: cannot read {args.log}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"loopguard {command}: error: cannot read {exc.filename}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import render
+    from .report.profile import collapsed, speedscope_json
+
+    report = _load("report", args.logs)
+    if report is None:
         return 2
-    if not args.quiet:
+    output = args.output or _OUTPUTS[args.format]
+    if not args.quiet and output != "-":
         from rich.console import Console
 
         from .report.terminal import print_report
 
         print_report(Console(highlight=False), report)
+    if args.format == "html":
+        text = render(report)
+    elif args.format == "collapsed":
+        text = collapsed(report.events)
+    else:
+        text = speedscope_json(report)
     try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(render(report))
+        if output == "-":
+            sys.stdout.write(text)
+        else:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
     except OSError as exc:
-        print(f"loopguard report: error: cannot write {args.output}: {exc}", file=sys.stderr)
+        print(f"loopguard report: error: cannot write {output}: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {len(report.events)} events", file=sys.stderr)
+    if output != "-":
+        print(f"wrote {output}: {len(report.events)} events", file=sys.stderr)
     return 0

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 from ..config import LoopGuardConfig
 from ..events import BlockingEvent
 from ..guard import LoopGuard
+from ..workers import identity
 from .model import Event, Report, normalize_event, normalize_stats
 from .page import (
     EVENT_SECTIONS,
@@ -80,7 +81,7 @@ class Dashboard:
         guard.add_listener(self._on_event)
 
     def _on_event(self, event: BlockingEvent) -> None:
-        normal = normalize_event({**dataclasses.asdict(event), "pid": os.getpid()})
+        normal = normalize_event({**dataclasses.asdict(event), **identity().fields()})
         if normal is not None:
             self._seq += 1
             self._events.append((self._seq, normal, event_html(normal)))
@@ -129,7 +130,7 @@ class Dashboard:
 
     def report(self) -> Report:
         stats = self.guard.stats()
-        normal = normalize_stats({**stats, "pid": os.getpid()}) if stats else None
+        normal = normalize_stats({**stats, **identity().fields()}) if stats else None
         return Report(
             events=[e for _, e, _ in self._events],
             stats=[normal] if normal is not None else [],
