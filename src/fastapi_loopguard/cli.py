@@ -1,7 +1,9 @@
-"""The ``loopguard`` command: ``demo``, ``run module:app`` and ``report events.jsonl``.
+"""The ``loopguard`` command: ``demo``, ``run module:app``, ``report events.jsonl`` and ``check``
+(the CI gate).
 
-Needs the ``[cli]`` extra (rich, uvicorn, httpx, fastapi, uvloop); each subcommand imports what
-it needs only when it runs, so ``loopguard --help`` works with the bare package.
+``demo``, ``run`` and ``report``'s terminal summary need the ``[cli]`` extra (rich, uvicorn,
+httpx, fastapi, uvloop); each subcommand imports what it needs only when it runs, so
+``loopguard --help`` and ``check`` work with the bare package.
 """
 
 from __future__ import annotations
@@ -45,6 +47,26 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
+    return value
+
+
+def _budget_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _budget_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -107,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="build the HTML report (or a profile) from event logs",
-        description="Reads event logs written with event_log_path (LOOPGUARD_EVENT_LOG_PATH), "
-        "merged when there are several (a glob in quotes is "
+        description="Reads event logs written with event_log_path (LOOPGUARD_EVENT_LOG_PATH) "
+        "or pytest --loopguard-events, merged when there are several (a glob in quotes is "
         "expanded too), prints the summary and writes one self-contained HTML file, or the "
         "blocking profile as folded stacks (--format collapsed: flamegraph.pl, inferno, "
         "Pyroscope) or as a speedscope file (--format speedscope).",
@@ -119,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("-o", "--output", help="where to write it ('-': standard output)")
     report.add_argument("-q", "--quiet", action="store_true", help="no terminal summary")
+
+    check = commands.add_parser(
+        "check",
+        help="CI gate: exit 1 when event logs exceed a budget or hold a new culprit",
+        description="Exit status 0 within budget, 1 over it (each new culprit line listed "
+        "with its fix), 2 when the input cannot be used. Without --baseline, --max-events or "
+        "--max-ms-per-route, any blocking event fails. Culprits are keyed file:function, files "
+        "relative to --root, so line edits do not make a known culprit new.",
+    )
+    check.add_argument("logs", nargs="+", metavar="LOG", help="event logs (JSON lines)")
+    check.add_argument("--baseline", metavar="FILE", help="culprits to tolerate")
+    check.add_argument(
+        "--write-baseline",
+        metavar="FILE",
+        help="record the culprits of these logs as the baseline, and pass",
+    )
+    check.add_argument("--max-events", type=_budget_count, metavar="N")
+    check.add_argument("--max-ms-per-route", type=_budget_ms, metavar="MS")
+    check.add_argument(
+        "--root", default=".", help="the checkout that baseline paths are relative to (default .)"
+    )
 
     return parser
 
@@ -132,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo(args.duration, args.loop, args.concurrency, args.html)
         if args.command == "run":
             return _run(args)
+        if args.command == "check":
+            return _check(args)
         return _report(args)
     except ModuleNotFoundError as exc:
         if exc.name in ("rich", "uvicorn", "httpx", "fastapi", "uvloop"):
@@ -218,3 +263,46 @@ def _report(args: argparse.Namespace) -> int:
     if output != "-":
         print(f"wrote {output}: {len(report.events)} events", file=sys.stderr)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import UNUSABLE, BaselineError, check, read_baseline, write_baseline
+
+    report = _load("check", args.logs)
+    if report is None:
+        return UNUSABLE
+    if report.skipped:
+        print(
+            f"loopguard check: warning: {report.skipped} lines are not valid records; skipped",
+            file=sys.stderr,
+        )
+        if not report.events and not report.stats:
+            print("loopguard check: error: no valid record in the logs", file=sys.stderr)
+            return UNUSABLE
+    if args.write_baseline:
+        try:
+            count = write_baseline(args.write_baseline, report, args.root)
+        except OSError as exc:
+            print(
+                f"loopguard check: error: cannot write {args.write_baseline}: {exc}",
+                file=sys.stderr,
+            )
+            return UNUSABLE
+        print(f"loopguard check: wrote {args.write_baseline}: {count} culprits")
+        return 0
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = read_baseline(args.baseline)
+        except (OSError, BaselineError) as exc:
+            print(f"loopguard check: error: baseline {args.baseline}: {exc}", file=sys.stderr)
+            return UNUSABLE
+    outcome = check(
+        report,
+        baseline=baseline,
+        max_events=args.max_events,
+        max_ms_per_route=args.max_ms_per_route,
+        root=args.root,
+    )
+    print("\n".join(outcome.lines))
+    return outcome.status

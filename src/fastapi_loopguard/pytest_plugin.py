@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .hints import hint_for_event
+
 if TYPE_CHECKING:
     from .events import BlockingEvent
     from .guard import LoopGuard, RequestInfo
 
 MARKER = "no_blocking"
 INI_THRESHOLD = "loopguard_threshold_ms"
+EVENTS_OPTION = "--loopguard-events"
 DEFAULT_THRESHOLD_MS = "50"
 # How long to wait, after the test body, for the watchdog to hand over a block it counted.
 SETTLE_TIMEOUT_S = 1.0
@@ -47,6 +50,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "fastapi-loopguard: loop lag (ms) above which a test's code counts as blocking",
         default=DEFAULT_THRESHOLD_MS,
     )
+    parser.addoption(
+        EVENTS_OPTION,
+        metavar="PATH",
+        help="fastapi-loopguard: write the guarded tests' blocking events to PATH (JSON lines, "
+        "emptied when the run starts), for `loopguard check` and `loopguard report`",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -54,14 +63,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}: fail this async test if its code blocks the event loop (fastapi-loopguard)",
     )
+    path = config.getoption(EVENTS_OPTION)
+    if path and not hasattr(config, "workerinput"):  # once per run, not per xdist worker
+        open(path, "w").close()
 
 
 class LoopGuardFixture:
     """What the ``loopguard`` fixture gives a test: its blocking events, and an assertion."""
 
-    def __init__(self, threshold_ms: float, nodeid: str) -> None:
+    def __init__(self, threshold_ms: float, nodeid: str, events_path: str | None = None) -> None:
         self.threshold_ms = threshold_ms
         self.nodeid = nodeid
+        self.events_path = events_path
         self.guard: LoopGuard | None = None
         self._info: RequestInfo | None = None
         self._skip_events = 0
@@ -111,6 +124,7 @@ class LoopGuardFixture:
                 else "<stack unavailable>"
             )
             lines.append(f"  {event.duration_ms:.1f} ms {event.kind} at {where}")
+            lines.append(f"    fix: {hint_for_event(event)}")
         if len(events) < count:
             lines.append(f"  ({count - len(events)} more not yet delivered by the watchdog)")
         return "\n".join(lines)
@@ -137,7 +151,11 @@ def _threshold_ms(config: pytest.Config) -> float:
 @pytest.fixture
 def loopguard(request: pytest.FixtureRequest) -> LoopGuardFixture:
     """The blocking events of this async test, and ``assert_no_blocking()``."""
-    return LoopGuardFixture(_threshold_ms(request.config), request.node.nodeid)
+    return LoopGuardFixture(
+        _threshold_ms(request.config),
+        request.node.nodeid,
+        request.config.getoption(EVENTS_OPTION),
+    )
 
 
 def _guarded(
@@ -156,6 +174,7 @@ def _guarded(
             fallback_threshold_ms=state.threshold_ms,
             calibration_iterations=0,  # the threshold is the ini value, not a measurement
             log_blocking_events=False,  # the failure message says it all
+            event_log_path=state.events_path,
         )
         async with LoopGuard(config) as guard:
             state.guard = guard
@@ -184,7 +203,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
             "tests (run by pytest-asyncio or anyio)"
         )
     if not isinstance(fixture, LoopGuardFixture):
-        fixture = LoopGuardFixture(_threshold_ms(item.config), item.nodeid)
+        fixture = LoopGuardFixture(
+            _threshold_ms(item.config), item.nodeid, item.config.getoption(EVENTS_OPTION)
+        )
     original = item.obj
     item.obj = _guarded(original, fixture, strict=marked)
     try:
