@@ -1,9 +1,9 @@
-"""The ``loopguard`` command: ``demo``, ``run module:app``, ``report events.jsonl`` and ``check``
-(the CI gate).
+"""The ``loopguard`` command: ``demo``, ``run module:app``, ``report events.jsonl``, ``check``
+(the CI gate), and the ops kit: ``grafana`` (a dashboard) and ``alerts`` (Prometheus rules).
 
 ``demo``, ``run`` and ``report``'s terminal summary need the ``[cli]`` extra (rich, uvicorn,
 httpx, fastapi, uvloop); each subcommand imports what it needs only when it runs, so
-``loopguard --help`` and ``check`` work with the bare package.
+``loopguard --help``, ``check``, ``grafana`` and ``alerts`` work with the bare package.
 """
 
 from __future__ import annotations
@@ -67,6 +67,24 @@ def _budget_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _duration(text: str) -> str:
+    from .ops.alerts import valid_duration
+
+    if not valid_duration(text):
+        raise argparse.ArgumentTypeError(f"not a Prometheus duration (30s, 5m, 1h): {text!r}")
+    return text
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -163,6 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", default=".", help="the checkout that baseline paths are relative to (default .)"
     )
 
+    commands.add_parser(
+        "grafana",
+        help="print a Grafana dashboard (JSON) over the Prometheus metrics",
+        description="Prints a dashboard to import into Grafana: loopguard grafana > dashboard.json",
+    )
+    alerts = commands.add_parser(
+        "alerts",
+        help="print Prometheus alert rules (YAML)",
+        description="Prints alerting rules for Prometheus' rule_files: loopguard alerts > "
+        "rules.yml (sustained blocking per route, a hang, dropped events).",
+    )
+    alerts.add_argument(
+        "--window", type=_duration, default="5m", help="range of the rates (default 5m)"
+    )
+    alerts.add_argument(
+        "--for",
+        dest="for_",
+        type=_duration,
+        default="10m",
+        help="how long a route must block before it alerts (default 10m)",
+    )
+    alerts.add_argument(
+        "--blocked-ratio",
+        type=_ratio,
+        default=0.05,
+        help="share of the time a route may block the loop (default 0.05)",
+    )
     return parser
 
 
@@ -177,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "grafana":
+            from .ops.grafana import dashboard_json
+
+            sys.stdout.write(dashboard_json())
+            return 0
+        if args.command == "alerts":
+            from .ops.alerts import rules
+
+            sys.stdout.write(rules(args.window, args.for_, args.blocked_ratio))
+            return 0
         return _report(args)
     except ModuleNotFoundError as exc:
         if exc.name in ("rich", "uvicorn", "httpx", "fastapi", "uvloop"):
