@@ -293,10 +293,10 @@ def routes(report: Report) -> str:
     for g in groups:
         kinds = ", ".join(f"{k} x{n}" for k, n in g.kinds.most_common())
         label = f"{g.key[0]}: {charts.fmt_ms(g.total_ms)} blocked"
+        figures = ", ".join(phrase.format(figure(g)) for _, figure, phrase in charts.ROUTE_FIGURES)
         rows.append(
             f'<div class="row"><div class="label"><code>{esc(g.key[0])}</code>'
-            f"<small>{g.events} events, worst {esc(charts.fmt_ms(g.worst_ms))}, froze "
-            f"{g.victims} requests; {esc(kinds)}</small></div>"
+            f"<small>{esc(figures)}; {esc(kinds)}</small></div>"
             f"{charts.stacked_bar(g.kind_ms, scale, label)}"
             f'<div class="value">{esc(charts.fmt_ms(g.total_ms))}</div></div>'
         )

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._text import escape
-from .charts import fmt_ms
+from .charts import ROUTE_FIGURES, fmt_ms
 from .model import (
     Report,
     by_culprit,
@@ -64,20 +64,12 @@ def print_report(console: Console, report: Report, top: int = 8) -> None:
     else:
         routes = Table(title="Per route", title_justify="left", expand=False)
         routes.add_column("route", overflow="fold")
-        routes.add_column("events", justify="right")
-        routes.add_column("total", justify="right")
-        routes.add_column("worst", justify="right")
-        routes.add_column("froze", justify="right")
+        for name, _, _ in ROUTE_FIGURES:
+            routes.add_column(name, justify="right")
         routes.add_column("kinds")
         for g in by_route(events):
-            routes.add_row(
-                Text(escape(g.key[0])),
-                str(g.events),
-                fmt_ms(g.total_ms),
-                fmt_ms(g.worst_ms),
-                str(g.victims),
-                _kinds(g.kinds),
-            )
+            figures = [figure(g) for _, figure, _ in ROUTE_FIGURES]
+            routes.add_row(Text(escape(g.key[0])), *figures, _kinds(g.kinds))
         console.print(routes)
 
         workers = report.workers()
