@@ -656,8 +656,10 @@ KIND_HINTS: dict[str, Hint] = {
     ),
     "starved": Hint(
         "give the loop thread a CPU",
-        "it was ready to run but the OS did not schedule it: the machine or container has more "
-        "busy workers or threads than cores",
+        "it was ready to run but the OS did not schedule it for most of the block: the machine "
+        "or container has more busy workers or threads than cores. If this line computes, that "
+        "work competes for the CPU too: move it off the loop (await asyncio.to_thread(fn, "
+        "*args), or a process pool for long pure-Python work)",
     ),
     "cumulative": Hint(
         _TO_THREAD,
