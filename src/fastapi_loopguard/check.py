@@ -35,7 +35,7 @@ from ._text import escape
 from .culprits import culprit_key
 from .hints import hint_for_record
 from .report.charts import fmt_ms
-from .report.model import Event, Report, by_route, route_label, source_lines
+from .report.model import Event, Report, by_route, culprit_hints, route_label, source_lines
 
 OK, OVER, UNUSABLE = 0, 1, 2
 NO_CULPRIT = "<no application frame>"
@@ -155,7 +155,8 @@ def _culprit_lines(events: Sequence[Event], top: int | None = None) -> list[str]
     ranked = sorted(by_line.items(), key=lambda kv: -sum(e["duration_ms"] for e in kv[1]))
     lines = []
     for (filename, lineno), own in ranked[:top]:
-        hint = hint_for_record(max(own, key=lambda e: e["duration_ms"]))
+        # The same choice as the report's: the call's hint over the kinds' (report.model).
+        hint = next(iter(culprit_hints(own).values()), None) or hint_for_record(own[0])
         ms = fmt_ms(sum(e["duration_ms"] for e in own))
         if filename:
             source = [text for n, text in source_lines(filename, lineno, 0)]

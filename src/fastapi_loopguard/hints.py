@@ -559,7 +559,8 @@ def _subprocess(site: Site) -> tuple[str, str]:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("time.sleep", ("time.sleep",), WAITS, _sleep),
+    # native too: a loaded machine has been seen to make a time.sleep line's samples miss the GIL.
+    Rule("time.sleep", ("time.sleep",), WAITS | {"native"}, _sleep),
     Rule(
         "HTTP client",
         (

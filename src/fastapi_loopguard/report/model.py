@@ -167,22 +167,27 @@ def by_culprit(events: Iterable[Event]) -> list[Group]:
 
 
 def culprit_hints(events: Iterable[Event]) -> dict[tuple[str, ...], Hint]:
-    """The fix for each culprit line (keyed like ``by_culprit``): for the kind that blocked it
-    longest, from that kind's first event (one hint per line, not per event: the report redraws
-    these on the live page as events arrive)."""
+    """The fix for each culprit line (keyed like ``by_culprit``).
+
+    One hint per line, from the first event of each of its kinds (not one per event: the live
+    page redraws these as events arrive). The call is a property of the line, while its events'
+    kinds vary with the machine's load (a sleep can look ``starved``), so a hint naming the call
+    wins over the kinds' hints; among several, the one whose kind blocked longest.
+    """
     first: dict[tuple[str, ...], dict[str, Event]] = {}
     weight: dict[tuple[str, ...], Counter[str]] = {}
     for event in events:
         culprit = event.get("culprit")
         if culprit is None:
             continue
-        key = (culprit["filename"], str(culprit["lineno"]), culprit["function"])
-        first.setdefault(key, {}).setdefault(event["kind"], event)
-        weight.setdefault(key, Counter())[event["kind"]] += event["duration_ms"]
-    return {
-        key: hint_for_record(first[key][max(kinds.items(), key=lambda kv: (kv[1], kv[0]))[0]])
-        for key, kinds in weight.items()
-    }
+        line: tuple[str, ...] = (culprit["filename"], str(culprit["lineno"]), culprit["function"])
+        first.setdefault(line, {}).setdefault(event["kind"], event)
+        weight.setdefault(line, Counter())[event["kind"]] += event["duration_ms"]
+    hints: dict[tuple[str, ...], Hint] = {}
+    for line, kinds in weight.items():
+        ranked = [hint_for_record(first[line][kind]) for kind, _ in kinds.most_common()]
+        hints[line] = next((h for h in ranked if h.call is not None), ranked[0])
+    return hints
 
 
 def source_lines(filename: str, lineno: int, context: int = 2) -> list[tuple[int, str]]:
