@@ -168,6 +168,35 @@ def test_call_tree_weighs_every_stack() -> None:
     assert node.culprit and node.kind_ms == {"sleep": 300.0}
 
 
+def test_events_leave_the_tree_as_they_came() -> None:
+    """The live page keeps its tree up to date as events arrive and drop out of its window."""
+    events = _report().events
+    tree = call_tree(events)
+    for event in events[:2]:
+        tree.add(event, sign=-1)
+    expected = call_tree(events[2:])
+
+    def shape(node: Any) -> Any:
+        return (
+            node.frame,
+            round(node.total_ms, 6),
+            round(node.self_ms, 6),
+            node.events,
+            node.culprit,
+            {k: round(v, 6) for k, v in node.kind_ms.items()},
+            sorted(shape(c) for c in node.children.values()),
+        )
+
+    assert shape(tree) == shape(expected)
+    assert not any(n.frame and n.frame[2] == "slow" for n in _walk(tree))
+
+
+def _walk(node: Any) -> Any:
+    yield node
+    for child in node.children.values():
+        yield from _walk(child)
+
+
 def test_collapsed_stacks() -> None:
     text = collapsed(_report().events)
     lines = text.splitlines()

@@ -34,7 +34,7 @@ from .model import (
     lag_percentiles,
     source_lines,
 )
-from .profile import call_tree
+from .profile import Node, call_tree
 
 # Sections the live page refreshes, by element id: those drawn from the engine's statistics
 # change all the time, those drawn from events only when an event arrives. The events list is
@@ -335,7 +335,8 @@ def workers(report: Report) -> str:
     )
 
 
-def profile(report: Report) -> str:
+def profile(report: Report, tree: Node | None = None) -> str:
+    """The flame graph; ``tree`` is the events' call tree when the caller keeps one (live)."""
     if not report.events:
         return '<h2>Blocking profile</h2><p class="empty">No blocking events yet.</p>'
     return (
@@ -343,7 +344,7 @@ def profile(report: Report) -> str:
         '<p class="muted">Every event\'s stack in one call tree, each frame as wide as the loop '
         "time blocked while it was on the stack, outermost on top, coloured by kind. "
         "<code>loopguard report --format collapsed|speedscope</code> exports it.</p>"
-        f"{flame.flame_graph(call_tree(report.events))}"
+        f"{flame.flame_graph(tree if tree is not None else call_tree(report.events))}"
     )
 
 
@@ -499,9 +500,13 @@ def event_html(event: Event) -> str:
 
 
 def sections(
-    report: Report, now: float | None = None, ids: Iterable[str] = SECTION_IDS
+    report: Report,
+    now: float | None = None,
+    ids: Iterable[str] = SECTION_IDS,
+    tree: Node | None = None,
 ) -> dict[str, str]:
-    """The refreshable parts of the page, by element id (only those in ``ids``)."""
+    """The refreshable parts of the page, by element id (only those in ``ids``); ``tree`` is
+    the events' call tree if the caller keeps one."""
     makers: dict[str, Callable[[], str]] = {
         "lg-summary": lambda: summary(report),
         "lg-lag": lambda: lag(report),
@@ -510,7 +515,7 @@ def sections(
         "lg-workers": lambda: workers(report),
         "lg-durations": lambda: durations(report),
         "lg-culprits": lambda: culprits(report),
-        "lg-profile": lambda: profile(report),
+        "lg-profile": lambda: profile(report, tree),
         "lg-events-head": lambda: events_head(report),
     }
     return {name: makers[name]() for name in ids}
@@ -529,10 +534,11 @@ def render(
     now: float | None = None,
     live: dict[str, object] | None = None,
     events_html: Sequence[str] | None = None,
+    tree: Node | None = None,
 ) -> str:
     """The whole page. ``live`` (seq, interval_ms) makes it poll for updates; ``events_html``
     are the events' entries already rendered, oldest first (the live page keeps them)."""
-    parts = sections(report, now)
+    parts = sections(report, now, tree=tree)
     if events_html is None:
         events_html = [event_html(e) for e in report.events[-MAX_LISTED_EVENTS:]]
     events_list = "".join(reversed(events_html[-MAX_LISTED_EVENTS:]))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from .._text import visible
 from .model import Event, Report, worker_key
 
 FrameKey = tuple[str, int, str]  # filename, lineno, function
@@ -50,26 +51,39 @@ class Node:
     events: int = 0
     kind_ms: dict[str, float] = field(default_factory=dict)
     children: dict[FrameKey, Node] = field(default_factory=dict)
-    culprit: bool = False  # some event's culprit line: the flame graph always draws it alone
+    culprits: int = 0  # events whose culprit line this is: the flame graph draws it alone
 
-    def add(
-        self, stack: Sequence[FrameKey], ms: float, kind: str, culprit: FrameKey | None = None
-    ) -> None:
+    @property
+    def culprit(self) -> bool:
+        return self.culprits > 0
+
+    def add(self, event: Event, sign: int = 1) -> None:
+        """Adds the event's stack (or, with ``sign=-1``, takes an added one out again)."""
+        ms, kind = event["duration_ms"] * sign, event["kind"]
+        c = event["culprit"]
+        culprit = (c["filename"], c["lineno"], c["function"]) if c is not None else None
         node = self
-        node._count(ms, kind)
-        for frame in stack:
+        node._count(ms, kind, sign)
+        for frame in stack_of(event):
             child = node.children.get(frame)
             if child is None:
                 child = node.children[frame] = Node(frame)
-            child._count(ms, kind)
-            child.culprit |= frame == culprit
+            child._count(ms, kind, sign)
+            child.culprits += sign * (frame == culprit)
+            if child.events == 0:  # the last event through it was taken out
+                del node.children[frame]
+                return
             node = child
         node.self_ms += ms
 
-    def _count(self, ms: float, kind: str) -> None:
+    def _count(self, ms: float, kind: str, sign: int) -> None:
         self.total_ms += ms
-        self.events += 1
-        self.kind_ms[kind] = self.kind_ms.get(kind, 0.0) + ms
+        self.events += sign
+        left = self.kind_ms.get(kind, 0.0) + ms
+        if sign < 0 and left <= 1e-9:
+            self.kind_ms.pop(kind, None)
+        else:
+            self.kind_ms[kind] = left
 
     def sorted_children(self) -> list[Node]:
         """Heaviest first: what a reader looks for, and a stable order for the same data."""
@@ -84,9 +98,7 @@ class Node:
 def call_tree(events: Iterable[Event]) -> Node:
     root = Node(None)
     for event in events:
-        c = event["culprit"]
-        culprit = (c["filename"], c["lineno"], c["function"]) if c is not None else None
-        root.add(stack_of(event), event["duration_ms"], event["kind"], culprit)
+        root.add(event)
     return root
 
 
@@ -98,7 +110,8 @@ def frame_name(frame: FrameKey) -> str:
 
 def _folded(text: str) -> str:
     # ';' separates frames and a line break ends the record: neither may appear inside a name.
-    return text.replace(";", ":").replace("\r", " ").replace("\n", " ")
+    # Names come from logs: other control characters (terminal escapes) are made visible.
+    return visible(text.replace(";", ":").replace("\r", " ").replace("\n", " "))
 
 
 def collapsed(events: Iterable[Event]) -> str:
