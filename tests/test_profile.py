@@ -251,8 +251,9 @@ def test_report_exports_from_a_real_server(loop_name: str, tmp_path: Path) -> No
     with loopguard_run(
         tmp_path, loop_name, "tests.apps.plain:app", "--event-log", str(events)
     ) as server:
+        # Sleeps: a busy test machine starves a wall-clock spin of CPU, not a sleep.
         block_with_bystanders(server.url, "/sleep/150")
-        block_with_bystanders(server.url, "/cpu")
+        block_with_bystanders(server.url, "/sleep/250")
         time.sleep(0.3)
     folded = loopguard("report", str(events), "--format", "collapsed", "-o", "-")
     assert folded.returncode == 0, folded.stderr
@@ -270,4 +271,4 @@ def test_report_exports_from_a_real_server(loop_name: str, tmp_path: Path) -> No
     leaves = {
         document["shared"]["frames"][s[-1]]["name"] for s in document["profiles"][0]["samples"]
     }
-    assert {"sleep", "cpu"} <= leaves
+    assert leaves == {"sleep"}  # the culprit, plain.py's sleep(), innermost: time.sleep is C

@@ -112,10 +112,9 @@ def test_live_page_draws_the_profile(loop_name: str, tmp_path: Path) -> None:
             "document.getElementById('lg-profile').innerText"
         )
         block_with_bystanders(server.url, "/sleep/250")
-        block_with_bystanders(server.url, "/cpu")
         page.wait_for(
             "[...document.querySelectorAll('#lg-profile svg.fg-wide .fg-n title')]"
-            ".filter((t) => t.textContent.includes('plain.py:')).length >= 2",
+            ".filter((t) => t.textContent.includes('plain.py:')).length >= 1",
             15,
         )
         fixes = page.evaluate("document.getElementById('lg-culprits').innerText")

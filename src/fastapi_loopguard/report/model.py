@@ -135,13 +135,17 @@ def route_label(event: Event) -> str:
     """``GET /items/{item_id}``: the route template when known, else the raw path.
 
     Work attributed with ``guard.label(name)`` (the pytest plugin labels each test) is shown by
-    its label: per test is what a test run's report and budgets are about.
+    its label: per test is what a test run's report and budgets are about. Work outside requests
+    is shown with the task that ran it, when the event names one.
     """
     method = event.get("method")
     target = event.get("route") or event.get("path")
     if method is None and target is None:
         label = event.get("request_id")
-        return "(no request)" if label is None else f"label {label}"
+        if label is not None:
+            return f"label {label}"
+        task = event.get("task")
+        return f"(no request) {task}" if task else "(no request)"
     return f"{method or '?'} {target or '?'}"
 
 
@@ -319,6 +323,7 @@ def normalize_event(raw: object) -> Event | None:
         "samples": _count(raw.get("samples")),
         "stack_missing": raw.get("stack_missing") is True,
         "hang": raw.get("hang") is True,
+        "task": _text(raw.get("task")),
         "pid": _count(raw.get("pid")),
         "host": _name(raw.get("host")),
         "worker": _name(raw.get("worker")),
