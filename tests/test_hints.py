@@ -87,6 +87,7 @@ async def handler(path, data, pattern, text, delay):
     json.dumps(time.sleep(1))  # m:two
     payload = requests.get(url, timeout=5, params={"q": 1})  # m:requests
     done.wait(5)  # m:event
+    server.shutdown()  # m:shutdown
 """
 
 
@@ -196,6 +197,16 @@ def test_frames_below_the_culprit_name_the_call(tmp_path: Path) -> None:
     wrapped = [(f"{SITE}/somesdk/client.py", 10, "Client.fetch"), *requests[1:]]
     assert hint_for_record(event(path, "m:unknown", "io", wrapped)).call == (
         "requests.sessions.Session.request"
+    )
+    # The line's one call led to the frame: a rewrite that runs the call itself runs that one.
+    shutdown = [
+        (f"{STDLIB}/socketserver.py", 253, "BaseServer.shutdown"),
+        (f"{STDLIB}/threading.py", 622, "Event.wait"),
+    ]
+    hint = hint_for_record(event(path, "m:shutdown", "lock", shutdown))
+    assert (hint.call, hint.fix) == (
+        "threading.Event.wait",
+        "await asyncio.to_thread(server.shutdown)",
     )
     # Frames below the line mean the line's own C calls were not running.
     assert hint_for_record(event(path, "m:sleep", "sleep", wrapped[:1])).call is None

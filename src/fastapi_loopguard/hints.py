@@ -325,6 +325,9 @@ class Rule:
     patterns: tuple[str, ...]  # fnmatch patterns over resolved or frame names
     kinds: frozenset[str]
     make: Callable[[Site], tuple[str, str]]  # (fix, note)
+    # The fix runs the written call itself elsewhere (asyncio.to_thread(call, ...)): right for
+    # whatever call on the line led to the frame, e.g. server.shutdown() waiting in Event.wait.
+    wraps: bool = False
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -580,15 +583,16 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("socket", ("socket.*", "ssl.*"), ANY, _socket),
     Rule("sqlite3", ("sqlite3.*",), ANY, _sqlite),
-    Rule("psycopg2", ("psycopg2.*",), ANY, _psycopg2),
+    Rule("psycopg2", ("psycopg2.*",), ANY, _psycopg2, wraps=True),
     Rule("pymysql", ("pymysql.*", "MySQLdb.*"), ANY, _pymysql),
-    Rule("password hashing", ("hashlib.*", "bcrypt.*", "argon2.*"), COMPUTES, _hashing),
-    Rule("json / re", ("json.*", "re.*"), COMPUTES - {"starved"}, _gil_holding),
+    Rule("password hashing", ("hashlib.*", "bcrypt.*", "argon2.*"), COMPUTES, _hashing, wraps=True),
+    Rule("json / re", ("json.*", "re.*"), COMPUTES - {"starved"}, _gil_holding, wraps=True),
     Rule(
         "threading",
         ("threading.*", "queue.*", "concurrent.futures.*"),
         frozenset({"lock", "unknown", "starved"}),
         _threading,
+        wraps=True,
     ),
     Rule(
         "file I/O",
@@ -605,6 +609,7 @@ RULES: tuple[Rule, ...] = (
         ),
         ANY,
         _files,
+        wraps=True,
     ),
     Rule(
         "subprocess",
@@ -691,6 +696,8 @@ def _linked(calls: Sequence[Call], rule: Rule, frame_name: str) -> Call | None:
         for c in calls
         if (c.name and rule.matches(c.name)) or (not c.name and _last(c.written) == function)
     ]
+    if not fits and rule.wraps:
+        fits = [c for c in calls if not c.with_target]  # the line's one call, if it has one
     return fits[0] if len({c.written for c in fits}) == 1 else None
 
 
