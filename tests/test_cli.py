@@ -260,7 +260,12 @@ def test_demo_end_to_end(loop_name: str, tmp_path: Path) -> None:
         assert route in out
     assert 'time.sleep(0.2)  # "just a quick sleep while the file lands"' in out
     assert "with urllib.request.urlopen(url, timeout=5) as response:" in out
+    assert "fix: await asyncio.sleep(0.2)" in out and "fix: await client.get(url)" in out
     page = html.read_text()
     timeline = page.split('class="chart timeline"')[1].split("</svg>")[0]
     assert timeline.count("<rect ") >= 5
     assert "/api/reports/{report_id}" in page
+    # The blocking profile's flame graph, and the fix for each culprit line.
+    flame = page.split('class="flame fg-wide"')[1].split("</svg>")[0]
+    assert "build_report  " in flame and "supplier_price  " in flame  # in the frames' titles
+    assert "fix for time.sleep: " in page and "<code>await asyncio.sleep(0.2)</code>" in page

@@ -61,9 +61,11 @@ def test_request_id_and_path_without_query(loop_name: str, tmp_path: Path, log_f
             assert "during GET /sleep/150 [" in record
             assert f"culprit={APP_FILE}:{line} in sleep" in record
             assert "request_id=log-text" in record
+            assert record.endswith(" hint=await asyncio.sleep(ms / 1000)]")
             return
         fields = json.loads(record[record.index("{") :])
-        assert set(fields) == EVENT_FIELDS | {"message"}
+        assert set(fields) == EVENT_FIELDS | {"message", "hint"}
+        assert fields["hint"] == "await asyncio.sleep(ms / 1000)"
         assert fields["request_id"] == "log-json"
         assert (fields["method"], fields["path"], fields["route"]) == (
             "GET",

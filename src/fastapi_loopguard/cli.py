@@ -1,16 +1,21 @@
-"""The ``loopguard`` command: ``demo``, ``run module:app`` and ``report events.jsonl``.
+"""The ``loopguard`` command: ``demo``, ``run module:app``, ``report events.jsonl``, ``check``
+(the CI gate), and the ops kit: ``grafana`` (a dashboard) and ``alerts`` (Prometheus rules).
 
-Needs the ``[cli]`` extra (rich, uvicorn, httpx, fastapi, uvloop); each subcommand imports what
-it needs only when it runs, so ``loopguard --help`` works with the bare package.
+``demo``, ``run`` and ``report``'s terminal summary need the ``[cli]`` extra (rich, uvicorn,
+httpx, fastapi, uvloop); each subcommand imports what it needs only when it runs, so
+``loopguard --help``, ``check``, ``grafana`` and ``alerts`` work with the bare package.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .report.model import Report
 
 _EXTRA_HINT = "install the command's dependencies with: pip install 'fastapi-loopguard[cli]'"
 
@@ -43,6 +48,52 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
     return value
+
+
+def _budget_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _budget_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _duration(text: str) -> str:
+    from .ops.alerts import valid_duration
+
+    if not valid_duration(text):
+        raise argparse.ArgumentTypeError(f"not a Prometheus duration (30s, 5m, 1h): {text!r}")
+    return text
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+# Output formats of `loopguard report`, with the file written when -o is not given.
+_OUTPUTS = {
+    "html": "loopguard-report.html",
+    "collapsed": "loopguard-profile.collapsed",
+    "speedscope": "loopguard-profile.speedscope.json",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,13 +146,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="build the HTML report from an event log",
-        description="Reads an event log written with event_log_path (LOOPGUARD_EVENT_LOG_PATH), "
-        "prints the summary and writes one self-contained HTML file.",
+        help="build the HTML report (or a profile) from event logs",
+        description="Reads event logs written with event_log_path (LOOPGUARD_EVENT_LOG_PATH) "
+        "or pytest --loopguard-events, merged when there are several (a glob in quotes is "
+        "expanded too), prints the summary and writes one self-contained HTML file, or the "
+        "blocking profile as folded stacks (--format collapsed: flamegraph.pl, inferno, "
+        "Pyroscope) or as a speedscope file (--format speedscope).",
     )
-    report.add_argument("log", help="the event log (JSON lines)")
-    report.add_argument("-o", "--output", default="loopguard-report.html")
+    report.add_argument("logs", nargs="+", metavar="LOG", help="event logs (JSON lines)")
+    report.add_argument(
+        "--format", choices=list(_OUTPUTS), default="html", help="what to write (default html)"
+    )
+    report.add_argument("-o", "--output", help="where to write it ('-': standard output)")
     report.add_argument("-q", "--quiet", action="store_true", help="no terminal summary")
+
+    check = commands.add_parser(
+        "check",
+        help="CI gate: exit 1 when event logs exceed a budget or hold a new culprit",
+        description="Exit status 0 within budget, 1 over it (each new culprit line listed "
+        "with its fix), 2 when the input cannot be used. Without --baseline, --max-events or "
+        "--max-ms-per-route, any blocking event fails. Culprits are keyed file:function, files "
+        "relative to --root, so line edits do not make a known culprit new.",
+    )
+    check.add_argument("logs", nargs="+", metavar="LOG", help="event logs (JSON lines)")
+    check.add_argument("--baseline", metavar="FILE", help="culprits to tolerate")
+    check.add_argument(
+        "--write-baseline",
+        metavar="FILE",
+        help="record the culprits of these logs as the baseline, and pass",
+    )
+    check.add_argument("--max-events", type=_budget_count, metavar="N")
+    check.add_argument("--max-ms-per-route", type=_budget_ms, metavar="MS")
+    check.add_argument(
+        "--root", default=".", help="the checkout that baseline paths are relative to (default .)"
+    )
+
+    commands.add_parser(
+        "grafana",
+        help="print a Grafana dashboard (JSON) over the Prometheus metrics",
+        description="Prints a dashboard to import into Grafana: loopguard grafana > dashboard.json",
+    )
+    alerts = commands.add_parser(
+        "alerts",
+        help="print Prometheus alert rules (YAML)",
+        description="Prints alerting rules for Prometheus' rule_files: loopguard alerts > "
+        "rules.yml (sustained blocking per route, a hang, dropped events).",
+    )
+    alerts.add_argument(
+        "--window", type=_duration, default="5m", help="range of the rates (default 5m)"
+    )
+    alerts.add_argument(
+        "--for",
+        dest="for_",
+        type=_duration,
+        default="10m",
+        help="how long a route must block before it alerts (default 10m)",
+    )
+    alerts.add_argument(
+        "--blocked-ratio",
+        type=_ratio,
+        default=0.05,
+        help="share of the time a route may block the loop (default 0.05)",
+    )
     return parser
 
 
@@ -114,6 +220,18 @@ def main(argv: list[str] | None = None) -> int:
             return demo(args.duration, args.loop, args.concurrency, args.html)
         if args.command == "run":
             return _run(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "grafana":
+            from .ops.grafana import dashboard_json
+
+            sys.stdout.write(dashboard_json())
+            return 0
+        if args.command == "alerts":
+            from .ops.alerts import rules
+
+            sys.stdout.write(rules(args.window, args.for_, args.blocked_ratio))
+            return 0
         return _report(args)
     except ModuleNotFoundError as exc:
         if exc.name in ("rich", "uvicorn", "httpx", "fastapi", "uvloop"):
@@ -154,25 +272,92 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _report(args: argparse.Namespace) -> int:
-    from .report import load_event_log, render
+def _load(command: str, patterns: list[str]) -> Report | None:
+    """The merged report of the logs, or None after saying why they cannot be read."""
+    from .report.model import expand_paths, load_event_logs
 
     try:
-        report = load_event_log(args.log)
+        return load_event_logs(expand_paths(patterns))
     except OSError as exc:
-        print(f"loopguard report: error: cannot read {args.log}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"loopguard {command}: error: cannot read {exc.filename}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import render
+    from .report.profile import collapsed, speedscope_json
+
+    report = _load("report", args.logs)
+    if report is None:
         return 2
-    if not args.quiet:
+    output = args.output or _OUTPUTS[args.format]
+    if not args.quiet and output != "-":
         from rich.console import Console
 
         from .report.terminal import print_report
 
         print_report(Console(highlight=False), report)
+    if args.format == "html":
+        text = render(report)
+    elif args.format == "collapsed":
+        text = collapsed(report.events)
+    else:
+        text = speedscope_json(report)
     try:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(render(report))
+        if output == "-":
+            sys.stdout.write(text)
+        else:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
     except OSError as exc:
-        print(f"loopguard report: error: cannot write {args.output}: {exc}", file=sys.stderr)
+        print(f"loopguard report: error: cannot write {output}: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {len(report.events)} events", file=sys.stderr)
+    if output != "-":
+        print(f"wrote {output}: {len(report.events)} events", file=sys.stderr)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import UNUSABLE, BaselineError, check, read_baseline, write_baseline
+
+    report = _load("check", args.logs)
+    if report is None:
+        return UNUSABLE
+    if report.skipped:
+        print(
+            f"loopguard check: warning: {report.skipped} lines are not valid records; skipped",
+            file=sys.stderr,
+        )
+        if not report.events and not report.stats:
+            print("loopguard check: error: no valid record in the logs", file=sys.stderr)
+            return UNUSABLE
+    if args.write_baseline:
+        try:
+            count = write_baseline(args.write_baseline, report, args.root)
+        except OSError as exc:
+            print(
+                f"loopguard check: error: cannot write {args.write_baseline}: {exc}",
+                file=sys.stderr,
+            )
+            return UNUSABLE
+        print(f"loopguard check: wrote {args.write_baseline}: {count} culprits")
+        return 0
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = read_baseline(args.baseline)
+        except (OSError, BaselineError) as exc:
+            print(f"loopguard check: error: baseline {args.baseline}: {exc}", file=sys.stderr)
+            return UNUSABLE
+    outcome = check(
+        report,
+        baseline=baseline,
+        max_events=args.max_events,
+        max_ms_per_route=args.max_ms_per_route,
+        root=args.root,
+    )
+    print("\n".join(outcome.lines))
+    return outcome.status

@@ -2,8 +2,9 @@
 
 ``warn`` logs one prominent record per guilty request naming the culprit line and the fix.
 ``strict`` (development and CI) replaces the guilty request's response with a 503 page that
-teaches the fix: HTML for browsers, JSON for everything else. Everything shown is escaped: the
-path comes from the client.
+teaches the fix: HTML for browsers, JSON for everything else. The fix is ``hints.py``'s, for the
+call that blocked when it is a known one, else for the kind. Everything shown is escaped: the
+path comes from the client, the fix may quote the culprit line's source.
 """
 
 from __future__ import annotations
@@ -13,52 +14,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from ._text import escape
+from .hints import hint_for_event
 
 if TYPE_CHECKING:
     from .events import BlockingEvent
     from .guard import RequestInfo
 
-FIXES: dict[str, str] = {
-    "sleep": "Replace time.sleep(...) with `await asyncio.sleep(...)`.",
-    "io": (
-        "Use an async client (httpx.AsyncClient, aiofiles, an async database driver), or run "
-        "the blocking call in a thread: `await asyncio.to_thread(fn, ...)`."
-    ),
-    "cpu": (
-        "Move the computation off the loop: `await run_in_threadpool(fn, ...)` (Starlette) or "
-        "`await asyncio.to_thread(fn, ...)`; long pure-Python work belongs in a process pool."
-    ),
-    "lock": (
-        "Use asyncio.Lock (or asyncio.Event/Queue) instead of a threading primitive, or wait "
-        "for it in a thread: `await asyncio.to_thread(lock.acquire)`."
-    ),
-    "gil": (
-        "Another thread held the GIL: move its CPU-heavy work to a process pool "
-        "(loop.run_in_executor with a ProcessPoolExecutor)."
-    ),
-    "native": (
-        "A native extension held the loop: call it with `await asyncio.to_thread(fn, ...)` "
-        "(most release the GIL there)."
-    ),
-    "gc": (
-        "Garbage collection paused the loop: allocate less per request, or call gc.freeze() "
-        "after start-up so long-lived objects are not scanned again."
-    ),
-    "starved": (
-        "The loop thread was waiting for a CPU: the machine or container is overloaded "
-        "(too many workers or threads for its cores)."
-    ),
-    "cumulative": (
-        "Many short blocks of this request added up: each step between two awaits does CPU or "
-        "blocking work; batch it into one `await asyncio.to_thread(fn, ...)` call."
-    ),
-    "unknown": "Run the blocking call in a thread: `await asyncio.to_thread(fn, ...)`.",
-}
 PENDING = "culprit pending (the event was not delivered in time; see the log)"
-
-
-def fix_for(kind: str) -> str:
-    return FIXES.get(kind, FIXES["unknown"])
 
 
 def _culprit(event: BlockingEvent) -> str:
@@ -68,15 +30,22 @@ def _culprit(event: BlockingEvent) -> str:
 
 
 def _blocks(events: list[BlockingEvent]) -> list[dict[str, Any]]:
-    return [
-        {
-            "kind": e.kind,
-            "duration_ms": round(e.duration_ms, 2),
-            "culprit": _culprit(e),
-            "fix": fix_for(e.kind),
-        }
-        for e in events
-    ]
+    blocks = []
+    for e in events:
+        hint = hint_for_event(e)
+        code, why = escape(hint.fix, 400), escape(hint.note, 400)
+        blocks.append(
+            {
+                "kind": e.kind,
+                "duration_ms": round(e.duration_ms, 2),
+                "culprit": _culprit(e),
+                "fix": f"{code}  ({why})",  # the rewrite and why, on one line
+                "fix_code": code,
+                "fix_why": why,
+                "call": hint.call,  # the blocking call recognised; None: a fix by its kind
+            }
+        )
+    return blocks
 
 
 def warning_text(
@@ -135,7 +104,8 @@ def _html(
     e = html.escape
     items = "".join(
         f"<li><p><strong>{e(b['kind'])}</strong>, {b['duration_ms']:.1f} ms at "
-        f"<code>{e(b['culprit'])}</code></p><p>How to fix: {e(b['fix'])}</p></li>"
+        f"<code>{e(b['culprit'])}</code></p><p>How to fix: <code>{e(b['fix_code'])}</code> "
+        f"({e(b['fix_why'])})</p></li>"
         for b in blocks
     )
     if pending:

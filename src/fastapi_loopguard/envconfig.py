@@ -19,8 +19,9 @@ from .config import LoopGuardConfig
 PREFIX = "LOOPGUARD_"
 # Short names people reach for first; each maps to an option.
 ALIASES = {"LOOPGUARD_THRESHOLD_MS": "fallback_threshold_ms"}
-# Variables `loopguard run` uses to hand the app to its workers; not options.
-RUN_VARIABLES = frozenset({"LOOPGUARD_RUN_APP", "LOOPGUARD_RUN_FACTORY"})
+# Variables `loopguard run` uses to hand the app to its workers, and the worker index a server
+# may set for the event log (workers.py); not options.
+RUN_VARIABLES = frozenset({"LOOPGUARD_RUN_APP", "LOOPGUARD_RUN_FACTORY", "LOOPGUARD_WORKER"})
 _SECRET = frozenset({"dashboard_token"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

@@ -4,9 +4,11 @@
 the HTML report. Records are JSON objects with a ``type``:
 
 - ``event``: the fields of one ``BlockingEvent`` (``stack`` and ``culprit`` as objects with
-  ``filename``, ``lineno`` and ``function``), plus ``pid``;
+  ``filename``, ``lineno`` and ``function``), plus ``pid``, ``host`` and ``worker`` (see
+  ``workers.py``), so logs of several workers and hosts can be merged;
 - ``stats``: ``LoopGuard.stats()`` when a guard stops (loop-lag percentiles, counters), plus
-  ``pid``, ``time`` and ``event_log_lost`` (events this process could not write).
+  ``pid``, ``host``, ``worker``, ``time`` and ``event_log_lost`` (events this process could not
+  write).
 
 Why one unbuffered ``write(2)`` per record, on the loop thread: events come after stalls, a few a
 second at most, and a write of a couple of KiB to the page cache costs microseconds, which is
@@ -26,6 +28,7 @@ import time
 from typing import Any
 
 from .events import BlockingEvent
+from .workers import identity
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -42,11 +45,11 @@ class EventLog:
 
     def write_event(self, event: BlockingEvent) -> None:
         """The guard's listener: one ``event`` record."""
-        self._append({"type": "event", "pid": os.getpid(), **dataclasses.asdict(event)}, True)
+        self._append({"type": "event", **identity().fields(), **dataclasses.asdict(event)}, True)
 
     def write_stats(self, stats: dict[str, float | int]) -> None:
         """One ``stats`` record; called when the guard stops, then the file is closed."""
-        record = {"type": "stats", "pid": os.getpid(), "time": time.time(), **stats}
+        record = {"type": "stats", **identity().fields(), "time": time.time(), **stats}
         record["event_log_lost"] = self.lost
         self._append(record, False)
         self.close()

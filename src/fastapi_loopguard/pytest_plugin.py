@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 MARKER = "no_blocking"
 ALLOW_MARKER = "allow_blocking"
 INI_THRESHOLD = "loopguard_threshold_ms"
+EVENTS_OPTION = "--loopguard-events"
 INI_ALL = "loopguard_all"
 OPTION_ALL = "--loopguard"
 DEFAULT_THRESHOLD_MS = "50"
@@ -75,7 +76,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="bool",
         default=False,
     )
-    parser.getgroup("loopguard", "fastapi-loopguard").addoption(
+    group = parser.getgroup("loopguard", "fastapi-loopguard")
+    group.addoption(
+        EVENTS_OPTION,
+        metavar="PATH",
+        help="write the watched tests' blocking events to PATH (JSON lines, emptied when the "
+        "run starts), for `loopguard check` and `loopguard report`",
+    )
+    group.addoption(
         OPTION_ALL,
         action="store_true",
         dest="loopguard",
@@ -95,6 +103,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "(fastapi-loopguard)",
     )
     config.stash[_BLOCKED] = []
+    path = config.getoption(EVENTS_OPTION)
+    if path and not hasattr(config, "workerinput"):  # once per run, not per xdist worker
+        open(path, "w").close()
 
 
 @dataclass(frozen=True)
@@ -297,7 +308,11 @@ class LoopGuardFixture:
             f"{self.nodeid} blocked the event loop {len(events) + undelivered} time(s) "
             f"(threshold {self.threshold_ms:g} ms):"
         ]
-        lines += [f"  {_describe(event, self._label)}" for event in events]
+        from .hints import hint_for_event
+
+        for event in events:
+            lines.append(f"  {_describe(event, self._label)}")
+            lines.append(f"    fix: {hint_for_event(event)}")
         if undelivered:
             lines.append(f"  ({undelivered} more not yet delivered by the watchdog)")
         return "\n".join(lines)
@@ -340,6 +355,19 @@ class LoopGuardFixture:
         if self.guard is not None and self._info is not None:
             count = self.guard.blocking_of(self._info)[0]
             await self.guard.wait_for_events(self._info, count, SETTLE_TIMEOUT_S)
+
+
+def _record(config: pytest.Config, blocked: _Blocked) -> None:
+    """Keeps a blocking test for the summary, and its events in the event log if asked for."""
+    config.stash[_BLOCKED].append(blocked)
+    path = config.getoption(EVENTS_OPTION)
+    if path:
+        from .eventlog import EventLog
+
+        log = EventLog(path)
+        for event in blocked.events:
+            log.write_event(event)
+        log.close()
 
 
 def _describe(event: BlockingEvent, test_label: str) -> str:
@@ -593,7 +621,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
         item.obj = original
         blocked = watch.end()
         if blocked is not None:
-            item.config.stash[_BLOCKED].append(blocked)
+            _record(item.config, blocked)
     watch.check()
     return result
 
@@ -606,7 +634,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     # Still recording when the fixture was first asked for from the test body.
     blocked = watch.end()
     if blocked is not None:
-        item.config.stash[_BLOCKED].append(blocked)
+        _record(item.config, blocked)
     # Setup may have failed before the body ran; the loops the fixtures' teardown starts are
     # not the test's either way.
     watch.stop_watching_loops()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..culprits import module_label
+
 if TYPE_CHECKING:
     from ..events import BlockingEvent
     from ..guard import RequestInfo
@@ -18,6 +20,7 @@ UNMATCHED_ROUTE = "<unmatched>"
 OTHER_ROUTE = "<other>"
 NO_REQUEST = "<none>"
 MAX_ROUTES = 200
+MAX_CULPRITS = 200
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET"}
 )
@@ -74,3 +77,29 @@ class RouteLabels:
         if event.method is None:
             return ""
         return event.method if event.method in _METHODS else "OTHER"
+
+
+class CulpritLabels:
+    """Bounded ``culprit`` label values: ``module:function`` of the culprit frame.
+
+    A dotted module, not the file's path, so the metrics tell nothing of the file system; the
+    function, not the line, so an edit does not start a new series. The first ``MAX_CULPRITS``
+    distinct values keep their own; later ones share ``<other>``, events without a culprit
+    ``<none>``.
+    """
+
+    def __init__(self, max_culprits: int = MAX_CULPRITS) -> None:
+        self.max_culprits = max_culprits
+        self._by_frame: dict[tuple[str, str], str] = {}
+
+    def culprit(self, event: BlockingEvent) -> str:
+        frame = event.culprit
+        if frame is None:
+            return NO_REQUEST
+        key = (frame.filename, frame.function)
+        label = self._by_frame.get(key)
+        if label is None:
+            if len(self._by_frame) >= self.max_culprits:
+                return OTHER_ROUTE
+            label = self._by_frame[key] = module_label(frame.filename, frame.function)
+        return label

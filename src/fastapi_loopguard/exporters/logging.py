@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from .._text import MAX_PATH_CHARS, escape
+from ..hints import hint_for_event
 from .base import Exporter
 
 if TYPE_CHECKING:
@@ -69,8 +70,10 @@ class LoggingExporter(Exporter):
         suppressed = self._admit(source_of(event), time.monotonic())
         if suppressed is None:
             return
+        # The fix, read from the culprit's source after the stall (hints.py says what it costs).
+        hint = hint_for_event(event).fix
         if self.log_format == "json":
-            fields = {"message": "event loop blocked", **event_fields(event)}
+            fields = {"message": "event loop blocked", **event_fields(event), "hint": hint}
             if suppressed[0]:
                 fields["suppressed"] = suppressed[0]
                 fields["suppressed_in_s"] = suppressed[1]
@@ -79,7 +82,10 @@ class LoggingExporter(Exporter):
         else:
             from ..guard import format_event
 
+            # The hint is the last of the line's "[...]" fields.
             text = format_event(event)
+            field = f" hint={escape(hint, 400)}"
+            text = text[:-1] + field + "]" if text.endswith("]") else text + field
             if suppressed[0]:
                 text += f" (+{suppressed[0]} similar suppressed in the last {suppressed[1]} s)"
         logger.warning(text, extra={"loopguard": event})

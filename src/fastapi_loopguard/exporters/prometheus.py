@@ -3,8 +3,11 @@
 Two sources feed them:
 
 * events, as they are delivered: ``loopguard_blocking_events_total{route,method,kind}``,
-  ``loopguard_blocking_duration_seconds{route,method}`` and ``loopguard_requests_delayed_total``
-  (the sum of victims) are ordinary prometheus_client metrics;
+  ``loopguard_blocking_duration_seconds{route,method}``, ``loopguard_requests_delayed_total``
+  (the sum of victims), ``loopguard_culprit_blocked_seconds_total{culprit,kind}`` (the culprit as
+  ``module:function``, never a path) and ``loopguard_worker_blocking_events_total{worker}`` (the
+  worker's index, else its pid: one series per worker process, also in multiprocess mode, where
+  counters are otherwise summed over workers) are ordinary prometheus_client metrics;
 * the engine's own totals (loop-lag histogram, saturation, drops, hangs, threshold), which change
   without any Python running. In one process a custom collector reads them at scrape time, so
   nothing polls. With ``PROMETHEUS_MULTIPROC_DIR`` set, a scrape reaches one worker and reads the
@@ -35,7 +38,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .base import Exporter, RouteLabels
+from ..workers import identity
+from .base import CulpritLabels, Exporter, RouteLabels
 
 if TYPE_CHECKING:
     from ..events import BlockingEvent
@@ -71,6 +75,8 @@ _DOC = {
     "saturation": "Loop time spent busy with many short callbacks rather than one culprit.",
     "threshold": "Lag above which the loop counts as blocked.",
     "dropped": "Events the engine could not hand over because the queue was full.",
+    "culprit": "Time the event loop was blocked, by culprit (module:function) and kind.",
+    "worker": "Blocking events, by worker (its index if known, else its pid).",
 }
 
 
@@ -148,6 +154,16 @@ class _Metrics:
             registry=registry,
         )
         self.delayed = Counter("loopguard_requests_delayed", _DOC["delayed"], registry=registry)
+        self.culprits = CulpritLabels()
+        self.culprit_seconds = Counter(
+            "loopguard_culprit_blocked_seconds",
+            _DOC["culprit"],
+            ["culprit", "kind"],
+            registry=registry,
+        )
+        self.worker_events = Counter(
+            "loopguard_worker_blocking_events", _DOC["worker"], ["worker"], registry=registry
+        )
         self.collector: _EngineCollector | None = None
         self.mirror: _Mirror | None = None
         if multiprocess:
@@ -216,6 +232,10 @@ class PrometheusExporter(Exporter):
         m.duration.labels(route, method).observe(event.duration_ms / 1000)
         if event.victims:
             m.delayed.inc(event.victims)
+        m.culprit_seconds.labels(m.culprits.culprit(event), event.kind).inc(
+            event.duration_ms / 1000
+        )
+        m.worker_events.labels(identity().label).inc()
         self.sync()
 
     def request_started(self, info: RequestInfo) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape
 
 from .._text import visible
-from .model import KINDS, Event, route_label
+from .model import KINDS, Event, Group, route_label
 
 
 def esc(text: str) -> str:
@@ -35,6 +35,17 @@ def fmt_ms(ms: float) -> str:
     if ms >= 1:
         return f"{ms:.1f} ms"
     return f"{ms:.2f} ms"
+
+
+# The figures shown for each route, in order: (terminal column, the figure, the page's phrase).
+# One list, so a figure added here (the victims' delay percentiles, once the engine measures
+# them and Group holds them) reaches the terminal table and the page's route rows at once.
+ROUTE_FIGURES: tuple[tuple[str, Callable[[Group], str], str], ...] = (
+    ("events", lambda g: str(g.events), "{} events"),
+    ("total", lambda g: fmt_ms(g.total_ms), "{} in all"),
+    ("worst", lambda g: fmt_ms(g.worst_ms), "worst {}"),
+    ("froze", lambda g: str(g.victims), "froze {} requests"),
+)
 
 
 def fmt_tick(ms: float) -> str:

@@ -7,9 +7,11 @@ refused request is not answered here at all: it goes on to the app, exactly as i
 dashboard, so nothing tells an outsider that one exists.
 
 Rendering runs on the loop thread, like any handler, so it is kept small: each event's entry is
-rendered once, when the event arrives; the charts and tables drawn from events are redrawn only
-when one has arrived; a poll with nothing new costs only the statistics (well under a
-millisecond). Polls happen every two seconds, and only while someone has the page open.
+rendered once, when the event arrives, and so is its stack's share of the blocking profile (the
+call tree is kept up to date as events come and go, instead of being rebuilt from all of them);
+the charts and tables drawn from events are redrawn only when one has arrived; a poll with
+nothing new costs only the statistics (well under a millisecond). Polls happen every two
+seconds, and only while someone has the page open.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from urllib.parse import parse_qs
 from ..config import LoopGuardConfig
 from ..events import BlockingEvent
 from ..guard import LoopGuard
+from ..workers import identity
 from .model import Event, Report, normalize_event, normalize_stats
 from .page import (
     EVENT_SECTIONS,
@@ -39,6 +42,7 @@ from .page import (
     render,
     sections,
 )
+from .profile import Node
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -77,13 +81,17 @@ class Dashboard:
         self._events: deque[tuple[int, Event, str]] = deque(maxlen=_KEPT)
         self._seq = 0
         self._drawn: tuple[int, dict[str, str]] = (-1, {})  # event sections, as of a seq
+        self._tree = Node(None)  # the call tree of the events kept
         guard.add_listener(self._on_event)
 
     def _on_event(self, event: BlockingEvent) -> None:
-        normal = normalize_event({**dataclasses.asdict(event), "pid": os.getpid()})
+        normal = normalize_event({**dataclasses.asdict(event), **identity().fields()})
         if normal is not None:
             self._seq += 1
+            if len(self._events) == self._events.maxlen:
+                self._tree.add(self._events[0][1], sign=-1)  # about to drop out of the deque
             self._events.append((self._seq, normal, event_html(normal)))
+            self._tree.add(normal)
 
     def target(self, path: str) -> str | None:
         if path in (self.path, self.path + "/"):
@@ -129,7 +137,7 @@ class Dashboard:
 
     def report(self) -> Report:
         stats = self.guard.stats()
-        normal = normalize_stats({**stats, "pid": os.getpid()}) if stats else None
+        normal = normalize_stats({**stats, **identity().fields()}) if stats else None
         return Report(
             events=[e for _, e, _ in self._events],
             stats=[normal] if normal is not None else [],
@@ -143,6 +151,7 @@ class Dashboard:
             now=time.time(),
             live={"seq": self._seq, "interval_ms": POLL_INTERVAL_MS},
             events_html=[html for _, _, html in self._events],
+            tree=self._tree,
         )
 
     def data(self, since: int) -> dict[str, Any]:
@@ -152,7 +161,10 @@ class Dashboard:
         parts = sections(report, ids=STATS_SECTIONS)
         if reset or since < self._seq:
             if self._drawn[0] != self._seq:
-                self._drawn = (self._seq, sections(report, time.time(), EVENT_SECTIONS))
+                self._drawn = (
+                    self._seq,
+                    sections(report, time.time(), EVENT_SECTIONS, tree=self._tree),
+                )
             parts.update(self._drawn[1])
         fresh = [html for seq, _, html in self._events if reset or seq > since]
         return {

@@ -4,21 +4,26 @@ Events are plain dicts in the event log's shape (``dataclasses.asdict(BlockingEv
 they come from a file (``loopguard report``) or from a running guard (the live page), so both
 pages are drawn by the same code. Everything read from a file is checked field by field: a log
 may be truncated, edited or hostile, and a bad line is skipped and counted, never trusted.
+
+Several logs (the workers of one host, or of many) merge into one report: events are ordered by
+time, and each process is told apart by (host, pid), since pids repeat across hosts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import linecache
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from ..events import BlockingEvent
+from ..hints import Hint, hint_for_record
 
 # In display order; an unknown kind from a newer engine is drawn like "unknown".
 KINDS = (
@@ -39,6 +44,7 @@ Stats = dict[str, Any]
 
 _MAX_FRAMES = 256
 _MAX_TEXT = 4096
+_MAX_NAME = 255  # a hostname or worker name
 
 
 @dataclass
@@ -57,6 +63,49 @@ class Report:
     @property
     def victims(self) -> int:
         return sum(e["victims"] for e in self.events)
+
+    def workers(self) -> list[Worker]:
+        """Every process seen in events or statistics, in order of (host, worker, pid)."""
+        keys = {worker_key(e) for e in self.events} | {worker_key(s) for s in self.stats}
+        return sorted((Worker(*k) for k in keys), key=Worker.order)
+
+    def stats_of(self, worker: Worker) -> Stats | None:
+        return next((s for s in self.stats if worker_key(s) == worker.key), None)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One process: its host, pid, and worker index when the server gave one."""
+
+    host: str
+    pid: int
+    worker: str | None
+
+    @property
+    def key(self) -> tuple[str, int, str | None]:
+        return (self.host, self.pid, self.worker)
+
+    def order(self) -> tuple[str, int, str, int]:
+        index = self.worker or ""
+        return (self.host, int(index) if index.isdigit() else 1 << 30, index, self.pid)
+
+    @property
+    def label(self) -> str:
+        who = f"worker {self.worker} (pid {self.pid})" if self.worker else f"pid {self.pid}"
+        return f"{self.host} {who}" if self.host else who
+
+
+def worker_key(record: Mapping[str, Any]) -> tuple[str, int, str | None]:
+    return (record.get("host") or "", int(record.get("pid") or 0), record.get("worker"))
+
+
+def by_worker(events: Iterable[Event]) -> dict[tuple[str, int, str | None], Group]:
+    """One group per process, keyed like ``Worker.key``."""
+    groups: dict[tuple[str, int, str | None], Group] = {}
+    for event in events:
+        key = worker_key(event)
+        groups.setdefault(key, Group((str(key),))).add(event)
+    return groups
 
 
 @dataclass
@@ -83,11 +132,20 @@ class Group:
 
 
 def route_label(event: Event) -> str:
-    """``GET /items/{item_id}``: the route template when known, else the raw path."""
+    """``GET /items/{item_id}``: the route template when known, else the raw path.
+
+    Work attributed with ``guard.label(name)`` (the pytest plugin labels each test) is shown by
+    its label: per test is what a test run's report and budgets are about. Work outside requests
+    is shown with the task that ran it, when the event names one.
+    """
     method = event.get("method")
     target = event.get("route") or event.get("path")
     if method is None and target is None:
-        return "(no request)" if event.get("request_id") is None else "(labelled work)"
+        label = event.get("request_id")
+        if label is not None:
+            return f"label {label}"
+        task = event.get("task")
+        return f"(no request) {task}" if task else "(no request)"
     return f"{method or '?'} {target or '?'}"
 
 
@@ -110,6 +168,30 @@ def by_culprit(events: Iterable[Event]) -> list[Group]:
         key = (culprit["filename"], str(culprit["lineno"]), culprit["function"])
         groups.setdefault(key, Group(key)).add(event)
     return sorted(groups.values(), key=lambda g: (-g.total_ms, g.key))
+
+
+def culprit_hints(events: Iterable[Event]) -> dict[tuple[str, ...], Hint]:
+    """The fix for each culprit line (keyed like ``by_culprit``).
+
+    One hint per line, from the first event of each of its kinds (not one per event: the live
+    page redraws these as events arrive). The call is a property of the line, while its events'
+    kinds vary with the machine's load (a sleep can look ``starved``), so a hint naming the call
+    wins over the kinds' hints; among several, the one whose kind blocked longest.
+    """
+    first: dict[tuple[str, ...], dict[str, Event]] = {}
+    weight: dict[tuple[str, ...], Counter[str]] = {}
+    for event in events:
+        culprit = event.get("culprit")
+        if culprit is None:
+            continue
+        line: tuple[str, ...] = (culprit["filename"], str(culprit["lineno"]), culprit["function"])
+        first.setdefault(line, {}).setdefault(event["kind"], event)
+        weight.setdefault(line, Counter())[event["kind"]] += event["duration_ms"]
+    hints: dict[tuple[str, ...], Hint] = {}
+    for line, kinds in weight.items():
+        ranked = [hint_for_record(first[line][kind]) for kind, _ in kinds.most_common()]
+        hints[line] = next((h for h in ranked if h.call is not None), ranked[0])
+    return hints
 
 
 def source_lines(filename: str, lineno: int, context: int = 2) -> list[tuple[int, str]]:
@@ -159,27 +241,58 @@ def from_events(
 
 def load_event_log(path: str) -> Report:
     """Reads an event log; raises OSError if the file cannot be read."""
+    return load_event_logs([path])
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Files named, or matched by a glob the shell did not expand (quoted ``'logs/*.jsonl'``).
+
+    Each file once, in the order given; raises FileNotFoundError for a pattern matching nothing.
+    """
+    paths: list[str] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        if glob.has_magic(pattern) and not os.path.exists(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise FileNotFoundError(2, "no file matches", pattern)
+        else:
+            matches = [pattern]
+        for path in matches:
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                paths.append(path)
+    return paths
+
+
+def load_event_logs(paths: Sequence[str]) -> Report:
+    """Reads and merges event logs; raises OSError if one cannot be read."""
     events: list[Event] = []
-    stats: dict[int, Stats] = {}
+    stats: dict[tuple[str, int, str | None], Stats] = {}
     skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                skipped += 1
-                continue
-            kind = record.get("type") if isinstance(record, dict) else None
-            if kind == "event" and (event := normalize_event(record)) is not None:
-                events.append(event)
-            elif kind == "stats" and (stat := normalize_stats(record)) is not None:
-                stats[stat["pid"]] = stat  # the last one of a process is the most complete
-            else:
-                skipped += 1
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    skipped += 1
+                    continue
+                kind = record.get("type") if isinstance(record, dict) else None
+                if kind == "event" and (event := normalize_event(record)) is not None:
+                    events.append(event)
+                elif kind == "stats" and (stat := normalize_stats(record)) is not None:
+                    stats[worker_key(stat)] = stat  # a process's last one is the most complete
+                else:
+                    skipped += 1
     events.sort(key=lambda e: e["started_at"])
-    return Report(events, list(stats.values()), os.path.basename(path), skipped)
+    source = ", ".join(os.path.basename(p) for p in paths[:3])
+    if len(paths) > 3:
+        source += f" and {len(paths) - 3} more"
+    return Report(events, list(stats.values()), source, skipped)
 
 
 def normalize_event(raw: object) -> Event | None:
@@ -210,7 +323,10 @@ def normalize_event(raw: object) -> Event | None:
         "samples": _count(raw.get("samples")),
         "stack_missing": raw.get("stack_missing") is True,
         "hang": raw.get("hang") is True,
+        "task": _text(raw.get("task")),
         "pid": _count(raw.get("pid")),
+        "host": _name(raw.get("host")),
+        "worker": _name(raw.get("worker")),
     }
 
 
@@ -219,6 +335,9 @@ def normalize_stats(raw: object) -> Stats | None:
         return None
     stats: Stats = {k: float(v) for k, v in raw.items() if isinstance(k, str) and _number(v)}
     stats["pid"] = _count(raw.get("pid"))
+    for key in ("host", "worker"):  # absent from logs older than them
+        if (name := _name(raw.get(key))) is not None:
+            stats[key] = name
     return stats
 
 
@@ -232,6 +351,13 @@ def _count(value: object) -> int:
 
 def _text(value: object) -> str | None:
     return value[:_MAX_TEXT] if isinstance(value, str) else None
+
+
+def _name(value: object) -> str | None:
+    """A hostname or worker index: a short string (a number is taken as its digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    return value[:_MAX_NAME] if isinstance(value, str) and value else None
 
 
 def _frame(raw: object) -> dict[str, Any] | None:

@@ -20,15 +20,35 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from .. import __version__
-from . import charts
+from ..hints import Hint, hint_for_record
+from . import charts, flame
 from .charts import esc
-from .model import KINDS, Event, Report, by_culprit, by_route, lag_percentiles, source_lines
+from .model import (
+    KINDS,
+    Event,
+    Report,
+    by_culprit,
+    by_route,
+    by_worker,
+    culprit_hints,
+    lag_percentiles,
+    source_lines,
+)
+from .profile import Node, call_tree
 
 # Sections the live page refreshes, by element id: those drawn from the engine's statistics
 # change all the time, those drawn from events only when an event arrives. The events list is
 # appended to instead.
 STATS_SECTIONS = ("lg-summary", "lg-lag")
-EVENT_SECTIONS = ("lg-timeline", "lg-routes", "lg-durations", "lg-culprits", "lg-events-head")
+EVENT_SECTIONS = (
+    "lg-timeline",
+    "lg-routes",
+    "lg-workers",
+    "lg-durations",
+    "lg-culprits",
+    "lg-profile",
+    "lg-events-head",
+)
 SECTION_IDS = STATS_SECTIONS + EVENT_SECTIONS
 # Events drawn one by one in the list (the charts and tables always include every event).
 MAX_LISTED_EVENTS = 500
@@ -129,6 +149,9 @@ details.event dd{margin:0;overflow-wrap:anywhere}
 ol.stack{margin:6px 0 8px;padding-left:2.2em;font-size:13px}
 ol.stack li.culprit{font-weight:600}
 ol.stack pre.src{margin:4px 0;font-weight:400}
+td.fix{padding-top:2px}
+.fix code{font-weight:600}
+.fix .call{color:var(--muted)}
 footer{margin-top:40px;color:var(--muted);font-size:13px}
 @media (max-width:700px){
 main{padding:14px 12px 40px}
@@ -145,6 +168,7 @@ tbody.culprit{display:block;padding:8px 0}
 }
 """.strip()
     + _kind_css()
+    + flame.CSS
 )
 
 # The live page's only script: poll data.json, replace the sections, prepend new events.
@@ -269,10 +293,10 @@ def routes(report: Report) -> str:
     for g in groups:
         kinds = ", ".join(f"{k} x{n}" for k, n in g.kinds.most_common())
         label = f"{g.key[0]}: {charts.fmt_ms(g.total_ms)} blocked"
+        figures = ", ".join(phrase.format(figure(g)) for _, figure, phrase in charts.ROUTE_FIGURES)
         rows.append(
             f'<div class="row"><div class="label"><code>{esc(g.key[0])}</code>'
-            f"<small>{g.events} events, worst {esc(charts.fmt_ms(g.worst_ms))}, froze "
-            f"{g.victims} requests; {esc(kinds)}</small></div>"
+            f"<small>{esc(figures)}; {esc(kinds)}</small></div>"
             f"{charts.stacked_bar(g.kind_ms, scale, label)}"
             f'<div class="value">{esc(charts.fmt_ms(g.total_ms))}</div></div>'
         )
@@ -280,6 +304,53 @@ def routes(report: Report) -> str:
         '<h2>Per route</h2><p class="muted">Total time each route blocked the loop, by kind.</p>'
         f'<div class="rows">{"".join(rows)}</div>'
     )
+
+
+def workers(report: Report) -> str:
+    """Per process, when the report merges more than one (several workers, several hosts)."""
+    known = report.workers()
+    if len(known) < 2:
+        return ""
+    groups = by_worker(report.events)
+    rows = []
+    for worker in known:
+        g = groups.get(worker.key)
+        stats = report.stats_of(worker)
+        p99 = charts.fmt_ms(stats["lag_p99_ms"]) if stats and "lag_p99_ms" in stats else "-"
+        rows.append(
+            f'<tr><td data-label="worker"><code>{esc(worker.label)}</code></td>'
+            f'<td class="n" data-label="events">{g.events if g else 0}</td>'
+            f'<td class="n" data-label="total">{esc(charts.fmt_ms(g.total_ms if g else 0))}</td>'
+            f'<td class="n" data-label="worst">{esc(charts.fmt_ms(g.worst_ms if g else 0))}</td>'
+            f'<td class="n" data-label="froze">{g.victims if g else 0}</td>'
+            f'<td class="n" data-label="lag p99">{esc(p99)}</td></tr>'
+        )
+    return (
+        "<h2>Per worker</h2>"
+        f'<p class="muted">{len(known)} processes in these logs, by host and worker.</p>'
+        '<div class="scroll"><table class="culprits workers"><thead><tr><th>worker</th>'
+        '<th class="n">events</th><th class="n">total</th><th class="n">worst</th>'
+        '<th class="n">froze</th><th class="n">lag p99</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def profile(report: Report, tree: Node | None = None) -> str:
+    """The flame graph; ``tree`` is the events' call tree when the caller keeps one (live)."""
+    if not report.events:
+        return '<h2>Blocking profile</h2><p class="empty">No blocking events yet.</p>'
+    return (
+        "<h2>Blocking profile</h2>"
+        '<p class="muted">Every event\'s stack in one call tree, each frame as wide as the loop '
+        "time blocked while it was on the stack, outermost on top, coloured by kind. "
+        "<code>loopguard report --format collapsed|speedscope</code> exports it.</p>"
+        f"{flame.flame_graph(tree if tree is not None else call_tree(report.events))}"
+    )
+
+
+def _fix(hint: Hint) -> str:
+    call = f'<span class="call">fix for {esc(hint.call)}: </span>' if hint.call else "fix: "
+    return f'{call}<code>{esc(hint.fix)}</code> <span class="muted">{esc(hint.note)}</span>'
 
 
 def lag(report: Report) -> str:
@@ -339,6 +410,7 @@ def culprits(report: Report) -> str:
     groups = by_culprit(report.events)
     if not groups:
         return '<h2>Culprit lines</h2><p class="empty">No culprit lines yet.</p>'
+    hints = culprit_hints(report.events)
     bodies = []
     for g in groups[:50]:
         filename, lineno, function = g.key
@@ -355,6 +427,7 @@ def culprits(report: Report) -> str:
             f'<td class="n" data-label="froze">{g.victims}</td>'
             f'<td data-label="routes"><code>{esc(routes_text)}</code></td></tr>'
             f'<tr><td class="snippet" colspan="7">{_snippet(filename, int(lineno))}</td></tr>'
+            f'<tr><td class="fix" colspan="7" data-label="fix">{_fix(hints[g.key])}</td></tr>'
             "</tbody>"
         )
     more = (
@@ -362,7 +435,8 @@ def culprits(report: Report) -> str:
     )
     return (
         '<h2>Culprit lines</h2><p class="muted">The innermost line of application code on the '
-        "loop thread while it was blocked; source read when this page was made.</p>"
+        "loop thread while it was blocked, source read when this page was made, and what to "
+        "write instead: for the call that blocked when it is a known one, else for its kind.</p>"
         '<div class="scroll"><table class="culprits"><thead><tr><th>where</th><th>kinds</th>'
         '<th class="n">events</th><th class="n">total</th><th class="n">worst</th>'
         '<th class="n">froze</th><th>routes</th></tr></thead>'
@@ -403,12 +477,15 @@ def event_html(event: Event) -> str:
         ("samples", str(event["samples"])),
     ]
     if event["pid"]:
-        fields.append(("process", str(event["pid"])))
+        host = f"{event['host']}, " if event.get("host") else ""
+        worker = f"worker {event['worker']}, " if event.get("worker") else ""
+        fields.append(("process", f"{host}{worker}pid {event['pid']}"))
     if event["stack_missing"]:
         fields.append(("stack", "not available (the GIL was not free in time)"))
     elif event["kind"] == "gil" and event["stack"]:
         fields.append(("stack", "sampled from the thread running Python meanwhile, if found"))
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in fields if v is not None)
+    dl += f'<dt>fix</dt><dd class="fix">{_fix(hint_for_record(event))}</dd>'
     frames = []
     for frame in event["stack"]:
         is_culprit = culprit is not None and frame == culprit
@@ -423,16 +500,22 @@ def event_html(event: Event) -> str:
 
 
 def sections(
-    report: Report, now: float | None = None, ids: Iterable[str] = SECTION_IDS
+    report: Report,
+    now: float | None = None,
+    ids: Iterable[str] = SECTION_IDS,
+    tree: Node | None = None,
 ) -> dict[str, str]:
-    """The refreshable parts of the page, by element id (only those in ``ids``)."""
+    """The refreshable parts of the page, by element id (only those in ``ids``); ``tree`` is
+    the events' call tree if the caller keeps one."""
     makers: dict[str, Callable[[], str]] = {
         "lg-summary": lambda: summary(report),
         "lg-lag": lambda: lag(report),
         "lg-timeline": lambda: timeline(report, now),
         "lg-routes": lambda: routes(report),
+        "lg-workers": lambda: workers(report),
         "lg-durations": lambda: durations(report),
         "lg-culprits": lambda: culprits(report),
+        "lg-profile": lambda: profile(report, tree),
         "lg-events-head": lambda: events_head(report),
     }
     return {name: makers[name]() for name in ids}
@@ -451,10 +534,11 @@ def render(
     now: float | None = None,
     live: dict[str, object] | None = None,
     events_html: Sequence[str] | None = None,
+    tree: Node | None = None,
 ) -> str:
     """The whole page. ``live`` (seq, interval_ms) makes it poll for updates; ``events_html``
     are the events' entries already rendered, oldest first (the live page keeps them)."""
-    parts = sections(report, now)
+    parts = sections(report, now, tree=tree)
     if events_html is None:
         events_html = [event_html(e) for e in report.events[-MAX_LISTED_EVENTS:]]
     events_list = "".join(reversed(events_html[-MAX_LISTED_EVENTS:]))
@@ -481,9 +565,11 @@ def render(
         f'<section id="lg-summary">{parts["lg-summary"]}</section>'
         f'<section id="lg-timeline">{parts["lg-timeline"]}</section>'
         f'<section id="lg-routes">{parts["lg-routes"]}</section>'
+        f'<section id="lg-workers">{parts["lg-workers"]}</section>'
         f'<section id="lg-lag">{parts["lg-lag"]}</section>'
         f'<section id="lg-durations">{parts["lg-durations"]}</section>'
         f'<section id="lg-culprits">{parts["lg-culprits"]}</section>'
+        f'<section id="lg-profile">{parts["lg-profile"]}</section>'
         f'<section id="lg-events"><div id="lg-events-head">{parts["lg-events-head"]}</div>'
         f'<div id="lg-events-list">{events_list}</div></section>'
         "<footer>Kinds: sleep (time.sleep and friends), io (blocking reads, writes, "

@@ -14,8 +14,16 @@ from rich.table import Table
 from rich.text import Text
 
 from .._text import escape
-from .charts import fmt_ms
-from .model import Report, by_culprit, by_route, lag_percentiles, source_lines
+from .charts import ROUTE_FIGURES, fmt_ms
+from .model import (
+    Report,
+    by_culprit,
+    by_route,
+    by_worker,
+    culprit_hints,
+    lag_percentiles,
+    source_lines,
+)
 
 _KIND_STYLE = {
     "sleep": "blue",
@@ -56,23 +64,36 @@ def print_report(console: Console, report: Report, top: int = 8) -> None:
     else:
         routes = Table(title="Per route", title_justify="left", expand=False)
         routes.add_column("route", overflow="fold")
-        routes.add_column("events", justify="right")
-        routes.add_column("total", justify="right")
-        routes.add_column("worst", justify="right")
-        routes.add_column("froze", justify="right")
+        for name, _, _ in ROUTE_FIGURES:
+            routes.add_column(name, justify="right")
         routes.add_column("kinds")
         for g in by_route(events):
-            routes.add_row(
-                Text(escape(g.key[0])),
-                str(g.events),
-                fmt_ms(g.total_ms),
-                fmt_ms(g.worst_ms),
-                str(g.victims),
-                _kinds(g.kinds),
-            )
+            figures = [figure(g) for _, figure, _ in ROUTE_FIGURES]
+            routes.add_row(Text(escape(g.key[0])), *figures, _kinds(g.kinds))
         console.print(routes)
 
+        workers = report.workers()
+        if len(workers) > 1:
+            groups = by_worker(events)
+            table = Table(title="Per worker", title_justify="left", expand=False)
+            for column in ("worker", "events", "total", "worst", "froze", "lag p99"):
+                table.add_column(column, justify="left" if column == "worker" else "right")
+            for worker in workers:
+                own = groups.get(worker.key)
+                stats = report.stats_of(worker)
+                p99 = fmt_ms(stats["lag_p99_ms"]) if stats and "lag_p99_ms" in stats else "-"
+                table.add_row(
+                    Text(escape(worker.label)),
+                    str(own.events if own else 0),
+                    fmt_ms(own.total_ms if own else 0),
+                    fmt_ms(own.worst_ms if own else 0),
+                    str(own.victims if own else 0),
+                    p99,
+                )
+            console.print(table)
+
         culprits = by_culprit(events)
+        hints = culprit_hints(events)
         console.print(Text("Top culprit lines", style="bold italic"))
         for g in culprits[:top]:
             filename, lineno, function = g.key
@@ -88,6 +109,12 @@ def print_report(console: Console, report: Report, top: int = 8) -> None:
             parts: list[Text] = [line]
             if source:
                 parts.append(Text(f"      {escape(source[0].strip(), 160)}", style="dim"))
+            hint = hints[g.key]
+            fix = Text("      fix: ", style="green")
+            fix.append(escape(hint.fix, 300), style="bold green")
+            parts.append(fix)
+            if hint.call is None:  # a hint by kind: its note says what the placeholder means
+                parts.append(Text(f"      {escape(hint.note, 400)}", style="dim"))
             console.print(Group(*parts))
         if len(culprits) > top:
             console.print(Text(f"  ... and {len(culprits) - top} more lines", style="dim"))

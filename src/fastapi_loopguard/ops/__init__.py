@@ -1,0 +1,1 @@
+"""The ops kit: a Grafana dashboard (``grafana``) and Prometheus alert rules (``alerts``)."""
