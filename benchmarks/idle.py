@@ -68,7 +68,9 @@ def main() -> None:
         procs = []
         try:
             for python in pythons:
-                procs.append((python, start(python, "bare", loop)[0], start(python, "guarded", loop)[0]))
+                procs.append(
+                    (python, start(python, "bare", loop)[0], start(python, "guarded", loop)[0])
+                )
             time.sleep(2)  # past the guard's grace second after that first request
             before = {p.pid: usage(p.pid) for _, b, g in procs for p in (b, g)}
             time.sleep(args.seconds)
