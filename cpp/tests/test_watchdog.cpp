@@ -1577,6 +1577,27 @@ TEST_F(EngineTest, LoopThreadExitSilencesForGood) {
   EXPECT_EQ(engine_->stats().stalls, 0u);
 }
 
+// A loop iterating fast with nothing in flight keeps the watchdog on the interval tick, so it
+// stops paying the kernel timer on every iteration; once it slows down, deep sleep again.
+TEST_F(EngineTest, FastIterationsWithoutRequestsKeepTheWatchdogTicking) {
+  WatchdogConfig config;
+  config.grace = 1000 * kMs;
+  Make(config);
+  EXPECT_EQ(Step(), Now() + config.idle_tick);  // idle: deep sleep
+  for (int i = 0; i < 1500; ++i) {
+    LoopBusy();
+    Advance(kMs / 2);
+    LoopWaits();
+    Advance(kMs / 5);
+  }
+  Advance(100 * kMs);
+  EXPECT_EQ(Step(), Now() + config.interval);  // 1,500 iterations in 1.15 s: ticking
+  Advance(2000 * kMs);                         // quiet since
+  Step();
+  Advance(1000 * kMs);
+  EXPECT_EQ(Step(), Now() + config.idle_tick);
+}
+
 // Without a watchdog thread there is nobody to wait for: settle() says what the queue holds.
 TEST_F(EngineTest, SettleWithoutAThreadReturnsAtOnce) {
   EXPECT_FALSE(engine_->unsettled());

@@ -281,6 +281,7 @@ class Engine {
   void arm_timer() noexcept;
   void disarm_timer() noexcept;
   Nanos finish_paused(Nanos now);
+  void note_iteration_rate(Nanos now);
   bool active(Nanos now) const;
   Nanos os_busy_since(Nanos now, std::uint64_t epoch);
   void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
@@ -329,6 +330,12 @@ class Engine {
   std::atomic<bool> in_gc_{false};
   long watchdog_tid_ = -1;
   std::atomic<Nanos> last_request_end_{0};
+  // A loop iterating faster than kBusyIterations a second with nothing in flight (excluded paths,
+  // background tasks) keeps the watchdog ticking until then, instead of paying the kernel timer's
+  // two system calls on every iteration (see note_iteration_rate()).
+  std::atomic<Nanos> busy_until_{0};
+  std::uint64_t rate_epoch_ = 0;  // watchdog thread: iterations counted since rate_t_
+  Nanos rate_t_ = 0;
   bool abandoned_ = false;
 
   int notify_read_ = -1;
