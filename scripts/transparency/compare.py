@@ -42,6 +42,8 @@ BEGIN = "<!-- results: written by scripts/transparency/compare.py -->"
 END = "<!-- /results -->"
 EXAMPLES = 3
 LISTED = 20  # differences listed in the summary, per run
+# pytest's exit codes other than 0 (all passed) and 1 (some failed).
+EXIT_CODES = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
 
 
 @dataclass
@@ -109,15 +111,23 @@ def load(work: Path, name: str, settings: dict[str, Any]) -> Suite:
                 suite.check(mode, "ran", False, "did not run")
             continue
         meta = json.loads(meta_file.read_text())
-        # pytest exits 0 (all passed) or 1 (some failed); anything else is no verdict.
+        # pytest exits 0 (all passed) or 1 (some failed); anything else is a session that did
+        # not run to its end.
         ok = record_file.exists() and not meta["timed_out"] and meta["returncode"] in (0, 1)
-        detail = f"exit {meta['returncode']}" + (", timed out" if meta["timed_out"] else "")
+        code = meta["returncode"]
+        detail = f"exit {code}" + (f" ({EXIT_CODES[code]})" if code in EXIT_CODES else "")
+        detail += ", killed: the run took too long" if meta["timed_out"] else ""
+        if record_file.exists() and not ok:
+            outcomes = len(json.loads(record_file.read_text())["outcomes"])
+            detail += f", after {outcomes:,} tests"
         if not record_file.exists():
             detail += ", no record; its stderr ends with:\n      " + "\n      ".join(
                 meta["stderr_tail"][-10:]
             )
         suite.check(mode, "ran", ok, detail)
-        if ok:
+        # A session that ended early (pytest's internal error, a timeout) still says what it saw
+        # until then; the tests it never ran show as differences.
+        if record_file.exists():
             suite.runs[mode] = Run(mode, json.loads(record_file.read_text()), meta)
     return suite
 
@@ -351,7 +361,7 @@ ROWS = [
 
 def results_markdown(suites: list[Suite], max_ratio: float) -> str:
     versions = suites[0].env.get("versions", {})
-    heads = [f"{s.name.capitalize()} {s.env.get('versions', {}).get(s.name, '')}" for s in suites]
+    heads = [f"{s.settings['title']} {s.env.get('versions', {}).get(s.name, '')}" for s in suites]
     total = sum(r.meta["wall_s"] for s in suites for r in s.runs.values())
     out = [
         f"- Date: {datetime.date.today().isoformat()}.",

@@ -238,8 +238,11 @@ class Recorder:
         self._scan(report.nodeid, report.when, report.sections)
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        # A module that skips itself, or fails to import, is one outcome, as pytest counts it.
         if report.failed:
             self.outcomes[report.nodeid] = "error"
+        elif report.skipped:
+            self.outcomes[report.nodeid] = "skipped"
         self._scan(None, "collect", report.sections)
 
     def _scan(self, nodeid: str | None, when: str | None, sections: list[tuple[str, str]]) -> None:
