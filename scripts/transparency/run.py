@@ -9,13 +9,14 @@ For each suite in suites.toml (next to this file):
    test suite, into build/transparency/downloads/;
 2. makes a venv of its own, build/transparency/<suite>/venv, with the framework from that sdist,
    the test requirements its pyproject names (minus the tools suites.toml drops, with reasons),
-   and our package, built once per run as a wheel from this checkout (scikit-build-core reuses
-   build/<wheel tag>/, so that is incremental). The frameworks are pinned to suites.toml's
-   versions in every venv, so FastAPI's suite runs on the same Starlette. A requirement that
-   cannot be installed here is reported and left out; the rest still runs;
+   our package, built once per run as a wheel from this checkout (scikit-build-core reuses
+   build/<wheel tag>/, so that is incremental), and plugin/loopguard_transparency.py. The
+   frameworks are pinned to suites.toml's versions in every venv, so FastAPI's suite runs on the
+   same Starlette. A requirement that cannot be installed here is reported and left out; the
+   rest still runs;
 3. runs the suite three times, each from a fresh unpack of the sdist (tests write files into
    their tree): as shipped, with every app wrapped at defaults, and with dev_mode; all three with
-   plugin/loopguard_transparency.py recording outcomes, our output and our threads;
+   the plugin recording outcomes, our output and our threads;
 4. hands the records to compare.py for the verdict, which also writes docs/transparency.md.
 
 Exits non-zero when the verdict fails, or when a suite could not be run at all.
@@ -45,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORK = ROOT / "build" / "transparency"
 MODES = ("off", "defaults", "dev_mode")
+PLUGIN = HERE / "plugin" / "loopguard_transparency.py"
 # A suite that hangs must not hold CI forever; the slowest shipped run takes about two minutes.
 RUN_TIMEOUT_S = 1800
 # Environment that would change how pytest runs the suite, whoever set it.
@@ -181,6 +183,15 @@ def prepare_venv(
         _pip(python, "install", "--no-deps", "--force-reinstall", str(wheel)),
         f"installing {wheel.name} into {venv}",
     )
+    # Into site-packages, like any pytest plugin: the guard then takes the harness's frames for
+    # library code, as it should (it is no part of the app), and never names it as a culprit.
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    shutil.copy(PLUGIN, purelib)
     return python, missing
 
 
@@ -215,9 +226,7 @@ def run_suite(name: str, suite: dict[str, Any], sdist: Path, python: Path, mode:
     record = WORK / name / f"{mode}.json"
     record.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in PYTEST_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(HERE / "plugin"), *(str(src / p) for p in suite.get("pythonpath", []))]
-    )
+    env["PYTHONPATH"] = os.pathsep.join(str(src / p) for p in suite.get("pythonpath", []))
     cmd = [
         str(python),
         "-m",

@@ -1,9 +1,10 @@
 """pytest plugin of `make test-transparency`: wraps every Starlette app in LoopGuardMiddleware, and
 records what the verdict needs.
 
-Test tooling, not part of the package: scripts/transparency/run.py puts this folder on
-PYTHONPATH and loads it with ``-p loopguard_transparency`` in all three runs of a framework's
-suite, so that its own cost is the same in each:
+Test tooling, not part of the package: scripts/transparency/run.py copies it into the suite's
+venv (site-packages, so that the guard counts its frames as library code, never as a culprit)
+and loads it with ``-p loopguard_transparency`` in all three runs of a framework's suite, so
+that its own cost is the same in each:
 
     --loopguard-inject=off        records only: the suite as shipped
     --loopguard-inject=defaults   every app wrapped, LoopGuardConfig()
@@ -26,7 +27,8 @@ At the end of the session it writes one JSON file (``--loopguard-record=PATH``):
     threads   the process's threads at the end: every task in /proc/self/task with its name,
               which of them are Python's, and which were born in a LoopGuard.start() (our
               engine's native threads, with the test that started them); the peak task count
-    engines   how many guards started, and how many still run at the end
+    engines   apps wrapped, engines started, engines with threads still alive, and guards that
+              still say they run at the end
 
 Lines the engine writes while pytest does not capture (between tests, at exit) land in the
 process's real stderr, which run.py keeps and compare.py reads.
