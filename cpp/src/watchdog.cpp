@@ -286,6 +286,10 @@ void Engine::sleep_until(Nanos deadline) {
 
 void Engine::run() {
   watchdog_tid_ = current_tid();
+#ifdef __linux__
+  // Named, so that whoever lists a process's threads (top -H, py-spy, /proc) sees what it is.
+  ::pthread_setname_np(::pthread_self(), "loopguard-watch");
+#endif
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stop_) {
     const std::uint64_t settle_seen = settle_requested_;

@@ -245,6 +245,9 @@ class PySampler final : public StackSampler {
 
   void run() {
     tid_.store(current_tid(), std::memory_order_release);
+#ifdef __linux__
+    ::pthread_setname_np(::pthread_self(), "loopguard-stack");
+#endif
     if (compat::is_finalizing()) return;
     // One thread state for the life of the thread, so a sample costs a GIL hand-over only.
     phase_.store(Phase::kAcquiringGil, std::memory_order_release);
