@@ -423,8 +423,8 @@ void Engine::note_iteration_rate(Nanos now) {
     }
     return;
   }
-  const auto per_second = static_cast<double>(epoch - rate_epoch_) * 1e9 /
-                          static_cast<double>(now - rate_t_);
+  const auto per_second =
+      static_cast<double>(epoch - rate_epoch_) * 1e9 / static_cast<double>(now - rate_t_);
   if (per_second > static_cast<double>(kBusyIterations)) {
     busy_until_.store(now + config_.grace, std::memory_order_relaxed);
   }
