@@ -108,12 +108,13 @@ class LoopHooks:
                 continue
             # Only our own wrapper is taken off; one put on top of it later (a second guard on
             # this loop) stays, and calls through ours, which is now inert.
+            wrapper._loopguard_inert = True  # type: ignore[attr-defined]
             if self.loop.__dict__.get(name) is wrapper:
-                previous = self._previous.get(name)
-                if previous is None:
+                below = _first_live(self._previous.get(name))
+                if below is None:
                     del self.loop.__dict__[name]
                 else:
-                    self.loop.__dict__[name] = previous
+                    self.loop.__dict__[name] = below
         self._wrapped.clear()
         self._previous.clear()
         if not self._uv_open:
@@ -193,6 +194,7 @@ class LoopHooks:
             originals["close"]()
 
         for name, wrapper in (("stop", stop), ("run_forever", run_forever), ("close", close)):
+            wrapper._loopguard_below = self._previous.get(name)  # type: ignore[attr-defined]
             try:
                 setattr(loop, name, wrapper)
             except AttributeError:  # a loop class without an instance dict: engine-only life
@@ -252,16 +254,31 @@ def _install_selector_pulse(
     selector.select = select  # type: ignore[method-assign]
     engine.wait_end()  # this very iteration is busy from now on
 
+    select._loopguard_below = previous  # type: ignore[attr-defined]
+
     def restore() -> None:
         nonlocal pulse
         pulse = None  # and no reference to the engine left, wherever this wrapper stays
+        select._loopguard_inert = True  # type: ignore[attr-defined]
         if selector.__dict__.get("select") is select:
-            if previous is None:
+            below = _first_live(previous)
+            if below is None:
                 del selector.select
             else:
-                selector.select = previous  # type: ignore[method-assign]
+                selector.select = below  # type: ignore[method-assign]
 
     return restore
+
+
+def _first_live(wrapper: Any) -> Any:
+    """The first wrapper at or below ``wrapper`` whose guard still runs (None: the loop's own).
+
+    Guards stack their wrappers on one loop; one taken off while buried stays in the chain as a
+    pass-through, and must not be put back on top when the one above it comes off.
+    """
+    while wrapper is not None and getattr(wrapper, "_loopguard_inert", False):
+        wrapper = getattr(wrapper, "_loopguard_below", None)
+    return wrapper
 
 
 def _gc_tracker(engine: Any) -> Callable[[str, dict[str, int]], None]:
