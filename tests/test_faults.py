@@ -201,14 +201,15 @@ def test_a_guard_with_nothing_in_flight_ignores_a_busy_loop(loop_name: str) -> N
                 await call(busy, http_scope("/busy"))
                 await asyncio.sleep(0)
                 served += 1
+            await asyncio.sleep(0.1)
+            seen = [
+                f"{e.kind} {e.duration_ms:.0f} ms"
+                for e in (*idle.guard.events, *never.guard.events)
+            ]
+            for middleware in (busy, idle, never):
+                middleware.guard.stop()
         finally:
-            gc.enable()
-        await asyncio.sleep(0.1)
-        seen = [
-            f"{e.kind} {e.duration_ms:.0f} ms" for e in (*idle.guard.events, *never.guard.events)
-        ]
-        for middleware in (busy, idle, never):
-            middleware.guard.stop()
+            gc.enable()  # only now: the collection that follows comes after the guards stopped
         return served, seen
 
     served, seen = run(loop_name, main)

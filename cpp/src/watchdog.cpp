@@ -74,8 +74,7 @@ std::string RequestTable::label(std::uint64_t token) const {
 bool RequestTable::end(std::uint64_t token) {
   std::lock_guard<std::mutex> lock(mutex_);
   inflight_.erase(token);
-  return std::any_of(live_.begin(), live_.end(),
-                     [token](const auto& credit) { return credit.first == token; });
+  return std::find(live_settled_.begin(), live_settled_.end(), token) != live_settled_.end();
 }
 
 std::uint32_t RequestTable::inflight() const {
@@ -96,9 +95,10 @@ RequestCounters RequestTable::get(std::uint64_t token) const {
   return out;
 }
 
-void RequestTable::set_live(Credits credits) {
+void RequestTable::set_live(Credits credits, std::vector<std::uint64_t> settled) {
   std::lock_guard<std::mutex> lock(mutex_);
   live_ = std::move(credits);
+  live_settled_ = std::move(settled);
 }
 
 void RequestTable::commit(const Credits& credits) {
@@ -110,6 +110,7 @@ void RequestTable::commit(const Credits& credits) {
     }
   }
   live_.clear();
+  live_settled_.clear();
 }
 
 void RequestTable::credit(std::uint64_t token, Nanos duration) {
@@ -123,6 +124,9 @@ void RequestTable::credit(std::uint64_t token, Nanos duration) {
 // ---- Engine -----------------------------------------------------------------------------------
 
 namespace {
+// See take_sample(): how many samples make a live event its request's for sure.
+constexpr std::uint32_t kSettleSamples = 3;
+
 RequestTable::Credits credits_of(const std::vector<Event>& events) {
   RequestTable::Credits credits;
   for (const auto& ev : events) {
@@ -644,7 +648,16 @@ void Engine::take_sample() {
 
   StallInput in{stall_.start, stall_.samples.back().t, stall_.threshold, stall_.pre_t,
                 stall_.pre_cpu};
-  requests_.set_live(credits_of(split_stall(stall_.samples, in).events));
+  const StallResult live = split_stall(stall_.samples, in);
+  // A request whose live event rests on a few samples, at least one full interval of them, is
+  // settled when it ends (its stall is over); one seen only at detection and its confirmation,
+  // 2 ms apart, may be a short request that a busy host descheduled in the middle of a saturated
+  // loop, and ending the stall there would pin the whole stretch on it.
+  std::vector<std::uint64_t> settled;
+  for (const auto& ev : live.events) {
+    if (ev.token != 0 && ev.samples >= kSettleSamples) settled.push_back(ev.token);
+  }
+  requests_.set_live(credits_of(live.events), std::move(settled));
 }
 
 void Engine::fill_late_stack(Nanos until) {

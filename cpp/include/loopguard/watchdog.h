@@ -81,7 +81,8 @@ class RequestTable {
  public:
   // `label` names the request in native hang reports ("GET /path id=..."), already escaped.
   std::uint64_t begin(std::string label = {});
-  // True when the request had live credits: it is part of the stall still going on.
+  // True when the request's live event is well sampled (see set_live): it is part of the stall
+  // still going on, for sure.
   bool end(std::uint64_t token);
   std::uint32_t inflight() const;
   bool contains(std::uint64_t token) const;
@@ -89,7 +90,9 @@ class RequestTable {
   std::string label(std::uint64_t token) const;
 
   using Credits = std::vector<std::pair<std::uint64_t, Nanos>>;
-  void set_live(Credits credits);
+  // `settled`: the tokens among the credits whose event rests on at least kSettleSamples
+  // samples, which a request's end may settle at once (Engine::end_request).
+  void set_live(Credits credits, std::vector<std::uint64_t> settled = {});
   void commit(const Credits& credits);
   // One more event for one request, outside any stall (the live credits stay as they are).
   void credit(std::uint64_t token, Nanos duration);
@@ -103,6 +106,7 @@ class RequestTable {
   };
   std::unordered_map<std::uint64_t, Entry> inflight_;
   Credits live_;
+  std::vector<std::uint64_t> live_settled_;
 };
 
 // Captures the loop thread's Python stack and current request token. Implemented over CPython in
