@@ -54,6 +54,33 @@ def test_worker_jobs_with_labels_and_stats(loop_name: str) -> None:
     assert stats["lag_max_ms"] >= 140
 
 
+def test_blocks_during_calibration_leave_the_threshold_alone(loop_name: str) -> None:
+    """A server's first requests may block while calibration (10 sleeps of 10 ms) still runs.
+
+    Those lags are blocks, reported as such: had they become the calibrated baseline, the
+    threshold would have risen to 5 x 80 ms and hidden every later block of that size.
+    """
+
+    async def main() -> tuple[list[BlockingEvent], dict[str, float | int]]:
+        seen: list[BlockingEvent] = []
+        config = LoopGuardConfig(log_blocking_events=False, on_blocking=seen.append)
+        async with LoopGuard(config) as guard:
+            for _ in range(8):
+                time.sleep(0.08)  # marker:during-calibration
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.3)  # calibration's last sleeps are over by now
+            stats = guard.stats()
+            time.sleep(0.08)  # marker:after-calibration
+            await asyncio.sleep(0.05)
+        return seen, stats
+
+    seen, stats = run(loop_name, main)
+    assert stats["threshold_ms"] == 50.0
+    lines = [e.culprit.lineno for e in seen if e.culprit is not None]
+    assert line_of("marker:after-calibration") in lines, seen
+    assert lines.count(line_of("marker:during-calibration")) >= 6, seen
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -31,8 +31,15 @@ void Threshold::publish(Nanos baseline) {
 }
 
 void Threshold::calibrate(std::vector<Nanos> lags) {
+  // A lag at or over the fallback is a block, which the guard reports as one, not the loop's
+  // jitter. Counted, the blocks of an app that blocks right at start (a server's first requests
+  // fall into calibration) became the median and raised the threshold above those very blocks,
+  // silencing every later one of that size. With none left, the fallback stays.
+  lags.erase(std::remove_if(lags.begin(), lags.end(),
+                            [this](Nanos lag) { return lag >= config_.fallback; }),
+             lags.end());
   for (auto& lag : lags) lag = std::max<Nanos>(lag, 0);
-  publish(percentile_of(lags, 0.5));
+  if (!lags.empty()) publish(percentile_of(lags, 0.5));
   calibrated_.store(true, std::memory_order_relaxed);
 }
 

@@ -78,6 +78,31 @@ TEST(Threshold, CalibrateMedianTimesMultiplierWinsOnSlowLoop) {
   EXPECT_EQ(t.current(), 100 * kMs);
 }
 
+// Lags over the fallback are blocks: an app whose first requests block while calibration runs
+// must not lift the threshold above its own blocks (6 of 10 samples were 150 ms: threshold 730 ms).
+TEST(Threshold, CalibrateLeavesBlocksOut) {
+  ThresholdConfig cfg;
+  cfg.multiplier = 5.0;
+  cfg.fallback = 50 * kMs;
+  Threshold t(cfg);
+  t.calibrate({150 * kMs, 310 * kMs, 2 * kMs, 190 * kMs, 150 * kMs, 1 * kMs, 150 * kMs, 50 * kMs,
+               150 * kMs, 3 * kMs});
+  EXPECT_TRUE(t.calibrated());
+  EXPECT_EQ(t.baseline(), 2 * kMs);
+  EXPECT_EQ(t.current(), 50 * kMs);
+}
+
+// Nothing but blocks: no baseline can be learned, the fallback stays.
+TEST(Threshold, CalibrateOfOnlyBlocksKeepsTheFallback) {
+  ThresholdConfig cfg;
+  cfg.fallback = 50 * kMs;
+  Threshold t(cfg);
+  t.calibrate({60 * kMs, 400 * kMs});
+  EXPECT_TRUE(t.calibrated());
+  EXPECT_EQ(t.baseline(), 0);
+  EXPECT_EQ(t.current(), 50 * kMs);
+}
+
 TEST(Threshold, CalibrateClampsNegativeLags) {
   ThresholdConfig cfg;
   cfg.multiplier = 2.0;

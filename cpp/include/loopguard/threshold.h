@@ -1,6 +1,7 @@
 // The blocking threshold: max(baseline x multiplier, fallback), as the seed README defines it.
 //
-// The baseline comes from calibration at start-up (the median of the measured loop lags) and, in
+// The baseline comes from calibration at start-up (the median of the measured loop lags under the
+// fallback: a lag over it is a block, not jitter) and, in
 // adaptive mode, from a percentile of a sliding window of recent loop lags, recomputed every
 // update interval once enough samples exist. Writers are the loop thread only; the watchdog reads
 // the current value through an atomic.
@@ -31,7 +32,7 @@ class Threshold {
  public:
   explicit Threshold(const ThresholdConfig& config);
 
-  // Sets the baseline from calibration lags (their median).
+  // Sets the baseline from calibration lags: the median of those under the fallback.
   void calibrate(std::vector<Nanos> lags);
 
   // Feeds one loop-lag sample; in adaptive mode recomputes the baseline when an update is due.
