@@ -105,14 +105,15 @@ NB_MODULE(_core, m) {
           "__init__",
           [](PyEngine* self, const WatchdogConfig& w, const ThresholdConfig& t,
              const SamplerConfig& s, nb::handle request_var, nb::handle loop,
-             nb::handle current_tasks, nb::handle task_type) {
+             nb::handle current_tasks, nb::handle current_task, nb::handle task_type) {
             const auto or_null = [](nb::handle h) { return h.is_none() ? nullptr : h.ptr(); };
-            new (self)
-                PyEngine(w, t, s, request_var.ptr(),
-                         TaskLookup{or_null(loop), or_null(current_tasks), or_null(task_type)});
+            new (self) PyEngine(w, t, s, request_var.ptr(),
+                                TaskLookup{or_null(loop), or_null(current_tasks),
+                                           or_null(current_task), or_null(task_type)});
           },
           nb::arg("watchdog"), nb::arg("threshold"), nb::arg("sampler"), nb::arg("request_var"),
-          nb::arg("loop").none(), nb::arg("current_tasks").none(), nb::arg("task_type").none())
+          nb::arg("loop").none(), nb::arg("current_tasks").none(), nb::arg("current_task").none(),
+          nb::arg("task_type").none())
       .def("start", &PyEngine::start)
       .def("stop", &PyEngine::stop)
       .def("abandon_after_fork", &PyEngine::abandon_after_fork)

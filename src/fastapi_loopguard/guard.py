@@ -171,14 +171,16 @@ class LoopGuard:
         core = _native.load()
         if core is None:
             raise RuntimeError(_native.load_error())
-        # The running task's name outside requests: 3.11 to 3.13 keep it in this dict (the
-        # native side knows which versions do, see compat.h).
+        # The running task's name outside requests: 3.11 to 3.13 keep it in this dict, 3.14
+        # answers through _asyncio's current_task (the native side knows which versions do
+        # which, see compat.h, and calls the function only if it is the C one).
         current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
         engine = core.Engine(
             *_engine_configs(core, self.config),
             self._request_var,
             loop,
             current_tasks if isinstance(current_tasks, dict) else None,
+            asyncio.current_task,
             asyncio.Task,
         )
         hooks = LoopHooks(loop, engine, self, self.config.monitor_interval_ms / 1000)

@@ -33,9 +33,8 @@ namespace loopguard::compat {
 // around every step and callback). There is no API to read *another* thread's Context, so this
 // reads PyThreadState.context, the field contextvars itself uses; it has kept its name and meaning
 // from 3.7 through 3.14. NULL means the thread never entered a Context (the empty one).
-// 3.14 also keeps asyncio's running task in the thread state, but only in an internal header
-// (pycore_tstate.h), and it names no request for a plain callback; the Context does, on both
-// loops, so 3.14 needs no other way in.
+// 3.14 also keeps asyncio's running task in the thread state (see running_task), but a task names
+// no request for a plain callback; the Context does, on both loops, so 3.14 needs no other way in.
 inline PyObject* thread_context(PyThreadState* tstate) { return tstate->context; }
 
 // The kernel thread id of a thread state, to find the thread /proc says is running. The field
@@ -57,27 +56,39 @@ inline bool is_finalizing() {
 inline PyObject* code_filename(PyCodeObject* code) { return code->co_filename; }
 inline PyObject* code_qualname(PyCodeObject* code) { return code->co_qualname; }
 
-// The task the loop runs right now, or NULL (a borrowed reference). 3.11 to 3.13 keep it in
-// _asyncio's current_tasks dict, exported as asyncio.tasks._current_tasks and keyed by loop; the
-// caller passes that dict. The lookup hashes the loop, so it is only done when the loop's type
-// hashes by identity (object's own tp_hash): a loop class with its own __hash__ would be Python
-// code run on the sampler thread. Checked by running a named task on 3.11.7, 3.12.1 and 3.13.0:
-// that dict is _asyncio's own and maps the loop to asyncio.current_task(), also during the first
-// step of 3.12's eager tasks (_swap_current_task sets it); such a task still has its default name
-// then, as create_task names a factory's task only once the factory has returned. 3.14 keeps the
-// running task in the thread state instead, in an internal header only (pycore_tstate.h): no name
-// there, the coroutine alone names the task.
-inline PyObject* running_task(PyObject* current_tasks, PyObject* loop) {
+// The task the loop runs right now, or NULL (a new reference). 3.11 to 3.13 keep it in _asyncio's
+// current_tasks dict, exported as asyncio.tasks._current_tasks and keyed by loop; the caller passes
+// that dict. The lookup hashes the loop, so it is only done when the loop's type hashes by
+// identity (object's own tp_hash): a loop class with its own __hash__ would be Python code run on
+// the sampler thread. Checked by running a named task on 3.11.7, 3.12.1 and 3.13.0: that dict is
+// _asyncio's own and maps the loop to asyncio.current_task(), also during the first step of 3.12's
+// eager tasks (_swap_current_task sets it); such a task still has its default name then, as
+// create_task names a factory's task only once the factory has returned.
+// 3.14 moved the running task into the thread state (_PyThreadStateImpl, an internal header), and
+// that dict is no longer filled by the C Task. Its _asyncio.current_task(loop), given a loop that
+// is not the calling thread's, walks the interpreter's thread states under the runtime's lock and
+// returns the task of the thread running that loop: C only, comparing loops by identity, so it is
+// called instead of mirroring the internal struct. It is only called when it is that C function
+// (asyncio's pure-Python fallback would hash the loop). Checked on 3.14.10, both loops: uvloop
+// sets the running loop through asyncio's _set_running_loop, and its tasks are asyncio's C Task.
+inline PyObject* running_task(PyObject* current_tasks, PyObject* current_task, PyObject* loop) {
+  if (loop == nullptr) return nullptr;
 #if PY_VERSION_HEX >= 0x030E0000
-  (void)current_tasks, (void)loop;
-  return nullptr;
+  (void)current_tasks;
+  if (current_task == nullptr || !PyCFunction_Check(current_task)) return nullptr;
+  PyObject* task = PyObject_CallOneArg(current_task, loop);
+  if (task == nullptr) PyErr_Clear();
+  if (task == Py_None) Py_CLEAR(task);
+  return task;
 #else
-  if (current_tasks == nullptr || loop == nullptr || !PyDict_CheckExact(current_tasks) ||
+  (void)current_task;
+  if (current_tasks == nullptr || !PyDict_CheckExact(current_tasks) ||
       Py_TYPE(loop)->tp_hash != PyBaseObject_Type.tp_hash) {
     return nullptr;
   }
   PyObject* task = PyDict_GetItemWithError(current_tasks, loop);
   if (task == nullptr) PyErr_Clear();
+  Py_XINCREF(task);
   return task;
 #endif
 }

@@ -26,11 +26,13 @@ struct SamplerConfig {
 };
 
 // The Python objects the sampler reads to name the task outside requests (see compat.h's
-// running_task): the loop, asyncio's current-task dict, and the exact Task type whose get_name
-// is C code. Any of them may be None; the engine holds strong references.
+// running_task): the loop, asyncio's current-task dict (3.11 to 3.13), _asyncio's current_task
+// function (3.14), and the exact Task type whose get_name is C code. Any of them may be None; the
+// engine holds strong references.
 struct TaskLookup {
   PyObject* loop = nullptr;
   PyObject* current_tasks = nullptr;
+  PyObject* current_task = nullptr;
   PyObject* task_type = nullptr;
 };
 

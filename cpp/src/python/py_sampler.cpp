@@ -368,12 +368,14 @@ class PySampler final : public StackSampler {
   // override it in Python, so a subclass is named by its coroutine only.
   std::string describe_task(const std::string& coroutine) const {
     if (coroutine.empty()) return "(callback)";
-    PyObject* task = compat::running_task(tasks_.current_tasks, tasks_.loop);
+    PyObject* task = compat::running_task(tasks_.current_tasks, tasks_.current_task, tasks_.loop);
     if (task == nullptr || tasks_.task_type == nullptr ||
         Py_TYPE(task) != reinterpret_cast<PyTypeObject*>(tasks_.task_type)) {
+      Py_XDECREF(task);
       return coroutine;
     }
     PyObject* name = PyObject_CallMethod(task, "get_name", nullptr);
+    Py_DECREF(task);
     if (name == nullptr) {
       PyErr_Clear();
       return coroutine;
@@ -454,6 +456,7 @@ PyEngine::PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& thresh
   Py_INCREF(request_var_);
   Py_XINCREF(tasks_.loop);
   Py_XINCREF(tasks_.current_tasks);
+  Py_XINCREF(tasks_.current_task);
   Py_XINCREF(tasks_.task_type);
   auto probe = std::make_unique<OsThreadProbe>(current_tid(), pthread_self());
   // The GIL's futex is learned during the sampler's first wait for the GIL (request()), not
@@ -471,6 +474,7 @@ PyEngine::~PyEngine() {
   Py_DECREF(request_var_);
   Py_XDECREF(tasks_.loop);
   Py_XDECREF(tasks_.current_tasks);
+  Py_XDECREF(tasks_.current_task);
   Py_XDECREF(tasks_.task_type);
 }
 
