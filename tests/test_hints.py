@@ -251,7 +251,7 @@ EXPECTED = {
     "hash": (
         "password hashing",
         "hashlib.pbkdf2_hmac",
-        'await asyncio.to_thread(hashlib.pbkdf2_hmac, "sha256", b"pw", b"salt", 400_000)',
+        'await asyncio.to_thread(hashlib.pbkdf2_hmac, "sha256", b"pw", b"salt", 1_500_000)',
     ),
     "lock": ("threading", "threading.Lock", "await asyncio.to_thread(critical_section)"),
     "event": ("threading", "threading.Event.wait", "await asyncio.to_thread(done.wait, 5)"),
@@ -277,7 +277,18 @@ def test_hints_for_real_blocking_calls(hinted_server: Server, slow_peer: int) ->
     rules = {r.label: r for r in RULES}
     for name, (label, call, fix) in EXPECTED.items():
         found = by_line.get(culprit_line(APP, name))
-        assert found is not None, (name, [(e["kind"], e["culprit"]) for e in events])
+        assert found is not None, (
+            name,
+            [
+                (
+                    e["kind"],
+                    round(e["duration_ms"]),
+                    e["culprit"] and e["culprit"]["lineno"],
+                    e["path"],
+                )
+                for e in events
+            ],
+        )
         hint = hint_for_record(found)
         if found["kind"] not in rules[label].kinds:
             # A loaded machine can turn any wait into "starved": then the kind's hint is right.

@@ -66,7 +66,9 @@ async def urlopen(port: int) -> dict[str, int]:
 
 @app.get("/hash")
 async def hash_password() -> dict[str, str]:
-    digest = hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 400_000)  # culprit:hash
+    # 1.5M rounds: about 0.1-0.3 s, as OpenSSL 3.5+ (Debian trixie, sid) is ~1.5x faster than 3.0
+    # and 400k rounds came in under the 50 ms threshold there.
+    digest = hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 1_500_000)  # culprit:hash
     return {"digest": digest.hex()[:8]}
 
 
