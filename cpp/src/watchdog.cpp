@@ -568,8 +568,12 @@ Kind Engine::refine_kind(const OsState& os, Nanos t, Kind kind) {
   if (kind == Kind::kIdle) return kind;
   if (in_gc_.load(std::memory_order_relaxed)) return Kind::kGc;
   // Runnable but not running for most of the time since the last look: the thread was starved
-  // of CPU (cgroup throttling, an overloaded host), whatever it was doing.
-  if (os.run_delay >= 0 && stall_.prev_run_delay >= 0 && t > stall_.prev_t &&
+  // of CPU (cgroup throttling, an overloaded host), whatever it was doing. Not a thread asleep
+  // right now: what it sleeps in is the kind. A thread waiting for the GIL wakes every switch
+  // interval to ask for it, and on a busy host each wake-up queues for a CPU, so its run delay
+  // grows as fast as a starved one's while it waits for the thread that holds the GIL.
+  const bool asleep = os.sched_state == 'S' || os.sched_state == 'D';
+  if (!asleep && os.run_delay >= 0 && stall_.prev_run_delay >= 0 && t > stall_.prev_t &&
       (os.run_delay - stall_.prev_run_delay) * 2 > t - stall_.prev_t) {
     return Kind::kStarved;
   }
@@ -591,6 +595,10 @@ void Engine::take_sample() {
   s.inflight = requests_.inflight();
   if (sampler_ && s.kind != Kind::kIdle) {
     bool ok = false;
+    // The loop waits on the GIL while one of our own samplers holds it (two guards in one
+    // process, or a capture preempted on a busy host): not the app's blocking. As a starved
+    // sample its run counts as saturation, unless the loop itself ran a threshold of CPU.
+    if (s.kind == Kind::kGil && sampler_->sampler_holds_gil()) s.kind = Kind::kStarved;
     if (s.kind == Kind::kGil && probe_) {
       // The loop waits for the GIL: the culprit is the thread running Python meanwhile (a sync
       // endpoint in the threadpool carries its request's Context, so it names its request).
@@ -610,6 +618,7 @@ void Engine::take_sample() {
       // native code (a regex, a big json or pickle, a C extension); one that waits on a futex
       // waits for it while another thread holds it.
       if (s.kind == Kind::kCpu) s.kind = Kind::kNative;
+      if (s.kind == Kind::kLock && sampler_->sampler_holds_gil()) s.kind = Kind::kStarved;
       if (s.kind == Kind::kLock) {
         s.kind = Kind::kGil;
         // The sampler is still waiting for the GIL; point its pending capture at the thread

@@ -89,6 +89,7 @@ struct FakePython {
   int late_taken = 0;
   std::vector<std::uint64_t> gil_futexes;  // addresses is_gil_futex() knows
   long sampler_tid = -1;
+  bool sampler_has_gil = false;  // what sampler_holds_gil() says
 };
 
 class FakeSampler final : public StackSampler {
@@ -133,6 +134,7 @@ class FakeSampler final : public StackSampler {
            py_->gil_futexes.end();
   }
   long thread_id() const override { return py_->sampler_tid; }
+  bool sampler_holds_gil() const override { return py_->sampler_has_gil; }
 
  private:
   std::shared_ptr<FakePython> py_;
@@ -1275,6 +1277,53 @@ TEST_F(EngineTest, FutexWithSamplerFailingIsGil) {
   EXPECT_EQ(events[0].kind, Kind::kGil);
   EXPECT_TRUE(events[0].stack_missing);
   EXPECT_EQ(engine_->stats().stack_timeouts, 6u);
+}
+
+// The loop waits on the GIL while a sampler of ours holds it (another guard's, on a busy host):
+// that is our own capture, starved of CPU, and no event of the app's. Both ways of telling a GIL
+// wait: its known futex, and an unknown futex with no GIL to be had in time.
+TEST_F(EngineTest, GilHeldByOurOwnSamplerIsNoEvent) {
+  os_->loop_tid = 4242;
+  os_->running = {5151};
+  py_->gil_futexes = {kGilAddress};
+  py_->succeed = false;
+  py_->sampler_has_gil = true;
+  os_->cpu = 5 * kMs;  // the loop thread's CPU clock stands still: it waits
+  engine_->begin_request();
+  for (const std::uint64_t address : {kGilAddress, std::uint64_t{0xbad0}}) {
+    os_->state = FutexWait(address);
+    Advance(1 * kMs);
+    Stall(65 * kMs);
+    EXPECT_TRUE(engine_->drain().empty());
+  }
+  EXPECT_EQ(py_->thread_calls, 0);  // no other thread is blamed either
+  EXPECT_EQ(engine_->stats().saturated, 130 * kMs);
+}
+
+// A loop waiting for the GIL on a busy host: each of its wake-ups to ask for the GIL queues for
+// a CPU, so its run delay grows faster than half the time, yet it sleeps on the GIL's futex at
+// every sample. The thread holding the GIL is the culprit, not the host.
+TEST_F(EngineTest, GilWaitOnABusyHostIsStillGil) {
+  os_->state = FutexWait(kGilAddress);
+  py_->gil_futexes = {kGilAddress};
+  py_->succeed = false;
+  engine_->begin_request();
+  Nanos delay = 0;
+  os_->state.run_delay = delay;
+  LoopBusy();
+  Step();
+  for (int i = 0; i < 30; ++i) {  // 300 ms, 8 of every 10 ms queued for a CPU
+    Advance(10 * kMs);
+    delay += 8 * kMs;
+    os_->state.run_delay = delay;
+    Step();
+  }
+  LoopWaits();
+  Step();
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+  EXPECT_EQ(engine_->stats().saturated, 0);
 }
 #endif  // SYS_futex
 

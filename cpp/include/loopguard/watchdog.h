@@ -138,6 +138,10 @@ class StackSampler {
     (void)address;
     return false;
   }
+  // Whether a sampler of this process (this engine's or another guard's) holds the GIL right now.
+  // A capture holds it for microseconds, so a loop that waits on the GIL meanwhile waits on us,
+  // and only as long as the host keeps that sampler off a CPU.
+  virtual bool sampler_holds_gil() const { return false; }
   // The sampler's own kernel thread id, -1 if it has no thread.
   virtual long thread_id() const { return -1; }
   // Stops the sampler's own thread. Called without the GIL.

@@ -32,6 +32,10 @@ namespace loopguard {
 
 namespace {
 
+// How many sampler threads (of every engine in the process) hold the GIL for a capture right now:
+// the watchdog tells a loop waiting on one of them from a loop waiting on the app's own threads.
+std::atomic<int> g_samplers_holding_gil{0};
+
 std::string utf8_of(PyObject* text) {
   if (text == nullptr || !PyUnicode_Check(text)) return "?";
   Py_ssize_t size = 0;
@@ -129,6 +133,9 @@ class PySampler final : public StackSampler {
   }
 
   long thread_id() const override { return tid_.load(std::memory_order_relaxed); }
+  bool sampler_holds_gil() const override {
+    return g_samplers_holding_gil.load(std::memory_order_relaxed) > 0;
+  }
 
   void shutdown() override {
     {
@@ -270,6 +277,7 @@ class PySampler final : public StackSampler {
       if (!compat::is_finalizing()) {
         phase_.store(Phase::kAcquiringGil, std::memory_order_release);
         PyEval_RestoreThread(self);
+        g_samplers_holding_gil.fetch_add(1, std::memory_order_relaxed);
         phase_.store(Phase::kOther, std::memory_order_release);
         // Read the target only now: while we waited for the GIL the watchdog may have learned
         // that another thread holds it, and that thread is the one worth seeing (retarget()).
@@ -282,6 +290,7 @@ class PySampler final : public StackSampler {
         local.t = t0;
         capture(local, frames, target);
         pause_.record(monotonic_now() - t0);
+        g_samplers_holding_gil.fetch_sub(1, std::memory_order_relaxed);
         self = PyEval_SaveThread();
         ok = true;
       }
