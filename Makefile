@@ -65,7 +65,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
 .PHONY: help system-deps test-deps lint-deps venv install dev test test-cpp test-py test-matrix \
-	test-leg test-transparency demo bench soak sanitize lint format clean distclean
+	test-leg test-transparency demo bench bench-instr soak sanitize lint format clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [VAR=value ...]"
@@ -196,6 +196,14 @@ demo: install ## Install, then run `loopguard demo` (DEMO_ARGS=..., e.g. --durat
 bench: install ## A/B against a bare app: throughput ratios and idle CPU, asyncio and uvloop (wrk)
 	@scripts/system-deps.sh wrk util-linux
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
+# Counts instructions instead of timing them, so the figures repeat on a busy, shared machine.
+# Each variant runs in a child under callgrind, once per seed: a few minutes on an idle 2-core
+# machine. BENCH_INSTR_ARGS: '--breakdown' adds where the guard's instructions go, piece by piece;
+# '--seeds 0' for one quick pass; '--jobs 1' to leave the neighbours a core.
+bench-instr: install ## Instructions per request under callgrind, guarded/bare, asyncio and uvloop
+	@scripts/system-deps.sh valgrind
+	$(PY) -m benchmarks.instr $(BENCH_INSTR_ARGS)
 
 # SOAK_ARGS='--seconds 60' for a short run (the seconds are per loop).
 soak: install ## 10 min of mixed load + blocking culprits: no crash, flat RSS, no event lost (wrk)
