@@ -53,10 +53,10 @@ void LoopPulse::watch(std::uint64_t epoch) noexcept {
 
 // ---- RequestTable -----------------------------------------------------------------------------
 
-std::uint64_t RequestTable::begin(std::string label) {
+std::uint64_t RequestTable::begin(std::string label, Nanos now) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::uint64_t token = next_++;
-  inflight_.emplace(token, Entry{RequestCounters{}, std::move(label)});
+  inflight_.emplace(token, Entry{RequestCounters{}, std::move(label), now});
   return token;
 }
 
@@ -71,8 +71,9 @@ std::string RequestTable::label(std::uint64_t token) const {
   return it == inflight_.end() ? std::string() : it->second.label;
 }
 
-bool RequestTable::end(std::uint64_t token) {
+bool RequestTable::end(std::uint64_t token, RequestCounters* last) {
   std::lock_guard<std::mutex> lock(mutex_);
+  if (last != nullptr) *last = get_locked(token);
   inflight_.erase(token);
   return std::find(live_settled_.begin(), live_settled_.end(), token) != live_settled_.end();
 }
@@ -82,33 +83,42 @@ std::uint32_t RequestTable::inflight() const {
   return static_cast<std::uint32_t>(inflight_.size());
 }
 
-RequestCounters RequestTable::get(std::uint64_t token) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  RequestCounters out;
-  if (auto it = inflight_.find(token); it != inflight_.end()) out = it->second.counters;
-  for (const auto& [t, duration] : live_) {
-    if (t == token) {
+void RequestTable::add(RequestCounters& out, std::uint64_t token, Nanos begin, const Spans& spans) {
+  for (const Span& span : spans) {
+    if (span.token == token) {
       ++out.count;
-      out.total += duration;
+      out.total += span.duration;
+    } else {
+      // Requests in flight are frozen until the event's end: none of their code can run then.
+      out.wait += std::max<Nanos>(0, span.start + span.duration - std::max(span.start, begin));
     }
   }
+}
+
+RequestCounters RequestTable::get_locked(std::uint64_t token) const {
+  RequestCounters out;
+  auto it = inflight_.find(token);
+  if (it == inflight_.end()) return out;
+  out = it->second.counters;
+  add(out, token, it->second.begin, live_);
   return out;
 }
 
-void RequestTable::set_live(Credits credits, std::vector<std::uint64_t> settled) {
+RequestCounters RequestTable::get(std::uint64_t token) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  live_ = std::move(credits);
+  return get_locked(token);
+}
+
+void RequestTable::set_live(Spans spans, std::vector<std::uint64_t> settled) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  live_ = std::move(spans);
   live_settled_ = std::move(settled);
 }
 
-void RequestTable::commit(const Credits& credits) {
+void RequestTable::commit(const Spans& spans) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (const auto& [token, duration] : credits) {
-    if (auto it = inflight_.find(token); it != inflight_.end()) {
-      ++it->second.counters.count;
-      it->second.counters.total += duration;
-    }
-  }
+  // Once per stall, on the watchdog thread: every request in flight against every event.
+  for (auto& [token, entry] : inflight_) add(entry.counters, token, entry.begin, spans);
   live_.clear();
   live_settled_.clear();
 }
@@ -127,12 +137,12 @@ namespace {
 // See take_sample(): how many samples make a live event its request's for sure.
 constexpr std::uint32_t kSettleSamples = 3;
 
-RequestTable::Credits credits_of(const std::vector<Event>& events) {
-  RequestTable::Credits credits;
-  for (const auto& ev : events) {
-    if (ev.token != 0) credits.emplace_back(ev.token, ev.duration);
-  }
-  return credits;
+// Every event, the ones outside requests too: they freeze the requests in flight all the same.
+RequestTable::Spans spans_of(const std::vector<Event>& events) {
+  RequestTable::Spans spans;
+  spans.reserve(events.size());
+  for (const auto& ev : events) spans.push_back({ev.token, ev.start, ev.duration});
+  return spans;
 }
 }  // namespace
 
@@ -666,7 +676,7 @@ void Engine::take_sample() {
   for (const auto& ev : live.events) {
     if (ev.token != 0 && ev.samples >= kSettleSamples) settled.push_back(ev.token);
   }
-  requests_.set_live(credits_of(live.events), std::move(settled));
+  requests_.set_live(spans_of(live.events), std::move(settled));
 }
 
 void Engine::fill_late_stack(Nanos until) {
@@ -776,7 +786,7 @@ void Engine::finish_stall(Nanos end) {
   for (auto& ev : result.events) {
     ev.hang = stall_.hang && config_.hang_threshold > 0 && ev.duration >= config_.hang_threshold;
   }
-  requests_.commit(credits_of(result.events));
+  requests_.commit(spans_of(result.events));
   saturated_.fetch_add(result.saturated, std::memory_order_relaxed);
   detected_.fetch_add(result.events.size(), std::memory_order_relaxed);
   bool queued = false;
@@ -837,13 +847,13 @@ void Engine::heartbeat_off() noexcept {
 }
 
 std::uint64_t Engine::begin_request(std::string label) {
-  const std::uint64_t token = requests_.begin(std::move(label));
+  const std::uint64_t token = requests_.begin(std::move(label), clock_->now());
   if (deep_sleep_.load(std::memory_order_relaxed) && deep_sleep_.exchange(false)) wake();
   return token;
 }
 
-bool Engine::end_request(std::uint64_t token) {
-  const bool blocked = requests_.end(token);
+bool Engine::end_request(std::uint64_t token, RequestCounters* last) {
+  const bool blocked = requests_.end(token, last);
   cumulative_.forget(token);
   last_request_end_.store(clock_->now(), std::memory_order_relaxed);
   return blocked && stall_active_.load(std::memory_order_acquire);

@@ -396,6 +396,146 @@ TEST_F(EngineTest, InflightAndVictims) {
   EXPECT_EQ(events[0].victims, 1u);  // c; a is the culprit, b had ended
 }
 
+// ---- The delay each request suffered --------------------------------------------------------
+
+// A request in flight while another one blocks is frozen for the whole event; the culprit is not
+// its own victim, and a request that had ended before the stall is not frozen by it.
+TEST_F(EngineTest, VictimWaitsForTheWholeEvent) {
+  const std::uint64_t gone = engine_->begin_request();
+  const std::uint64_t culprit = engine_->begin_request();
+  const std::uint64_t victim = engine_->begin_request();
+  RequestCounters last;
+  engine_->end_request(gone, &last);
+  EXPECT_EQ(last.wait, 0);
+  py_->token = culprit;
+  Stall(60 * kMs);
+  ASSERT_EQ(engine_->drain().size(), 1u);
+  const RequestCounters c = engine_->request_counters(culprit);
+  EXPECT_EQ(c.count, 1u);
+  EXPECT_EQ(c.total, 60 * kMs);
+  EXPECT_EQ(c.wait, 0);
+  const RequestCounters v = engine_->request_counters(victim);
+  EXPECT_EQ(v.count, 0u);
+  EXPECT_EQ(v.total, 0);
+  EXPECT_EQ(v.wait, 60 * kMs);
+
+  // A second stall adds up, and the request's end hands the final counters back.
+  Stall(70 * kMs);
+  engine_->end_request(victim, &last);
+  EXPECT_EQ(last.count, 0u);
+  EXPECT_EQ(last.wait, 130 * kMs);
+  engine_->end_request(culprit, &last);
+  EXPECT_EQ(last.count, 2u);
+  EXPECT_EQ(last.total, 130 * kMs);
+  EXPECT_EQ(last.wait, 0);
+}
+
+// A block outside any request (a background task, a callback) has no culprit request, and
+// still freezes every request in flight.
+TEST_F(EngineTest, BlockOutsideRequestsFreezesEveryRequestInFlight) {
+  const std::uint64_t a = engine_->begin_request();
+  const std::uint64_t b = engine_->begin_request();
+  py_->token = 0;  // the stack still has an application frame: an event, not saturation
+  Stall(80 * kMs);
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, 0u);
+  EXPECT_EQ(engine_->request_counters(a).wait, 80 * kMs);
+  EXPECT_EQ(engine_->request_counters(b).wait, 80 * kMs);
+  EXPECT_EQ(engine_->request_counters(a).count, 0u);
+}
+
+// One stall, two culprits one after the other: each is the other's victim for the other's event
+// only, and a bystander waits for both.
+TEST_F(EngineTest, TwoCulpritsInOneStallWaitForEachOther) {
+  const std::uint64_t a = engine_->begin_request();
+  const std::uint64_t b = engine_->begin_request();
+  const std::uint64_t c = engine_->begin_request();
+  const Nanos t0 = Now();
+  py_->token = a;
+  LoopBusy();
+  Step();
+  for (const Nanos dt : {50 * kMs, 2 * kMs, 10 * kMs}) {  // samples at 50, 52, 62 ms: a
+    Advance(dt);
+    Step();
+  }
+  py_->token = b;
+  for (int i = 0; i < 8; ++i) {  // samples at 72 .. 142 ms: b
+    Advance(10 * kMs);
+    Step();
+  }
+  Advance(8 * kMs);
+  LoopWaits();  // back at 150 ms
+  Step();
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].token, a);
+  EXPECT_EQ(events[0].start, t0);
+  EXPECT_EQ(events[0].duration, 67 * kMs);  // cut halfway between the samples at 62 and 72
+  EXPECT_EQ(events[1].token, b);
+  EXPECT_EQ(events[1].duration, 83 * kMs);
+  const RequestCounters ra = engine_->request_counters(a);
+  const RequestCounters rb = engine_->request_counters(b);
+  EXPECT_EQ(ra.total, 67 * kMs);
+  EXPECT_EQ(ra.wait, 83 * kMs);
+  EXPECT_EQ(rb.total, 83 * kMs);
+  EXPECT_EQ(rb.wait, 67 * kMs);
+  EXPECT_EQ(engine_->request_counters(c).wait, 150 * kMs);
+}
+
+// A request that begins in the middle of a busy stretch (the loop ran its callback before the
+// block) is frozen only by the part of the event after its begin.
+TEST_F(EngineTest, RequestBegunDuringTheStallWaitsOnlyFromItsBegin) {
+  const std::uint64_t culprit = engine_->begin_request();
+  py_->token = culprit;
+  LoopBusy();
+  Step();
+  Advance(20 * kMs);
+  const std::uint64_t late = engine_->begin_request();
+  Advance(60 * kMs);
+  Step();
+  Advance(2 * kMs);
+  Step();
+  Advance(8 * kMs);
+  LoopWaits();  // the event: 90 ms from the stall's start
+  Step();
+  ASSERT_EQ(engine_->drain().size(), 1u);
+  EXPECT_EQ(engine_->request_counters(culprit).total, 90 * kMs);
+  EXPECT_EQ(engine_->request_counters(late).wait, 70 * kMs);
+}
+
+// While the stall goes on, a victim's wait is live, up to the watchdog's last sample (never up to
+// a moment nobody looked at). A victim that ends then keeps that, and the commit that follows
+// neither credits it again nor forgets the victims still in flight.
+TEST_F(EngineTest, WaitIsLiveUpToTheLastSampleWhileTheStallGoesOn) {
+  const std::uint64_t culprit = engine_->begin_request();
+  const std::uint64_t early = engine_->begin_request();
+  const std::uint64_t stays = engine_->begin_request();
+  py_->token = culprit;
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();  // detection sample at 50 ms
+  EXPECT_EQ(engine_->request_counters(early).wait, 50 * kMs);
+  Advance(2 * kMs);
+  Step();
+  Advance(10 * kMs);
+  Step();  // last sample at 62 ms
+  EXPECT_EQ(engine_->request_counters(culprit).wait, 0);
+  Advance(5 * kMs);
+  RequestCounters last;
+  engine_->end_request(early, &last);  // at 67 ms: counted up to 62
+  EXPECT_EQ(last.wait, 62 * kMs);
+  EXPECT_EQ(last.count, 0u);
+  Advance(3 * kMs);
+  LoopWaits();
+  Step();
+  ASSERT_EQ(engine_->drain().size(), 1u);
+  EXPECT_EQ(engine_->request_counters(early).wait, 0);  // gone: nothing kept for it
+  EXPECT_EQ(engine_->request_counters(stays).wait, 70 * kMs);
+  EXPECT_EQ(engine_->request_counters(culprit).total, 70 * kMs);
+}
+
 // Heartbeat mode (no select hooks): a beat promises the next one within `interval`. When it is a
 // threshold late, the loop has been stuck since the beat was due.
 TEST_F(EngineTest, HeartbeatStall) {
@@ -1117,6 +1257,8 @@ TEST_F(EngineTest, CumulativeStepsAreCreditedToTheRequest) {
   EXPECT_EQ(engine_->request_counters(culprit).count, 1u);
   EXPECT_EQ(engine_->request_counters(culprit).total, 200 * kMs);
   EXPECT_EQ(engine_->request_counters(other).count, 0u);
+  // Many short steps over a second froze nobody for 200 ms in one go: no waiting is made up.
+  EXPECT_EQ(engine_->request_counters(other).wait, 0);
   EXPECT_EQ(engine_->stats().cumulative_events, 1u);
   EXPECT_TRUE(engine_->drain().empty());  // handed back directly, never through the ring
   engine_->end_request(culprit);

@@ -71,41 +71,66 @@ class LoopPulse {
 
 struct RequestCounters {
   std::uint32_t count = 0;  // blocking events this request's code caused
-  Nanos total = 0;          // their summed duration
+  Nanos total = 0;          // their summed duration (the delay it inflicted)
+  // The delay it suffered: how much of its life fell inside blocking events that other requests'
+  // code, or code outside any request, caused. Stall events only: a cumulative event is many
+  // short steps spread over its window, and no one span of it froze anybody for its duration.
+  Nanos wait = 0;
 };
 
-// Requests in flight, with the blocking they caused. The watchdog updates the live part while a
-// stall is still going on, because the guilty request often sends its response in the same loop
-// iteration that its block ends in, before any event could be drained.
+// Requests in flight, with the blocking they caused and suffered. The watchdog updates the live
+// part while a stall is still going on, because the guilty request often sends its response in
+// the same loop iteration that its block ends in, before any event could be drained.
+//
+// The delay suffered is arithmetic on what the watchdog knows anyway: each event's span, and
+// each request's begin time. A request is frozen by an event for the part of the event after it
+// began (a request can begin in the middle of a busy stretch that holds several events); it is
+// never frozen by its own event. Nothing runs per request for it beyond one clock read at begin.
 class RequestTable {
  public:
   // `label` names the request in native hang reports ("GET /path id=..."), already escaped.
-  std::uint64_t begin(std::string label = {});
+  // `now`: when it begins (only blocking after that can freeze it).
+  std::uint64_t begin(std::string label = {}, Nanos now = 0);
   // True when the request's live event is well sampled (see set_live): it is part of the stall
-  // still going on, for sure.
-  bool end(std::uint64_t token);
+  // still going on, for sure. `last`, when given, gets the request's counters as of its end,
+  // the live part of a stall still in progress included (see get()).
+  bool end(std::uint64_t token, RequestCounters* last = nullptr);
   std::uint32_t inflight() const;
   bool contains(std::uint64_t token) const;
+  // Committed counters plus the live events of the stall in progress, each as far as the
+  // watchdog has sampled it: a stall still going on counts up to its last sample, never up to a
+  // moment nobody has looked at.
   RequestCounters get(std::uint64_t token) const;
   std::string label(std::uint64_t token) const;
 
-  using Credits = std::vector<std::pair<std::uint64_t, Nanos>>;
-  // `settled`: the tokens among the credits whose event rests on at least kSettleSamples
+  // One event of a stall: who caused it (0: no request) and when it held the loop.
+  struct Span {
+    std::uint64_t token = 0;
+    Nanos start = 0;
+    Nanos duration = 0;
+  };
+  using Spans = std::vector<Span>;
+  // `settled`: the tokens among the spans whose event rests on at least kSettleSamples
   // samples, which a request's end may settle at once (Engine::end_request).
-  void set_live(Credits credits, std::vector<std::uint64_t> settled = {});
-  void commit(const Credits& credits);
-  // One more event for one request, outside any stall (the live credits stay as they are).
+  void set_live(Spans spans, std::vector<std::uint64_t> settled = {});
+  void commit(const Spans& spans);
+  // One more event for one request, outside any stall (the live spans stay as they are).
   void credit(std::uint64_t token, Nanos duration);
 
  private:
-  mutable std::mutex mutex_;
-  std::uint64_t next_ = 1;
   struct Entry {
     RequestCounters counters;
     std::string label;
+    Nanos begin = 0;
   };
+  // Adds the spans to one request's counters: its own as blocks, the others' as waiting.
+  static void add(RequestCounters& out, std::uint64_t token, Nanos begin, const Spans& spans);
+  RequestCounters get_locked(std::uint64_t token) const;
+
+  mutable std::mutex mutex_;
+  std::uint64_t next_ = 1;
   std::unordered_map<std::uint64_t, Entry> inflight_;
-  Credits live_;
+  Spans live_;
   std::vector<std::uint64_t> live_settled_;
 };
 
@@ -239,8 +264,9 @@ class Engine {
   void heartbeat_off() noexcept;
   std::uint64_t begin_request(std::string label = {});
   // True when the request's code was part of a stall still in progress: the caller should
-  // settle() now, so that its events are delivered before the request is over.
-  bool end_request(std::uint64_t token);
+  // settle() now, so that its events are delivered before the request is over. `last` gets the
+  // request's final counters (see RequestTable::get for a stall still in progress).
+  bool end_request(std::uint64_t token, RequestCounters* last = nullptr);
   // Whether drain() has anything, without taking a lock.
   bool has_events() const noexcept { return ring_.has_items(); }
   // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic),
