@@ -74,7 +74,10 @@ NB_MODULE(_core, m) {
 
   nb::class_<RequestCounters>(m, "RequestCounters")
       .def_ro("count", &RequestCounters::count)
-      .def_ro("total_ns", &RequestCounters::total);
+      .def_ro("total_ns", &RequestCounters::total)
+      .def_ro("wait_ns", &RequestCounters::wait);
+
+  nb::class_<RequestEnd, RequestCounters>(m, "RequestEnd").def_ro("pending", &RequestEnd::pending);
 
   nb::class_<EngineStats>(m, "EngineStats")
       .def_ro("stalls", &EngineStats::stalls)

@@ -6,6 +6,11 @@ the HTML report. Records are JSON objects with a ``type``:
 - ``event``: the fields of one ``BlockingEvent`` (``stack`` and ``culprit`` as objects with
   ``filename``, ``lineno`` and ``function``), plus ``pid``, ``host`` and ``worker`` (see
   ``workers.py``), so logs of several workers and hosts can be merged;
+- ``request``: a request that ended after waiting or blocking: ``request_id``, ``method``,
+  ``path``, ``route``, ``wait_ms`` (how long blocks that others caused froze it), ``block_ms``
+  and ``blocks`` (what its own code did), ``time``, and ``pid``, ``host``, ``worker``. Requests
+  that neither waited nor blocked are not written (one write per request would be a cost on
+  every request), so a report's percentiles of these are over the delayed requests only;
 - ``stats``: ``LoopGuard.stats()`` when a guard stops (loop-lag percentiles, counters), plus
   ``pid``, ``host``, ``worker``, ``time`` and ``event_log_lost`` (events this process could not
   write).
@@ -25,10 +30,13 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .events import BlockingEvent
 from .workers import identity
+
+if TYPE_CHECKING:
+    from .guard import RequestInfo
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -46,6 +54,24 @@ class EventLog:
     def write_event(self, event: BlockingEvent) -> None:
         """The guard's listener: one ``event`` record."""
         self._append({"type": "event", **identity().fields(), **dataclasses.asdict(event)}, True)
+
+    def write_request(
+        self, info: RequestInfo, wait_ms: float, block_ms: float, blocks: int
+    ) -> None:
+        """One ``request`` record, for a request that ended after waiting or blocking."""
+        record = {
+            "type": "request",
+            **identity().fields(),
+            "request_id": info.request_id,
+            "method": info.method,
+            "path": info.path,
+            "route": info.route,
+            "wait_ms": wait_ms,
+            "block_ms": block_ms,
+            "blocks": blocks,
+            "time": time.time(),
+        }
+        self._append(record, False)
 
     def write_stats(self, stats: dict[str, float | int]) -> None:
         """One ``stats`` record; called when the guard stops, then the file is closed."""

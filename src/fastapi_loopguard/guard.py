@@ -145,6 +145,7 @@ class LoopGuard:
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
         self.exporters: list[Exporter] = _build_exporters(self)
         self._request_exporters = [e for e in self.exporters if e.wants_requests]
+        self._end_exporters = [e for e in self.exporters if e.wants_request_ends]
         self._event_log: EventLog | None = None
         if self.config.event_log_path is not None:
             self._event_log = EventLog(self.config.event_log_path)
@@ -286,9 +287,29 @@ class LoopGuard:
             self._recent.popitem(last=False)
         # The request's code has just run again, so a stall it was part of is over: the engine
         # finishes it now, and its events are delivered before the request is done (tests that
-        # call an app in-process see them when the call returns).
-        if self._engine is not None and self._engine.end_request(info.token):
+        # call an app in-process see them when the call returns). The same crossing hands back
+        # the delay the request suffered and inflicted, already summed up by the engine.
+        if self._engine is None:
+            return
+        ended = self._engine.end_request(info.token)
+        if ended.pending:
             self._drain()
+        if self._end_exporters or self._event_log is not None:
+            self._ended(info, ended)
+
+    def _ended(self, info: RequestInfo, ended: Any) -> None:
+        """Hands a finished request's delay to the exporters that want it, and to the log."""
+        wait_ms = ended.wait_ns / _NS_PER_MS
+        block_ms = ended.total_ns / _NS_PER_MS
+        for exporter in self._end_exporters:
+            try:
+                exporter.request_ended(info, wait_ms, block_ms)
+            except Exception:
+                logger.exception("fastapi_loopguard: exporter %r failed on a request", exporter)
+        # Only requests that waited or blocked: one record per request would cost every request
+        # a write, and the report's percentiles are about the delayed ones (see eventlog.py).
+        if self._event_log is not None and (ended.wait_ns or ended.count):
+            self._event_log.write_request(info, wait_ms, block_ms, ended.count)
 
     def settle(self) -> None:
         """Delivers now the events of a stall that just ended, without waiting for the watchdog.
@@ -317,10 +338,17 @@ class LoopGuard:
 
     def blocking_of(self, info: RequestInfo) -> tuple[int, float]:
         """Blocks this request's own code caused so far: (count, total ms), live during a stall."""
+        count, total_ms, _ = self.delay_of(info)
+        return count, total_ms
+
+    def delay_of(self, info: RequestInfo) -> tuple[int, float, float]:
+        """(blocks, ms blocked, ms waited) so far: the blocks this request's code caused, and
+        the time it spent frozen by blocks of other requests or of code outside requests. Live
+        during a stall, up to the watchdog's last sample of it."""
         if self._engine is None:
-            return 0, 0.0
+            return 0, 0.0, 0.0
         counters = self._engine.request_counters(info.token)
-        return counters.count, counters.total_ns / _NS_PER_MS
+        return counters.count, counters.total_ns / _NS_PER_MS, counters.wait_ns / _NS_PER_MS
 
     def events_of(self, info: RequestInfo) -> list[BlockingEvent]:
         """The events of this request drained so far while it was in flight."""

@@ -29,6 +29,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 if TYPE_CHECKING:
+    from .exporters.otel import OTelExporter
     from .exporters.prometheus import PrometheusExporter
 
 logger = logging.getLogger("fastapi_loopguard")
@@ -72,6 +73,11 @@ class LoopGuardMiddleware:
             self._prometheus = next(
                 e for e in self.guard.exporters if isinstance(e, PrometheusExporter)
             )
+        self._otel: OTelExporter | None = None
+        if self.config.otel_enabled:
+            from .exporters.otel import OTelExporter
+
+            self._otel = next(e for e in self.guard.exporters if isinstance(e, OTelExporter))
         self._metrics_path = self.config.metrics_path if self._prometheus is not None else None
         self._headers = self.config.dev_mode or self.config.enforcement_mode != "log"
         self._dashboard: Dashboard | None = None
@@ -121,10 +127,12 @@ class LoopGuardMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            if self._headers and scope["type"] == "http":
-                call = self.app(scope, receive, self._checked_send(scope, info, send))
-            else:
-                call = self.app(scope, receive, send)
+            if scope["type"] == "http":
+                if self._otel is not None:
+                    send = self._traced_send(info, send)
+                if self._headers:
+                    send = self._checked_send(scope, info, send)
+            call = self.app(scope, receive, send)
             # A native coroutine (the exact type, not the ABC: checked on every request).
             if self.config.cumulative_blocking_enabled and type(call) is CoroutineType:
                 await self.guard.timed(call, info)
@@ -161,6 +169,23 @@ class LoopGuardMiddleware:
 
         return checked_send
 
+    def _traced_send(self, info: RequestInfo, send: Send) -> Send:
+        otel = self._otel
+        assert otel is not None
+
+        async def traced_send(message: Message) -> None:
+            # Before the message goes out: the span of the instrumentation around us may end
+            # as soon as it has (FastAPI's does), and the request's delay belongs on it.
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                try:
+                    _, block_ms, wait_ms = self.guard.delay_of(info)
+                    otel.annotate(info, wait_ms, block_ms)
+                except Exception:
+                    self._failed("tracing the response end")
+            await send(message)
+
+        return traced_send
+
     async def _enforce(self, scope: Scope, info: RequestInfo) -> tuple[Message, bytes] | None:
         """In warn/strict mode, for a request that blocked: the warning, or the 503 to send."""
         mode = self.config.enforcement_mode
@@ -183,7 +208,7 @@ class LoopGuardMiddleware:
     def _with_headers(self, message: Message, info: RequestInfo) -> Message:
         # Read now, not from drained events: the block this request caused usually ended in this
         # very loop iteration, and only the watchdog's live counters know about it yet.
-        count, total_ms = self.guard.blocking_of(info)
+        count, total_ms, wait_ms = self.guard.delay_of(info)
         headers = list(message.get("headers") or ())
         headers += [
             (b"x-request-id", info.request_id.encode("ascii")),
@@ -191,6 +216,12 @@ class LoopGuardMiddleware:
             (b"x-blocking-total-ms", f"{total_ms:.2f}".encode("ascii")),
             (b"x-blocking-detected", b"true" if count else b"false"),
         ]
+        if self.config.dev_mode:
+            # Browsers' devtools show Server-Timing next to the request: the time it was frozen
+            # by others' blocks so far, and the time its own code blocked the loop. A header of
+            # its own, so an app's Server-Timing is left as it is (the values list up).
+            timing = f"loopguard-wait;dur={_dur(wait_ms)}, loopguard-block;dur={_dur(total_ms)}"
+            headers.append((b"server-timing", timing.encode("ascii")))
         return {**message, "headers": headers}
 
     async def _serve_metrics(self, scope: Scope, send: Send) -> None:
@@ -247,6 +278,12 @@ class LoopGuardMiddleware:
                     self._failed("stopping the engine")
 
         await self.app(scope, receive_and_start, send_and_stop)
+
+
+def _dur(ms: float) -> str:
+    """A Server-Timing duration: milliseconds to a tenth, without a trailing ``.0``."""
+    text = f"{ms:.1f}"
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

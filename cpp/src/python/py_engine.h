@@ -36,6 +36,12 @@ struct TaskLookup {
   PyObject* task_type = nullptr;
 };
 
+// What a request's end hands back to Python, in one crossing: its final counters, and whether
+// events wait to be drained.
+struct RequestEnd : RequestCounters {
+  bool pending = false;
+};
+
 class PyEngine {
  public:
   // Must be called on the loop thread, with the GIL: that thread is the one being watched.
@@ -81,12 +87,13 @@ class PyEngine {
   }
   // Ends the request. When its code was part of a stall still in progress, that stall is over
   // (the request's code ran again, to finish), so it is settled now: its events are delivered
-  // before the request is done. True when events are ready to drain. One crossing per request
+  // before the request is done. `pending`: events are ready to drain. One crossing per request
   // end; the GIL is released only when there is a stall of this request's to settle.
-  bool end_request(std::uint64_t token) {
+  RequestEnd end_request(std::uint64_t token) {
     Engine& e = engine();
-    if (e.end_request(token)) return settle();
-    return e.has_events();
+    RequestEnd out;
+    out.pending = e.end_request(token, &out) ? settle() : e.has_events();
+    return out;
   }
   // The same, without ending a request (strict mode at response start, a loop about to stop).
   bool settle() {

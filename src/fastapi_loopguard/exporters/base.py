@@ -40,6 +40,14 @@ class Exporter:
         only known while the request runs (its trace span) must be taken here.
         """
 
+    #: Whether ``request_ended`` does anything: skipped otherwise, for the same reason.
+    wants_request_ends = False
+
+    def request_ended(self, info: RequestInfo, wait_ms: float, block_ms: float) -> None:
+        """Called when a request (or label) ends, with the time it spent frozen by blocks that
+        others caused (``wait_ms``) and the time its own code blocked the loop (``block_ms``),
+        both as the engine summed them up."""
+
     def export(self, event: BlockingEvent, info: RequestInfo | None) -> None:
         """Called once per event, on the loop thread, after the stall."""
         raise NotImplementedError
@@ -61,9 +69,13 @@ class RouteLabels:
         self._seen: set[str] = set()
 
     def route(self, event: BlockingEvent) -> str:
-        if event.method is None:
+        return self.route_of(event.method, event.route)
+
+    def route_of(self, method: str | None, route: str | None) -> str:
+        """The label of a request with this method and route template (an event's, or a
+        finished request's)."""
+        if method is None:
             return NO_REQUEST  # labelled work or no request at all: no route to speak of
-        route = event.route
         if route is None:
             return UNMATCHED_ROUTE
         if route not in self._seen:

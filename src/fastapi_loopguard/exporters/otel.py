@@ -5,7 +5,10 @@ no SDK every call is a no-op. The request's span is taken when the request start
 event is delivered after the stall, when that span is no longer current and may have ended. The
 event becomes a span ``event loop blocked`` covering exactly the blocked interval, a child of the
 request's span, with the culprit and kind as attributes; if the request's span is still open, it
-also gets a span event, so the block shows on the request itself.
+also gets a span event, so the block shows on the request itself. As its response completes,
+and again when it ends, the request's span (while still open) gets ``loopguard.wait_ms`` and
+``loopguard.block_ms``: how long it was frozen by others' blocks, and how long its own code
+blocked the loop.
 """
 
 from __future__ import annotations
@@ -83,6 +86,23 @@ class OTelExporter(Exporter):
         span = trace.get_current_span()
         if span.get_span_context().is_valid:
             info.trace_span = span
+
+    wants_request_ends = True
+
+    def request_ended(self, info: RequestInfo, wait_ms: float, block_ms: float) -> None:
+        self.annotate(info, wait_ms, block_ms)
+
+    @staticmethod
+    def annotate(info: RequestInfo, wait_ms: float, block_ms: float) -> None:
+        """Puts the request's delay on its span, if that is still open.
+
+        Called at the request's end, and by the middleware just before the response's last
+        body message: FastAPI's own server span ends as that message goes out, before the
+        request is over for us. A span that has ended takes no attributes and is left alone.
+        """
+        span = info.trace_span
+        if span is not None and span.is_recording():
+            span.set_attributes({"loopguard.wait_ms": wait_ms, "loopguard.block_ms": block_ms})
 
     def export(self, event: BlockingEvent, info: RequestInfo | None) -> None:
         route, method = self.routes.route(event), self.routes.method(event)

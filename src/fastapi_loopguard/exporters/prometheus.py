@@ -8,6 +8,10 @@ Two sources feed them:
   ``module:function``, never a path) and ``loopguard_worker_blocking_events_total{worker}`` (the
   worker's index, else its pid: one series per worker process, also in multiprocess mode, where
   counters are otherwise summed over workers) are ordinary prometheus_client metrics;
+* requests, as they end: ``loopguard_request_wait_seconds{route}``, how long each request was
+  frozen by blocks that other requests (or code outside requests) caused, zero included, so its
+  quantiles are over all requests of the route. The engine has summed it up already: one
+  observation per request is the only work, and only with this exporter on;
 * the engine's own totals (loop-lag histogram, saturation, drops, hangs, threshold), which change
   without any Python running. In one process a custom collector reads them at scrape time, so
   nothing polls. With ``PROMETHEUS_MULTIPROC_DIR`` set, a scrape reaches one worker and reads the
@@ -64,6 +68,8 @@ LAG_BUCKETS = (
     5.0,
     10.0,
 )
+# Waits start small (a request that began just before a block ended) and are 0 for most requests.
+WAIT_BUCKETS = (0.001, *DURATION_BUCKETS)
 SYNC_INTERVAL_S = 1.0
 
 _DOC = {
@@ -77,6 +83,8 @@ _DOC = {
     "dropped": "Events the engine could not hand over because the queue was full.",
     "culprit": "Time the event loop was blocked, by culprit (module:function) and kind.",
     "worker": "Blocking events, by worker (its index if known, else its pid).",
+    "wait": "How long each request was frozen by blocks that other requests' code, or code "
+    "outside requests, caused.",
 }
 
 
@@ -164,6 +172,13 @@ class _Metrics:
         self.worker_events = Counter(
             "loopguard_worker_blocking_events", _DOC["worker"], ["worker"], registry=registry
         )
+        self.wait = Histogram(
+            "loopguard_request_wait_seconds",
+            _DOC["wait"],
+            ["route"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
         self.collector: _EngineCollector | None = None
         self.mirror: _Mirror | None = None
         if multiprocess:
@@ -237,6 +252,14 @@ class PrometheusExporter(Exporter):
         )
         m.worker_events.labels(identity().label).inc()
         self.sync()
+
+    wants_request_ends = True
+
+    def request_ended(self, info: RequestInfo, wait_ms: float, block_ms: float) -> None:
+        if info.method is None:
+            return  # labelled work (lifespan, tests): no request anybody waits for
+        m = self.metrics
+        m.wait.labels(m.routes.route_of(info.method, info.route)).observe(wait_ms / 1000)
 
     def request_started(self, info: RequestInfo) -> None:
         # Only in multiprocess mode: a clock read per request, a copy at most once a second.
