@@ -1,8 +1,8 @@
 """The victims' delay: how long each request was frozen by blocks that others caused.
 
 One real uvicorn server (both loops) runs the integrations app with every surface on: dev-mode
-headers, Prometheus, and OpenTelemetry (the ASGI instrumentation and the SDK's in-memory
-exporter). Innocent requests await while another request's ``time.sleep(0.2)`` holds
+headers, Prometheus, OpenTelemetry (the ASGI instrumentation and the SDK's in-memory exporter)
+and the event log. Innocent requests await while another request's ``time.sleep(0.2)`` holds
 the loop: each innocent must learn that it waited about that long and blocked nothing, and the
 culprit the reverse. Bounds are loose on purpose: a busy host stretches every block, and only
 the scenario's physics (a 200 ms sleep freezes whoever is in flight for 200 ms) is asserted.
@@ -11,6 +11,7 @@ the scenario's physics (a 200 ms sleep freezes whoever is in flight for 200 ms) 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,14 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+
+from fastapi_loopguard.report import load_event_log, render
+from fastapi_loopguard.report.model import delay_by_route, percentile
+from fastapi_loopguard.report.terminal import print_report
 
 from .conftest import Server, start_server, stop_server
+from .test_report import ANSI_PATH, HOSTILE_ROUTE, Document
 
 APP = "tests.apps.integrations:app"
 INNOCENTS = 4
@@ -32,6 +39,7 @@ def server(loop_name: str, tmp_path: Path) -> Iterator[Server]:
         "dev_mode": True,
         "prometheus_enabled": True,
         "otel_enabled": True,
+        "event_log_path": str(tmp_path / "events.jsonl"),
     }
     env = {"LOOPGUARD_TEST_OTEL": "1", "LOOPGUARD_TEST_OPTIONS": json.dumps(options)}
     server = start_server(APP, loop_name, tmp_path, env=env)
@@ -75,7 +83,7 @@ def _request_spans(url: str, count: int) -> list[dict[str, Any]]:
     raise AssertionError(f"no request span carries the delay: {spans}")
 
 
-def test_innocents_wait_the_culprit_blocks(server: Server) -> None:
+def test_innocents_wait_the_culprit_blocks(server: Server, tmp_path: Path) -> None:
     guilty, innocents = asyncio.run(_traffic(server.url))
     assert guilty.status_code == 200
     assert all(r.status_code == 200 for r in innocents)
@@ -110,4 +118,58 @@ def test_innocents_wait_the_culprit_blocks(server: Server) -> None:
         assert span["attributes"]["loopguard.wait_ms"] >= 150
         assert span["attributes"]["loopguard.block_ms"] == 0
 
+    # The event log: a record per delayed request, which the report reads.
+    stop_server(server)
+    report = load_event_log(str(tmp_path / "events.jsonl"))
+    [culprit_record] = [r for r in report.requests if r["route"] == "/sleep/{ms}"]
+    assert culprit_record["block_ms"] >= 150 and culprit_record["blocks"] == 1
+    assert culprit_record["request_id"] == "culprit-1"
+    innocent = [r for r in report.requests if r["route"] == "/innocent"]
+    assert len(innocent) == INNOCENTS
+    assert all(r["wait_ms"] >= 150 and r["block_ms"] == 0 for r in innocent)
+    rows = {d.key: d for d in delay_by_route(report.requests)}
+    assert len(rows["GET /innocent"].waited) == INNOCENTS
+    assert rows["GET /innocent"].blocked == []
+    assert len(rows["GET /sleep/{ms}"].blocked) == 1
     print(f"{server.loop}: innocents waited {sorted(waits)} ms, culprit {culprit}")
+
+
+def _record(route: str, wait_ms: float, block_ms: float, **extra: Any) -> str:
+    fields = {"type": "request", "method": "GET", "route": route, "path": route}
+    return json.dumps({**fields, "wait_ms": wait_ms, "block_ms": block_ms, **extra})
+
+
+def test_report_shows_delay_percentiles_per_route(tmp_path: Path) -> None:
+    lines = [_record("/a", float(ms), 0.0) for ms in range(1, 101)]  # waits of 1 .. 100 ms
+    lines += [_record("/b", 0.0, 300.0, blocks=2), _record("/b", 40.0, 100.0, blocks=1)]
+    lines += [_record(HOSTILE_ROUTE, 5.0, 0.0), _record(ANSI_PATH, 7.0, 0.0)]
+    lines += [
+        _record("/bad", -1.0, 0.0),  # negative: not a record
+        json.dumps({"type": "request", "wait_ms": "long", "block_ms": 0}),
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = load_event_log(str(path))
+    assert report.skipped == 2
+    rows = {d.key: d for d in delay_by_route(report.requests)}
+    a, b = rows["GET /a"], rows["GET /b"]
+    assert (percentile(a.waited, 0.5), percentile(a.waited, 0.99)) == (50.0, 99.0)
+    assert a.blocked == []
+    assert (b.waited, sorted(b.blocked)) == ([40.0], [100.0, 300.0])
+    assert percentile(b.blocked, 0.5) == 100.0 and percentile(b.blocked, 0.99) == 300.0
+
+    html = render(report)
+    doc = Document(html)
+    assert {t for t, _ in doc.tags}.isdisjoint({"script", "img"})
+    text = "".join(doc.text)
+    assert "Victims' delay per route" in text
+    assert f"GET {HOSTILE_ROUTE}" in text  # as text, exactly
+    assert "\x1b" not in html and "\r" not in html
+    row = html.split("<code>GET /a</code>")[1].split("</tr>")[0]
+    assert ">100<" in row and ">50.0 ms<" in row and ">99.0 ms<" in row
+
+    out = io.StringIO()
+    print_report(Console(file=out, width=200, color_system=None), report)
+    terminal = out.getvalue()
+    assert "Victims' delay per route" in terminal
+    assert "\x1b" not in terminal and "\\x1b[31mRED" in terminal

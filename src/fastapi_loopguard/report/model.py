@@ -7,6 +7,11 @@ may be truncated, edited or hostile, and a bad line is skipped and counted, neve
 
 Several logs (the workers of one host, or of many) merge into one report: events are ordered by
 time, and each process is told apart by (host, pid), since pids repeat across hosts.
+
+The victims' delay comes from the log's ``request`` records: one per request that waited for
+others' blocks or blocked itself, with both figures as the engine summed them up. Requests that
+did neither are not in the log, so its percentiles are over the delayed requests of a route,
+not over all of them (the Prometheus histogram ``loopguard_request_wait_seconds`` has those).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ KINDS = (
 
 Event = dict[str, Any]
 Stats = dict[str, Any]
+Request = dict[str, Any]
 
 _MAX_FRAMES = 256
 _MAX_TEXT = 4096
@@ -55,6 +61,8 @@ class Report:
     stats: list[Stats] = field(default_factory=list)
     source: str = ""
     skipped: int = 0  # lines of the log that were not a valid record
+    # Requests that waited or blocked, as they ended (see the module's docstring).
+    requests: list[Request] = field(default_factory=list)
 
     @property
     def total_ms(self) -> float:
@@ -156,6 +164,42 @@ def by_route(events: Iterable[Event]) -> list[Group]:
         label = route_label(event)
         groups.setdefault(label, Group((label,))).add(event)
     return sorted(groups.values(), key=lambda g: (-g.total_ms, g.key))
+
+
+@dataclass
+class Delay:
+    """The delay the logged requests of one route suffered (waited) and inflicted (blocked)."""
+
+    key: str
+    waited: list[float] = field(default_factory=list)  # ms, of the requests that waited
+    blocked: list[float] = field(default_factory=list)  # ms, of the requests that blocked
+
+    def add(self, request: Request) -> None:
+        if request["wait_ms"] > 0:
+            self.waited.append(request["wait_ms"])
+        if request["block_ms"] > 0:
+            self.blocked.append(request["block_ms"])
+
+    @property
+    def wait_total_ms(self) -> float:
+        return sum(self.waited)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest rank: a value that occurred (few requests make p99 their worst), None if none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)), 1) - 1]
+
+
+def delay_by_route(requests: Iterable[Request]) -> list[Delay]:
+    """One row per route of the logged requests, the longest waited for first."""
+    rows: dict[str, Delay] = {}
+    for request in requests:
+        label = route_label(request)
+        rows.setdefault(label, Delay(label)).add(request)
+    return sorted(rows.values(), key=lambda d: (-d.wait_total_ms, -sum(d.blocked), d.key))
 
 
 def by_culprit(events: Iterable[Event]) -> list[Group]:
@@ -269,6 +313,7 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
 def load_event_logs(paths: Sequence[str]) -> Report:
     """Reads and merges event logs; raises OSError if one cannot be read."""
     events: list[Event] = []
+    requests: list[Request] = []
     stats: dict[tuple[str, int, str | None], Stats] = {}
     skipped = 0
     for path in paths:
@@ -284,6 +329,8 @@ def load_event_logs(paths: Sequence[str]) -> Report:
                 kind = record.get("type") if isinstance(record, dict) else None
                 if kind == "event" and (event := normalize_event(record)) is not None:
                     events.append(event)
+                elif kind == "request" and (request := normalize_request(record)) is not None:
+                    requests.append(request)
                 elif kind == "stats" and (stat := normalize_stats(record)) is not None:
                     stats[worker_key(stat)] = stat  # a process's last one is the most complete
                 else:
@@ -292,7 +339,7 @@ def load_event_logs(paths: Sequence[str]) -> Report:
     source = ", ".join(os.path.basename(p) for p in paths[:3])
     if len(paths) > 3:
         source += f" and {len(paths) - 3} more"
-    return Report(events, list(stats.values()), source, skipped)
+    return Report(events, list(stats.values()), source, skipped, requests)
 
 
 def normalize_event(raw: object) -> Event | None:
@@ -324,6 +371,28 @@ def normalize_event(raw: object) -> Event | None:
         "stack_missing": raw.get("stack_missing") is True,
         "hang": raw.get("hang") is True,
         "task": _text(raw.get("task")),
+        "pid": _count(raw.get("pid")),
+        "host": _name(raw.get("host")),
+        "worker": _name(raw.get("worker")),
+    }
+
+
+def normalize_request(raw: object) -> Request | None:
+    """A checked copy of one request record, or None when it is not one."""
+    if not isinstance(raw, Mapping):
+        return None
+    wait, block = raw.get("wait_ms"), raw.get("block_ms")
+    if not (_number(wait) and _number(block)) or wait < 0 or block < 0:
+        return None
+    return {
+        "request_id": _text(raw.get("request_id")),
+        "method": _text(raw.get("method")),
+        "path": _text(raw.get("path")),
+        "route": _text(raw.get("route")),
+        "wait_ms": float(wait),
+        "block_ms": float(block),
+        "blocks": _count(raw.get("blocks")),
+        "time": float(raw["time"]) if _number(raw.get("time")) else 0.0,
         "pid": _count(raw.get("pid")),
         "host": _name(raw.get("host")),
         "worker": _name(raw.get("worker")),

@@ -31,7 +31,9 @@ from .model import (
     by_route,
     by_worker,
     culprit_hints,
+    delay_by_route,
     lag_percentiles,
+    percentile,
     source_lines,
 )
 from .profile import Node, call_tree
@@ -306,6 +308,40 @@ def routes(report: Report) -> str:
     )
 
 
+def delay(report: Report) -> str:
+    """Per route, the delay its delayed requests suffered and inflicted (the log's request
+    records; nothing when it has none, as a log older than them or the live page)."""
+    rows = delay_by_route(report.requests)
+    if not rows:
+        return ""
+
+    def ms(value: float | None) -> str:
+        return esc(charts.fmt_ms(value)) if value is not None else "-"
+
+    body = []
+    for d in rows:
+        body.append(
+            f'<tr><td data-label="route"><code>{esc(d.key)}</code></td>'
+            f'<td class="n" data-label="waited">{len(d.waited)}</td>'
+            f'<td class="n" data-label="wait p50">{ms(percentile(d.waited, 0.5))}</td>'
+            f'<td class="n" data-label="wait p99">{ms(percentile(d.waited, 0.99))}</td>'
+            f'<td class="n" data-label="blocked">{len(d.blocked)}</td>'
+            f'<td class="n" data-label="block p50">{ms(percentile(d.blocked, 0.5))}</td>'
+            f'<td class="n" data-label="block p99">{ms(percentile(d.blocked, 0.99))}</td></tr>'
+        )
+    return (
+        "<h2>Victims' delay per route</h2>"
+        '<p class="muted">How long requests were frozen by blocks that other requests (or code '
+        "outside requests) caused, and how long their own code blocked the loop. Percentiles "
+        "are over the requests of the route that waited, or blocked: requests that did neither "
+        "are not in the log.</p>"
+        '<div class="scroll"><table class="culprits delay"><thead><tr><th>route</th>'
+        '<th class="n">waited</th><th class="n">wait p50</th><th class="n">wait p99</th>'
+        '<th class="n">blocked</th><th class="n">block p50</th><th class="n">block p99</th>'
+        f"</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
 def workers(report: Report) -> str:
     """Per process, when the report merges more than one (several workers, several hosts)."""
     known = report.workers()
@@ -565,6 +601,7 @@ def render(
         f'<section id="lg-summary">{parts["lg-summary"]}</section>'
         f'<section id="lg-timeline">{parts["lg-timeline"]}</section>'
         f'<section id="lg-routes">{parts["lg-routes"]}</section>'
+        f'<section id="lg-delay">{delay(report)}</section>'
         f'<section id="lg-workers">{parts["lg-workers"]}</section>'
         f'<section id="lg-lag">{parts["lg-lag"]}</section>'
         f'<section id="lg-durations">{parts["lg-durations"]}</section>'

@@ -1,4 +1,5 @@
-"""The report in a terminal, with rich: routes, culprit lines with their source, victims, loop lag.
+"""The report in a terminal, with rich: routes, the victims' delay, culprit lines with their source,
+victims, loop lag.
 
 Strings from requests and logs are passed through ``_text.escape`` (control characters, ANSI
 sequences) and put into ``rich.text.Text`` objects, which never interpret markup, so a path
@@ -21,7 +22,9 @@ from .model import (
     by_route,
     by_worker,
     culprit_hints,
+    delay_by_route,
     lag_percentiles,
+    percentile,
     source_lines,
 )
 
@@ -48,6 +51,37 @@ def _kinds(counts: dict[str, int]) -> Text:
     return text
 
 
+def _print_delay(console: Console, report: Report) -> None:
+    """Per route, the delay suffered and inflicted, from the log's request records (if any)."""
+    rows = delay_by_route(report.requests)
+    if not rows:
+        return
+
+    def ms(values: list[float], q: float) -> str:
+        value = percentile(values, q)
+        return fmt_ms(value) if value is not None else "-"
+
+    table = Table(
+        title="Victims' delay per route (over the requests that waited, or blocked)",
+        title_justify="left",
+        expand=False,
+    )
+    table.add_column("route", overflow="fold")
+    for column in ("waited", "wait p50", "wait p99", "blocked", "block p50", "block p99"):
+        table.add_column(column, justify="right")
+    for d in rows:
+        table.add_row(
+            Text(escape(d.key)),
+            str(len(d.waited)),
+            ms(d.waited, 0.5),
+            ms(d.waited, 0.99),
+            str(len(d.blocked)),
+            ms(d.blocked, 0.5),
+            ms(d.blocked, 0.99),
+        )
+    console.print(table)
+
+
 def print_report(console: Console, report: Report, top: int = 8) -> None:
     events = report.events
     console.print()
@@ -72,6 +106,8 @@ def print_report(console: Console, report: Report, top: int = 8) -> None:
             routes.add_row(Text(escape(g.key[0])), *figures, _kinds(g.kinds))
         console.print(routes)
 
+    _print_delay(console, report)
+    if events:
         workers = report.workers()
         if len(workers) > 1:
             groups = by_worker(events)
