@@ -88,7 +88,14 @@ def _write_log(path: Path) -> int:
         "lag_max_ms": 340.0,
         "stalls": 30,
     }
-    path.write_text("\n".join([*lines, json.dumps(stats)]) + "\n")
+    # The victims' delay: requests that waited for those blocks, and the ones that blocked.
+    delays = [("/prices", 120.0, 0.0), ("/sleep/{ms}", 0.0, 210.0), (f"/x/{PWN}", 80.0, 95.0)]
+    delays.append(("/orders", 15.0, 0.0))
+    requests = [
+        {"type": "request", "method": "GET", "route": route, "wait_ms": wait, "block_ms": block}
+        for route, wait, block in delays
+    ]
+    path.write_text("\n".join([*lines, *map(json.dumps, requests), json.dumps(stats)]) + "\n")
     return len(lines)
 
 
@@ -117,6 +124,7 @@ def test_static_report_in_chromium(tmp_path: Path) -> None:
         assert charts["events"] == count
         assert charts["scripts"] == 0 and charts["pwned"] is None
         assert charts["sleepFill"] == "rgb(0, 114, 178)"  # the stylesheet passed the CSP
+        assert page.evaluate("document.querySelectorAll('table.delay tbody tr').length") == 4
         page.screenshot(ARTIFACTS / "report-1280.png")
         page.set_width(390, mobile=True)
         assert page.evaluate(PHONE_FITS)

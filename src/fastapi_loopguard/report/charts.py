@@ -38,8 +38,9 @@ def fmt_ms(ms: float) -> str:
 
 
 # The figures shown for each route, in order: (terminal column, the figure, the page's phrase).
-# One list, so a figure added here (the victims' delay percentiles, once the engine measures
-# them and Group holds them) reaches the terminal table and the page's route rows at once.
+# One list, so a figure added here reaches the terminal table and the page's route rows at once.
+# These are drawn from events, by the culprit's route; the victims' delay is about the routes
+# that waited, from the request records, and has a table of its own (model.delay_by_route).
 ROUTE_FIGURES: tuple[tuple[str, Callable[[Group], str], str], ...] = (
     ("events", lambda g: str(g.events), "{} events"),
     ("total", lambda g: fmt_ms(g.total_ms), "{} in all"),
