@@ -75,6 +75,15 @@ bool RequestTable::end(std::uint64_t token, RequestCounters* last) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (last != nullptr) *last = get_locked(token);
   inflight_.erase(token);
+  return settles_locked(token);
+}
+
+bool RequestTable::settles(std::uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return settles_locked(token);
+}
+
+bool RequestTable::settles_locked(std::uint64_t token) const {
   return std::find(live_settled_.begin(), live_settled_.end(), token) != live_settled_.end();
 }
 

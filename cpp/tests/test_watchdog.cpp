@@ -536,6 +536,29 @@ TEST_F(EngineTest, WaitIsLiveUpToTheLastSampleWhileTheStallGoesOn) {
   EXPECT_EQ(engine_->request_counters(culprit).total, 70 * kMs);
 }
 
+// A culprit whose stall is settled before its end (the extension does so when ends_stall says
+// it may) gets the committed counters back, not the live estimate up to the last sample.
+TEST_F(EngineTest, CulpritSettledBeforeItsEndGetsFinalCounters) {
+  const std::uint64_t culprit = engine_->begin_request();
+  py_->token = culprit;
+  LoopBusy();
+  Step();
+  for (const Nanos dt : {50 * kMs, 2 * kMs, 10 * kMs}) {  // three samples: well sampled
+    Advance(dt);
+    Step();
+  }
+  Advance(5 * kMs);
+  EXPECT_TRUE(engine_->ends_stall(culprit));
+  EXPECT_EQ(engine_->request_counters(culprit).total, 62 * kMs);  // live: up to the sample
+  LoopWaits();  // what settle() does: the busy stretch ends, the watchdog finishes the stall
+  Step();
+  EXPECT_FALSE(engine_->ends_stall(culprit));
+  RequestCounters last;
+  EXPECT_FALSE(engine_->end_request(culprit, &last));
+  EXPECT_EQ(last.count, 1u);
+  EXPECT_EQ(last.total, 67 * kMs);
+}
+
 // Heartbeat mode (no select hooks): a beat promises the next one within `interval`. When it is a
 // threshold late, the loop has been stuck since the beat was due.
 TEST_F(EngineTest, HeartbeatStall) {

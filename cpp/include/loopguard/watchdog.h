@@ -95,6 +95,8 @@ class RequestTable {
   // still going on, for sure. `last`, when given, gets the request's counters as of its end,
   // the live part of a stall still in progress included (see get()).
   bool end(std::uint64_t token, RequestCounters* last = nullptr);
+  // Whether the request's live event is well sampled: what end() would return, without ending.
+  bool settles(std::uint64_t token) const;
   std::uint32_t inflight() const;
   bool contains(std::uint64_t token) const;
   // Committed counters plus the live events of the stall in progress, each as far as the
@@ -126,6 +128,7 @@ class RequestTable {
   // Adds the spans to one request's counters: its own as blocks, the others' as waiting.
   static void add(RequestCounters& out, std::uint64_t token, Nanos begin, const Spans& spans);
   RequestCounters get_locked(std::uint64_t token) const;
+  bool settles_locked(std::uint64_t token) const;
 
   mutable std::mutex mutex_;
   std::uint64_t next_ = 1;
@@ -267,6 +270,11 @@ class Engine {
   // settle() now, so that its events are delivered before the request is over. `last` gets the
   // request's final counters (see RequestTable::get for a stall still in progress).
   bool end_request(std::uint64_t token, RequestCounters* last = nullptr);
+  // What end_request would return, asked before it: a caller that settles first, while the
+  // request is still in the table, gets counters that the stall's commit has made final.
+  bool ends_stall(std::uint64_t token) const {
+    return stall_active_.load(std::memory_order_acquire) && requests_.settles(token);
+  }
   // Whether drain() has anything, without taking a lock.
   bool has_events() const noexcept { return ring_.has_items(); }
   // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic),

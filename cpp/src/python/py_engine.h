@@ -88,10 +88,14 @@ class PyEngine {
   // Ends the request. When its code was part of a stall still in progress, that stall is over
   // (the request's code ran again, to finish), so it is settled now: its events are delivered
   // before the request is done. `pending`: events are ready to drain. One crossing per request
-  // end; the GIL is released only when there is a stall of this request's to settle.
+  // end; the GIL is released only when there is a stall of this request's to settle. It is
+  // settled while the request is still in the table, so the stall's commit credits it and the
+  // counters handed back are final, not the live estimate; should the watchdog not finish it in
+  // time, end_request still says so, and it is settled once more after the end.
   RequestEnd end_request(std::uint64_t token) {
     Engine& e = engine();
     RequestEnd out;
+    if (e.ends_stall(token)) (void)settle();
     out.pending = e.end_request(token, &out) ? settle() : e.has_events();
     return out;
   }
