@@ -19,9 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from fastapi_loopguard import LoopGuard, LoopGuardConfig
+from fastapi_loopguard.exporters.base import MAX_ROUTES, OTHER_ROUTE
+from fastapi_loopguard.exporters.prometheus import PrometheusExporter
+from fastapi_loopguard.guard import RequestInfo
 from fastapi_loopguard.report import load_event_log, render
 from fastapi_loopguard.report.model import delay_by_route, percentile
 from fastapi_loopguard.report.terminal import print_report
@@ -132,6 +137,64 @@ def test_innocents_wait_the_culprit_blocks(server: Server, tmp_path: Path) -> No
     assert rows["GET /innocent"].blocked == []
     assert len(rows["GET /sleep/{ms}"].blocked) == 1
     print(f"{server.loop}: innocents waited {sorted(waits)} ms, culprit {culprit}")
+
+
+def test_block_outside_requests_makes_victims(loop_name: str, tmp_path: Path) -> None:
+    """A callback in an empty Context blocks: no request is its culprit, and every request in
+    flight waits for it, the one that scheduled it included (it awaits meanwhile)."""
+    server = start_server("tests.apps.detection:app", loop_name, tmp_path)
+    try:
+
+        async def traffic() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                idle = asyncio.create_task(client.get("/idle"))
+                await asyncio.sleep(0.1)
+                scheduler = await client.get("/callback")
+                return scheduler, await idle
+
+        scheduler, idle = asyncio.run(traffic())
+    finally:
+        stop_server(server)
+    for response in (scheduler, idle):
+        assert response.status_code == 200
+        t = timing(response)
+        assert t["loopguard-wait"] >= 80, response.headers  # the callback's 120 ms sleep
+        assert t["loopguard-block"] == 0
+        assert response.headers["x-blocking-count"] == "0"
+
+
+def test_wait_histogram_labels_are_bounded_and_escaped() -> None:
+    registry = CollectorRegistry()
+    guard = LoopGuard(LoopGuardConfig(prometheus_enabled=True, prometheus_registry=registry))
+    [exporter] = [e for e in guard.exporters if isinstance(e, PrometheusExporter)]
+
+    def ended(method: str | None, route: str | None, wait_ms: float = 12.0) -> None:
+        info = RequestInfo(1, "id", method, "/raw/path?secret=1", None, _route=route)
+        exporter.request_ended(info, wait_ms, 0.0)
+
+    hostile = '/a"b\\c\n{x}'
+    ended("GET", hostile)
+    ended("GET", None)  # matched no route
+    ended(None, None)  # labelled work (lifespan, a test): not a request, not observed
+    for i in range(MAX_ROUTES + 5):
+        ended("GET", f"/r{i}", 0.0)
+    text = generate_latest(registry).decode()
+    assert "/raw/path" not in text and "secret" not in text
+    assert 'route="/a\\"b\\\\c\\n{x}"' in text  # prometheus_client's own escaping
+    name = "loopguard_request_wait_seconds"
+    assert _metric(text, f"{name}_count", route=hostile) == 1
+    assert _metric(text, f"{name}_sum", route=hostile) == 0.012
+    assert _metric(text, f"{name}_count", route="<unmatched>") == 1
+    # The hostile template took one of the MAX_ROUTES slots: the last 6 /r{i} share <other>.
+    assert _metric(text, f"{name}_count", route=OTHER_ROUTE) == 6
+    assert _metric(text, f"{name}_bucket", route=OTHER_ROUTE, le="0.001") == 6  # zeros count
+    routes = {
+        s.labels["route"]
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == f"{name}_count"
+    }
+    assert "<none>" not in routes
 
 
 def _record(route: str, wait_ms: float, block_ms: float, **extra: Any) -> str:
