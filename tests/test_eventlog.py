@@ -120,8 +120,11 @@ def test_hostile_request_path_stays_one_record(loop_name: str, tmp_path: Path) -
     text = log.read_text()
     assert text.isascii()
     written = records(log)
-    assert [r["type"] for r in written] == ["event", "stats"]
+    # The request blocked, so its end writes a request record after the event, path and all.
+    assert [r["type"] for r in written] == ["event", "request", "stats"]
     assert written[0]["path"] == HOSTILE  # kept exactly, escaped only by JSON
+    assert written[1]["path"] == HOSTILE
+    assert written[1]["blocks"] == 1 and written[1]["block_ms"] >= 100
 
 
 def _append_many(path: str, tag: str, count: int) -> None:

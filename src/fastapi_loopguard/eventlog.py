@@ -6,11 +6,12 @@ the HTML report. Records are JSON objects with a ``type``:
 - ``event``: the fields of one ``BlockingEvent`` (``stack`` and ``culprit`` as objects with
   ``filename``, ``lineno`` and ``function``), plus ``pid``, ``host`` and ``worker`` (see
   ``workers.py``), so logs of several workers and hosts can be merged;
-- ``request``: a request that ended after waiting or blocking: ``request_id``, ``method``,
-  ``path``, ``route``, ``wait_ms`` (how long blocks that others caused froze it), ``block_ms``
-  and ``blocks`` (what its own code did), ``time``, and ``pid``, ``host``, ``worker``. Requests
-  that neither waited nor blocked are not written (one write per request would be a cost on
-  every request), so a report's percentiles of these are over the delayed requests only;
+- ``request``: a request (not labelled work) that ended after waiting or blocking:
+  ``request_id``, ``method``, ``path``, ``route``, ``wait_ms`` (how long blocks that others
+  caused froze it), ``block_ms`` and ``blocks`` (what its own code did), ``time``, and ``pid``,
+  ``host``, ``worker``. Requests that neither waited nor blocked are not written (one write per
+  request would be a cost on every request), so a report's percentiles of these are over the
+  delayed requests only;
 - ``stats``: ``LoopGuard.stats()`` when a guard stops (loop-lag percentiles, counters), plus
   ``pid``, ``host``, ``worker``, ``time`` and ``event_log_lost`` (events this process could not
   write).

@@ -306,9 +306,14 @@ class LoopGuard:
                 exporter.request_ended(info, wait_ms, block_ms)
             except Exception:
                 logger.exception("fastapi_loopguard: exporter %r failed on a request", exporter)
-        # Only requests that waited or blocked: one record per request would cost every request
-        # a write, and the report's percentiles are about the delayed ones (see eventlog.py).
-        if self._event_log is not None and (ended.wait_ns or ended.count):
+        # Only requests (labelled work is nobody's request to wait for, and its blocks are in
+        # its events) that waited or blocked: one record per request would cost every request a
+        # write, and the report's percentiles are about the delayed ones (see eventlog.py).
+        if (
+            self._event_log is not None
+            and info.method is not None
+            and (ended.wait_ns or ended.count)
+        ):
             self._event_log.write_request(info, wait_ms, block_ms, ended.count)
 
     def settle(self) -> None:
