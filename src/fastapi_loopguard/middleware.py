@@ -282,8 +282,7 @@ class LoopGuardMiddleware:
 
 def _dur(ms: float) -> str:
     """A Server-Timing duration: milliseconds to a tenth, without a trailing ``.0``."""
-    text = f"{ms:.1f}"
-    return text[:-2] if text.endswith(".0") else text
+    return f"{ms:.1f}".removesuffix(".0")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -179,6 +179,9 @@ class _Metrics:
             buckets=WAIT_BUCKETS,
             registry=registry,
         )
+        # Its child per route label, kept: observed on every request, and labels() alone costs
+        # more than the observation. As bounded as the route labels themselves.
+        self.wait_by_route: dict[str, Any] = {}
         self.collector: _EngineCollector | None = None
         self.mirror: _Mirror | None = None
         if multiprocess:
@@ -259,7 +262,11 @@ class PrometheusExporter(Exporter):
         if info.method is None:
             return  # labelled work (lifespan, tests): no request anybody waits for
         m = self.metrics
-        m.wait.labels(m.routes.route_of(info.method, info.route)).observe(wait_ms / 1000)
+        route = m.routes.route_of(info.method, info.route)
+        child = m.wait_by_route.get(route)
+        if child is None:
+            child = m.wait_by_route[route] = m.wait.labels(route)
+        child.observe(wait_ms / 1000)
 
     def request_started(self, info: RequestInfo) -> None:
         # Only in multiprocess mode: a clock read per request, a copy at most once a second.
