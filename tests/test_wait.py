@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from fastapi_loopguard import LoopGuard, LoopGuardConfig
+from fastapi_loopguard import LoopGuard, LoopGuardConfig, LoopGuardMiddleware
 from fastapi_loopguard.exporters.base import MAX_ROUTES, OTHER_ROUTE
 from fastapi_loopguard.exporters.prometheus import PrometheusExporter
 from fastapi_loopguard.guard import RequestInfo
@@ -31,7 +33,9 @@ from fastapi_loopguard.report import load_event_log, render
 from fastapi_loopguard.report.model import delay_by_route, percentile
 from fastapi_loopguard.report.terminal import print_report
 
+from .asgi import call, http_scope
 from .conftest import Server, start_server, stop_server
+from .test_guard import run
 from .test_report import ANSI_PATH, HOSTILE_ROUTE, Document
 
 APP = "tests.apps.integrations:app"
@@ -236,3 +240,29 @@ def test_report_shows_delay_percentiles_per_route(tmp_path: Path) -> None:
     terminal = out.getvalue()
     assert "Victims' delay per route" in terminal
     assert "\x1b" not in terminal and "\\x1b[31mRED" in terminal
+
+
+def test_server_timing_only_in_dev_mode_and_beside_the_apps_own(loop_name: str) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        time.sleep(0.12)
+        headers = [(b"server-timing", b"db;dur=3")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main(config: LoopGuardConfig) -> list[tuple[bytes, bytes]]:
+        middleware = LoopGuardMiddleware(app, config)
+        messages = await call(middleware, http_scope("/x"))
+        middleware.guard.stop()
+        start = next(m for m in messages if m["type"] == "http.response.start")
+        return list(start["headers"])
+
+    quiet = LoopGuardConfig(log_blocking_events=False)
+    dev = run(loop_name, lambda: main(replace(quiet, dev_mode=True)))
+    timings = [v.decode() for k, v in dev if k == b"server-timing"]
+    assert timings[0] == "db;dur=3"  # the app's own, untouched
+    ours = dict(e.strip().split(";dur=") for e in timings[1].split(","))
+    assert float(ours["loopguard-block"]) >= 100 and ours["loopguard-wait"] == "0"
+    # warn mode adds the X-Blocking headers without dev_mode; Server-Timing stays dev-only.
+    warn = run(loop_name, lambda: main(replace(quiet, enforcement_mode="warn")))
+    assert (b"x-blocking-detected", b"true") in warn
+    assert [v for k, v in warn if k == b"server-timing"] == [b"db;dur=3"]
