@@ -6,6 +6,10 @@ and the event log. Innocent requests await while another request's ``time.sleep(
 the loop: each innocent must learn that it waited about that long and blocked nothing, and the
 culprit the reverse. Bounds are loose on purpose: a busy host stretches every block, and only
 the scenario's physics (a 200 ms sleep freezes whoever is in flight for 200 ms) is asserted.
+
+Then a block with no culprit request (a callback in an empty Context), and, in-process or from
+files, the rest: Server-Timing only in dev_mode, the histogram's labels bounded and escaped, and
+the report's table from request records, hostile ones included.
 """
 
 from __future__ import annotations
@@ -102,13 +106,11 @@ def test_innocents_wait_the_culprit_blocks(server: Server, tmp_path: Path) -> No
     assert culprit["loopguard-block"] >= 150
     assert culprit["loopguard-wait"] < 100  # nobody else blocked meanwhile
     assert float(guilty.headers["x-blocking-total-ms"]) >= 150  # the old headers stay
-    waits = []
     for response in innocents:
         t = timing(response)
         assert t["loopguard-block"] == 0
         assert t["loopguard-wait"] >= 150, response.headers
         assert response.headers["x-blocking-count"] == "0"
-        waits.append(t["loopguard-wait"])
 
     # Prometheus: one observation per request, in seconds, by route template.
     text = httpx.get(server.url + "/metrics", timeout=10).text
@@ -140,7 +142,6 @@ def test_innocents_wait_the_culprit_blocks(server: Server, tmp_path: Path) -> No
     assert len(rows["GET /innocent"].waited) == INNOCENTS
     assert rows["GET /innocent"].blocked == []
     assert len(rows["GET /sleep/{ms}"].blocked) == 1
-    print(f"{server.loop}: innocents waited {sorted(waits)} ms, culprit {culprit}")
 
 
 def test_block_outside_requests_makes_victims(loop_name: str, tmp_path: Path) -> None:
