@@ -3,8 +3,8 @@
 Import the JSON in Grafana (Dashboards, New, Import); it asks nothing: the data source is a
 dashboard variable, and ``job`` and ``instance`` variables filter every panel. Panels: how much
 of the time the loop was blocked, by route and by kind; the top culprits (``module:function``);
-loop-lag and block-duration percentiles; the requests frozen; events per worker and per
-instance; the threshold; hangs and dropped events.
+loop-lag and block-duration percentiles; the requests frozen, and how long (the victims' delay
+per route); events per worker and per instance; the threshold; hangs and dropped events.
 
 Every expression is built here, in one list, so the tests run each one against a real
 Prometheus scraping a real app (tests/test_ops.py).
@@ -150,6 +150,19 @@ PANELS: tuple[Panel, ...] = (
         "second.",
         (Target(f"sum(rate({_q('loopguard_requests_delayed_total')}[{RATE}]))", "frozen"),),
         unit="reqps",
+    ),
+    Panel(
+        "Victims' delay p99 by route",
+        "99th percentile of how long a request was frozen by blocks that other requests (or "
+        "code outside requests) caused, per route, over every request.",
+        (
+            Target(
+                "histogram_quantile(0.99, sum by (le, route) "
+                f"(rate({_q('loopguard_request_wait_seconds_bucket')}[{RATE}])))",
+                "{{route}}",
+            ),
+        ),
+        unit="s",
     ),
     Panel(
         "Blocking events per worker",
