@@ -1908,6 +1908,37 @@ TEST_F(ThreadedEngineTest, SettleFinishesTheStallInProgress) {
   EXPECT_FALSE(engine_->unsettled());
 }
 
+// The victims' delay with a real watchdog thread (the TSan run's case): the loop thread reads the
+// live wait while the watchdog samples, then the culprit's end settles the stall first, and the
+// counters handed back match the event exactly, for the culprit and its victim alike.
+TEST_F(ThreadedEngineTest, WaitAndBlockMatchTheEventAcrossThreads) {
+  Make(WatchdogConfig{});
+  const std::uint64_t culprit = engine_->begin_request();
+  const std::uint64_t victim = engine_->begin_request();
+  py_->token = culprit;
+  os_->loop_waiting = false;
+  engine_->wait_end();
+  Nanos live = 0;
+  ASSERT_TRUE(WaitFor([&] {
+    live = std::max(live, engine_->request_counters(victim).wait);
+    return engine_->stats().samples >= 4;
+  }));
+  EXPECT_GE(live, 50 * kMs);  // the threshold had passed before the first sample
+  ASSERT_TRUE(engine_->ends_stall(culprit));
+  os_->loop_waiting = true;
+  engine_->settle();  // what the extension does before ending the culprit
+  RequestCounters last;
+  EXPECT_FALSE(engine_->end_request(culprit, &last));
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(last.count, 1u);
+  EXPECT_EQ(last.total, events[0].duration);
+  EXPECT_EQ(last.wait, 0);
+  engine_->end_request(victim, &last);
+  EXPECT_EQ(last.wait, events[0].duration);
+  EXPECT_EQ(last.count, 0u);
+}
+
 // watch_thread_exit() on a thread that then exits: the engine stops watching, and its watchdog
 // thread ends (stop() finds nothing left to join).
 TEST_F(ThreadedEngineTest, WatchedThreadExitEndsTheWatch) {
