@@ -156,6 +156,19 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
   for (std::size_t r = 0; r < runs.size(); ++r) {
     const auto [first, last] = runs[r];
     const Nanos end = r + 1 < runs.size() ? (s[last]->t + s[runs[r + 1].first]->t) / 2 : in.end;
+    // A request cannot have held the loop before it began. A run reaches back to the stall's
+    // start (or the previous run's end) because samples only begin once a threshold has passed;
+    // on a saturated loop, though, two samples that caught one short request (descheduled
+    // between them) would pin on it all the busy time before it even existed. That time was
+    // other, unsampled work: saturation.
+    for (std::size_t i = first; i <= last; ++i) {
+      if (s[i]->began <= 0) continue;
+      if (s[i]->began > start && s[i]->began < end) {
+        out.saturated += s[i]->began - start;
+        start = s[i]->began;
+      }
+      break;
+    }
     // Loop or library code outside any request, with no application frame in any sample: not
     // actionable, and on a saturated loop indistinguishable from many short callbacks.
     bool anonymous = true;

@@ -71,6 +71,12 @@ std::string RequestTable::label(std::uint64_t token) const {
   return it == inflight_.end() ? std::string() : it->second.label;
 }
 
+Nanos RequestTable::began(std::uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = inflight_.find(token);
+  return it == inflight_.end() ? 0 : it->second.begin;
+}
+
 bool RequestTable::end(std::uint64_t token, RequestCounters* last) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (last != nullptr) *last = get_locked(token);
@@ -656,6 +662,7 @@ void Engine::take_sample() {
   // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to
   // whatever ran after the stall and must not be pinned on it.
   if (pulse_.epoch() != stall_.epoch) return;
+  if (s.token != 0) s.began = requests_.began(s.token);
   stall_.prev_t = s.t;
   stall_.prev_run_delay = os.run_delay;
   samples_.fetch_add(1, std::memory_order_relaxed);

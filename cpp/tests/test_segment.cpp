@@ -430,5 +430,30 @@ TEST(SplitStall, CpuRatioClamped) {
   EXPECT_EQ(r.events[0].cpu, 70 * kMs);
 }
 
+// A saturated loop: detection at +50 ms and its confirmation at +52 ms both caught request 7,
+// which began at +48 ms (descheduled in between); then request 8. Request 7 cannot have held the
+// loop before it began, so its run starts at +48: 8 ms, no event. The 48 ms before were other,
+// unsampled work: saturation.
+TEST(SplitStall, ARunStartsNoEarlierThanItsRequestBegan) {
+  std::vector<Sample> samples = {Make(At(50), 7, "short"), Make(At(52), 7, "short"),
+                                 Make(At(60), 8, "other"), Make(At(70), 8, "other")};
+  samples[0].began = samples[1].began = At(48);
+  samples[2].began = samples[3].began = At(-100);  // began long before the stall: no bound
+  const StallResult r = split_stall(samples, Input(At(0), At(120)));
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].token, 8u);
+  EXPECT_EQ(r.events[0].start, At(56));
+  EXPECT_EQ(r.saturated, 56 * kMs);  // +0 to +48 before request 7, and its own 8 ms
+
+  // The same request, blocking from the moment it began: the event starts there.
+  std::vector<Sample> one = {Make(At(50), 7, "slow"), Make(At(52), 7, "slow")};
+  one[0].began = one[1].began = At(3);
+  const StallResult o = split_stall(one, Input(At(0), At(150)));
+  ASSERT_EQ(o.events.size(), 1u);
+  EXPECT_EQ(o.events[0].start, At(3));
+  EXPECT_EQ(o.events[0].duration, 147 * kMs);
+  EXPECT_EQ(o.saturated, 3 * kMs);
+}
+
 }  // namespace
 }  // namespace loopguard

@@ -33,6 +33,7 @@ struct Sample {
   bool found = true;              // false: the sampled thread runs no Python (anymore)
   long thread = 0;                // kernel id of the sampled thread, 0 for the loop thread
   std::uint64_t token = 0;        // request token from the loop thread's Context, 0 = none
+  Nanos began = 0;                // when that request began, 0 when unknown (it ended already)
   std::vector<FrameInfo> frames;  // innermost first, depth bounded by the sampler
   int culprit = -1;               // index into frames of the innermost application frame
   std::uint32_t inflight = 0;     // tracked requests in flight at t

@@ -104,6 +104,8 @@ class RequestTable {
   // moment nobody has looked at.
   RequestCounters get(std::uint64_t token) const;
   std::string label(std::uint64_t token) const;
+  // When a request in flight began, 0 for one that is not (anymore).
+  Nanos began(std::uint64_t token) const;
 
   // One event of a stall: who caused it (0: no request) and when it held the loop.
   struct Span {
