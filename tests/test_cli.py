@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,12 +38,19 @@ def loopguard(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 
 @contextmanager
 def loopguard_run(
-    tmp_path: Path, loop: str, *args: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    loop: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
 ) -> Iterator[Server]:
-    """`loopguard run ...` on a free loopback port, stopped with SIGTERM like a deployment."""
+    """`loopguard run ...` on a free loopback port, stopped with SIGTERM like a deployment.
+
+    ``command`` replaces ``python -m fastapi_loopguard``, e.g. with the console script.
+    """
     port = free_port()
     log_path = tmp_path / f"loopguard-run-{loop}-{port}.log"
-    command = [*LOOPGUARD, "run", *args, "--port", str(port), "--loop", loop]
+    command = [*(command or LOOPGUARD), "run", *args, "--port", str(port), "--loop", loop]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command,
@@ -121,6 +129,47 @@ def test_run_guards_an_unmodified_app(loop_name: str, tmp_path: Path) -> None:
     assert (event["route"], event["kind"], event["victims"]) == ("/sleep/{ms}", "sleep", 2)
     assert event["culprit"] == {"filename": str(PLAIN), "lineno": line, "function": "sleep"}
     assert written[-1]["type"] == "stats"  # written at shutdown, through the lifespan
+
+
+def test_console_script_names_the_library_frame_never_itself(
+    loop_name: str, tmp_path: Path
+) -> None:
+    """`loopguard run` as the installed script, a stack without a line of the app's own: the
+    culprit is the innermost library frame, marked as such, and never the script's own line."""
+    events = tmp_path / "events.jsonl"
+    script = Path(sys.executable).parent / "loopguard"
+    with loopguard_run(
+        tmp_path,
+        loop_name,
+        "tests.apps.plain:app",
+        "--event-log",
+        str(events),
+        command=[str(script)],
+    ) as server:
+        assert httpx.get(server.url + "/rows", timeout=30).status_code == 200
+        deadline = time.monotonic() + 10
+        while not [r for r in records(events) if r["type"] == "event"]:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+    blocked = [r for r in records(events) if r["type"] == "event"]
+    encoding = [r for r in blocked if r["route"] == "/rows" and r["culprit"] is not None]
+    assert encoding, blocked
+    # FastAPI's encoder, or Starlette's json.dumps of the result: library code either way.
+    library = os.path.join(sysconfig.get_paths()["purelib"], "")
+    for event in encoding:
+        culprit = event["culprit"]
+        assert culprit["filename"].startswith(library), culprit
+        assert culprit["function"] in ("jsonable_encoder", "JSONResponse.render"), culprit
+        assert event["culprit_is_library"] is True
+    for event in blocked:
+        # Every path is spelled once, normalised; the script is on the stack, and never named.
+        assert all(f["filename"] == os.path.normpath(f["filename"]) for f in event["stack"])
+        assert event["culprit"] is None or event["culprit"]["filename"] != str(script)
+    assert any(f["filename"] == str(script) for f in encoding[0]["stack"])
+    log = server.log()
+    assert f"culprit={encoding[0]['culprit']['filename']}:" in log
+    assert "(library code)" in log
+    assert f"culprit={script}" not in log
 
 
 def test_run_takes_its_config_from_the_environment(loop_name: str, tmp_path: Path) -> None:

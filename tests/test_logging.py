@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fastapi_loopguard import BlockingEvent, LoopGuard, LoopGuardConfig, LoopGuardMiddleware
+from fastapi_loopguard import BlockingEvent, Frame, LoopGuard, LoopGuardConfig, LoopGuardMiddleware
 from fastapi_loopguard.exporters import logging as log_exporter
 
 from .asgi import call, http_scope
@@ -169,3 +169,40 @@ def test_no_rate_limit_when_zero(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="fastapi_loopguard")
     asyncio.run(main())
     assert len([r for r in caplog.records if "Event loop blocked" in r.getMessage()]) == 4
+
+
+def test_rate_limit_keys_on_the_library_culprit(caplog: pytest.LogCaptureFixture) -> None:
+    """Stacks without application code name their innermost library frame, and each library
+    source has a budget of its own: one noisy library line cannot silence another."""
+    site = "/venv/lib/python3.11/site-packages"
+    execute = Frame(f"{site}/datasette/database.py", 212, "execute_fn")
+    render = Frame(f"{site}/jinja2/environment.py", 1295, "Template.render")
+
+    def blocked(culprit: Frame) -> BlockingEvent:
+        return BlockingEvent(
+            duration_ms=120.0,
+            kind="cpu",
+            request_id="r",
+            method="GET",
+            path="/db/t",
+            route="/db/{table}",
+            stack=(culprit,),
+            culprit=culprit,
+            culprit_is_library=True,
+            cpu_ms=120.0,
+            victims=0,
+            started_at=time.time(),
+        )
+
+    exporter = log_exporter.LoggingExporter("text", per_minute=2)
+    caplog.set_level(logging.WARNING, logger="fastapi_loopguard")
+    for _ in range(5):
+        exporter.export(blocked(execute), None)
+    exporter.export(blocked(render), None)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "in execute_fn (library code)" in m]) == 2
+    assert len([m for m in messages if "in Template.render (library code)" in m]) == 1
+    exporter.flush()
+    assert "3 similar blocking events from " + f"{execute.filename}:execute_fn" in (
+        caplog.records[-1].getMessage()
+    )

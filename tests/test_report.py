@@ -285,3 +285,30 @@ def test_report_from_events_in_memory() -> None:
     assert by_route(report.events)[0].key == ("GET /items/{item_id}",)
     assert report.stats == [{"lag_p99_ms": 130.0, "pid": 7}]
     assert "GET /items/{item_id}" in render(report)
+
+
+def test_library_culprits_are_grouped_as_such(tmp_path: Path) -> None:
+    """Events whose stacks held no application code name a library line; the report keeps them
+    apart from the app's own lines, which come first however long the library ones took."""
+    app = {"filename": "/srv/app/main.py", "lineno": 12, "function": "handler"}
+    lib = {"filename": "/venv/site-packages/datasette/database.py", "lineno": 212, "function": "f"}
+    path = tmp_path / "events.jsonl"
+    records = [
+        event(1.0, 80.0, "sleep", "/items/{id}", app),
+        {**event(2.0, 900.0, "gil", "/db/{table}", lib), "culprit_is_library": True},
+        {**event(3.0, 700.0, "cpu", "/db/{table}", lib), "culprit_is_library": True},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = load_event_log(str(path))
+    groups = by_culprit(report.events)
+    assert [(g.key[0], g.library, g.events) for g in groups] == [
+        (app["filename"], False, 1),
+        (lib["filename"], True, 2),
+    ]
+    out = io.StringIO()
+    print_report(Console(file=out, width=160, color_system=None), report)
+    text = out.getvalue()
+    own, library = text.split("Library code (no line of the app was on the stack)")
+    assert "main.py:12 in handler" in own and "database.py" not in own
+    assert "database.py:212 in f" in library
+    assert "database.py:212</code> in <code>f</code> (library code)" in render(report)

@@ -62,6 +62,7 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
     ev.stack = rep->frames;
     ev.culprit = rep->culprit;
     ev.task = rep->task;
+    ev.culprit_is_library = rep->culprit_is_library;
   } else {
     ev.stack_missing = true;
   }
@@ -90,6 +91,19 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
 
 bool identified(const Sample& s) { return s.has_stack || s.token != 0; }
 
+// Outside any request, the loop thread in code that is not the user's: that is what a loop
+// saturated by many short callbacks looks like, because samples land where the loop lets go of
+// the GIL, so on the same uvicorn or stdlib function each time. Such samples never join up, and
+// runs of them are never events. Two kinds of sample are not that: the loop thread waiting on a
+// futex (a lock, or the GIL), which only happens when another thread holds what it needs, and a
+// GIL holder's stack, which is another thread's. Those stay stalls, with or without a request;
+// otherwise a loop held for a quarter of a second by a SQL thread's lock would vanish.
+bool saturation_like(const Sample& s) noexcept {
+  const bool held_by_another_thread =
+      s.kind == Kind::kLock || s.kind == Kind::kGil || s.thread != 0;
+  return s.token == 0 && s.has_stack && !held_by_another_thread && !names_application(s);
+}
+
 }  // namespace
 
 bool same_culprit(const Sample& a, const Sample& b) noexcept {
@@ -97,11 +111,9 @@ bool same_culprit(const Sample& a, const Sample& b) noexcept {
   // Outside requests, the task is what a request is inside them: two tasks' blocks are never
   // one event, even when they run the same function back to back.
   if (a.token == 0 && a.has_stack && b.has_stack && a.task != b.task) return false;
-  // Outside any request, library and loop code (no application frame) is where a saturated loop
-  // spends its time, and samples can only land where the loop releases the GIL, so many short
-  // callbacks look alike (the same uvicorn or stdlib function each time). Such samples are never
-  // taken for one long culprit. Samples without any stack (the GIL was held) still join up.
-  if (a.token == 0 && a.has_stack && b.has_stack && (a.culprit < 0 || b.culprit < 0)) return false;
+  // Never taken for one long culprit (see saturation_like). Samples without any stack (the GIL
+  // was held) still join up.
+  if (a.has_stack && b.has_stack && (saturation_like(a) || saturation_like(b))) return false;
   const FrameInfo* fa = key_frame(a);
   const FrameInfo* fb = key_frame(b);
   // Without a stack on one side the request is all we can compare.
@@ -169,12 +181,10 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
       }
       break;
     }
-    // Loop or library code outside any request, with no application frame in any sample: not
-    // actionable, and on a saturated loop indistinguishable from many short callbacks.
+    // Loop or library code running outside any request, with no application frame in any
+    // sample: not actionable, and indistinguishable from many short callbacks.
     bool anonymous = true;
-    for (std::size_t i = first; i <= last && anonymous; ++i) {
-      anonymous = s[i]->token == 0 && s[i]->has_stack && s[i]->culprit < 0;
-    }
+    for (std::size_t i = first; i <= last && anonymous; ++i) anonymous = saturation_like(*s[i]);
     bool counted = false;
     if (end - start >= in.threshold && !anonymous) {
       bool measured = false;

@@ -707,13 +707,15 @@ void Engine::fill_late_stack(Nanos until) {
   if (late.t < stall_.start || late.t > limit || !late.has_stack) return;
   // The GIL holder seen only after it had left its request (back waiting in its pool): where it
   // is now says nothing about what held the GIL. The stall keeps its kind without a culprit.
-  if (late.thread != 0 && late.token == 0 && late.culprit < 0) return;
+  // (Its library frames would be the pool's own loop: a thread back in anyio's worker loop.)
+  if (late.thread != 0 && late.token == 0 && !names_application(late)) return;
   bool used = false;
   for (auto& s : stall_.samples) {
     if (s.has_stack || s.t > late.t) continue;
     s.token = late.token;
     s.frames = late.frames;
     s.culprit = late.culprit;
+    s.culprit_is_library = late.culprit_is_library;
     s.task = late.task;
     s.has_stack = true;
     used = true;

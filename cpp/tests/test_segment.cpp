@@ -231,6 +231,57 @@ TEST(SplitStall, LibraryOnlySamplesOutsideRequestsDoNotJoin) {
   EXPECT_EQ(split_stall(samples, Input(kT0, At(80))).events.size(), 1u);
 }
 
+// Outside any request, the loop thread waiting on a futex is held by another thread, not busy
+// with many callbacks: the run is a stall even with only the loop's own frames on the stack
+// (Datasette: a cursor freed on the loop waits for the SQLite connection a SQL thread holds).
+TEST(SplitStall, LockWaitsOutsideRequestsAreStalls) {
+  std::vector<Sample> samples;
+  for (Nanos ms : {50, 52, 62, 72}) {
+    Sample s = Make(At(ms), 0, "BaseEventLoop._run_once", 1907, Kind::kLock);
+    s.culprit = -1;
+    samples.push_back(s);
+  }
+  const StallResult r = split_stall(samples, Input(kT0, At(80)));
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].kind, Kind::kLock);
+  EXPECT_EQ(r.events[0].culprit, -1);
+  EXPECT_EQ(r.events[0].duration, At(80) - kT0);
+}
+
+// A GIL holder's stack is another thread's: library code there, outside any request (a pool
+// thread of run_in_executor carries no Context), is the stall's culprit, marked as library code.
+TEST(SplitStall, AGilHoldersLibraryFrameNamesTheStall) {
+  std::vector<Sample> samples;
+  for (Nanos ms : {50, 52, 62, 72}) {
+    Sample s = Make(At(ms), 0, "execute_fn", 212, Kind::kGil);
+    s.thread = 4242;
+    s.culprit_is_library = true;
+    samples.push_back(s);
+  }
+  const StallResult r = split_stall(samples, Input(kT0, At(80)));
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].kind, Kind::kGil);
+  EXPECT_EQ(r.events[0].culprit, 1);
+  EXPECT_TRUE(r.events[0].culprit_is_library);
+}
+
+// A library culprit is still no application frame: outside requests, the loop running library
+// code is saturation, as before there were library culprits.
+TEST(SplitStall, RunningLibraryCodeOutsideRequestsIsSaturation) {
+  std::vector<Sample> samples;
+  for (Nanos ms : {50, 52, 62, 72}) {
+    Sample s = Make(At(ms), 0, "data_received", 10, Kind::kCpu);
+    s.culprit_is_library = true;
+    samples.push_back(s);
+  }
+  EXPECT_TRUE(split_stall(samples, Input(kT0, At(80))).events.empty());
+  // In a request, the same samples are that request's stall, and the event says it is library code.
+  for (auto& s : samples) s.token = 3;
+  const StallResult r = split_stall(samples, Input(kT0, At(80)));
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_TRUE(r.events[0].culprit_is_library);
+}
+
 // Victims are the other requests in flight, the most seen in the run; the culprit's own request
 // is not its own victim.
 TEST(SplitStall, VictimsExcludeTheCulprit) {

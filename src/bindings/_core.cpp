@@ -1,11 +1,13 @@
 // The one binding file: it converts types between Python and the engine and holds no logic.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "loopguard/classify.h"
 #include "loopguard/event.h"
+#include "loopguard/frame_filter.h"
 #include "loopguard/watchdog.h"
 #include "py_engine.h"
 
@@ -46,10 +48,37 @@ NB_MODULE(_core, m) {
       .def_rw("min_samples", &ThresholdConfig::min_samples)
       .def_rw("update_interval_ns", &ThresholdConfig::update_interval);
 
+  nb::class_<FrameFilterConfig>(m, "FrameFilterConfig")
+      .def(nb::init<>())
+      .def_rw("application_prefixes", &FrameFilterConfig::application_prefixes)
+      .def_rw("library_prefixes", &FrameFilterConfig::library_prefixes)
+      .def_rw("runtime_prefixes", &FrameFilterConfig::runtime_prefixes)
+      .def_rw("loop_prefixes", &FrameFilterConfig::loop_prefixes)
+      .def_rw("own_prefixes", &FrameFilterConfig::own_prefixes)
+      .def_rw("launcher_prefixes", &FrameFilterConfig::launcher_prefixes)
+      .def_rw("loop_entry_functions", &FrameFilterConfig::loop_entry_functions)
+      .def_rw("main_script", &FrameFilterConfig::main_script);
+
+  nb::class_<FrameFilter>(m, "FrameFilter")
+      .def(nb::init<FrameFilterConfig>(), nb::arg("config"))
+      .def("normalized", &FrameFilter::normalized, nb::arg("path"))
+      .def(
+          "culprit",
+          // (filename, function) pairs, innermost first -> (index or -1, is library code)
+          [](FrameFilter& self, const std::vector<std::pair<std::string, std::string>>& frames) {
+            std::vector<FrameInfo> stack(frames.size());
+            for (std::size_t i = 0; i < frames.size(); ++i) {
+              stack[i].filename = frames[i].first;
+              stack[i].function = frames[i].second;
+            }
+            const Culprit c = self.apply(stack);
+            return std::make_pair(c.index, c.library);
+          },
+          nb::arg("frames"));
+
   nb::class_<SamplerConfig>(m, "SamplerConfig")
       .def(nb::init<>())
-      .def_rw("library_prefixes", &SamplerConfig::library_prefixes)
-      .def_rw("application_prefixes", &SamplerConfig::application_prefixes)
+      .def_rw("frames", &SamplerConfig::frames)
       .def_rw("max_depth", &SamplerConfig::max_depth)
       .def_rw("loop_is_main_thread", &SamplerConfig::loop_is_main_thread);
 
@@ -66,6 +95,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("kind", [](const Event& e) { return kind_name(e.kind); })
       .def_ro("stack", &Event::stack)
       .def_ro("culprit", &Event::culprit)
+      .def_ro("culprit_is_library", &Event::culprit_is_library)
       .def_ro("victims", &Event::victims)
       .def_ro("samples", &Event::samples)
       .def_ro("stack_missing", &Event::stack_missing)

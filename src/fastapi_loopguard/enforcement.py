@@ -14,6 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from ._text import escape
+from .events import culprit_text
 from .hints import hint_for_event
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ PENDING = "culprit pending (the event was not delivered in time; see the log)"
 
 def _culprit(event: BlockingEvent) -> str:
     if event.culprit is not None:
-        return escape(str(event.culprit), 400)
+        return escape(culprit_text(event), 400)
     return "<stack unavailable>"
 
 

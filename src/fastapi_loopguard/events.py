@@ -29,9 +29,11 @@ class BlockingEvent:
     the thread's CPU clock (steps after the request became suspect), and its
     stack shows where the request waited right after the last of them. ``stack`` runs from
     the outermost frame to the innermost; ``culprit`` is the innermost frame of application code
-    (not the standard library, not site-packages, not this package). ``victims`` counts the
-    *other* requests in flight while the loop was blocked. ``task`` names what ran outside
-    requests (the task's name and its coroutine, or ``(callback)``).
+    (not the standard library, not site-packages, not this package, never the entry point such
+    as the ``loopguard`` console script). When the stack holds no application code at all, the
+    culprit is the innermost library frame instead and ``culprit_is_library`` is true.
+    ``victims`` counts the *other* requests in flight while the loop was blocked. ``task`` names
+    what ran outside requests (the task's name and its coroutine, or ``(callback)``).
     """
 
     duration_ms: float
@@ -51,3 +53,11 @@ class BlockingEvent:
     # Outside requests, what ran: "name (coroutine)" for an asyncio task, "(callback)" for a plain
     # callback; None inside a request (the request names it) or when no stack was taken.
     task: str | None = None
+    culprit_is_library: bool = False
+
+
+def culprit_text(event: BlockingEvent) -> str:
+    """The culprit as log lines and pages show it, saying so when it is library code."""
+    if event.culprit is None:
+        return "<stack unavailable>" if event.stack_missing else "<no culprit>"
+    return f"{event.culprit} (library code)" if event.culprit_is_library else str(event.culprit)

@@ -15,9 +15,7 @@ import contextvars
 import itertools
 import logging
 import os
-import site
 import sys
-import sysconfig
 import threading
 import time
 import types
@@ -32,8 +30,9 @@ from . import _native
 from ._text import escape
 from .config import LoopGuardConfig
 from .eventlog import EventLog
-from .events import BlockingEvent, Frame
+from .events import BlockingEvent, Frame, culprit_text
 from .exporters.base import Exporter
+from .frames import frame_config, frame_filter
 from .pulse import LoopHooks
 
 logger = logging.getLogger("fastapi_loopguard")
@@ -80,20 +79,6 @@ class RequestInfo:
         self.scope = None
 
 
-def _library_prefixes() -> list[str]:
-    """Directories whose frames are never the culprit: stdlib, site-packages, this package."""
-    paths = sysconfig.get_paths()
-    prefixes = {paths.get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    prefixes.update(site.getsitepackages())
-    if site.ENABLE_USER_SITE and site.USER_SITE:
-        prefixes.add(site.USER_SITE)
-    prefixes.add(os.path.dirname(os.path.abspath(__file__)))
-    return sorted(os.path.join(p, "") for p in prefixes if p)
-
-
-_LIBRARY_PREFIXES = _library_prefixes()
-# The bundled demo app is application code, although it is installed inside this package.
-_APPLICATION_PREFIXES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "")]
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
 # Called with (guard, event) for every event of every guard in the process, on the loop thread
 # that delivers it: the pytest plugin watches a test through whichever guards its app carries.
@@ -452,8 +437,17 @@ class LoopGuard:
             # coroutine waits now, right after the last of them.
             stack = _suspended_stack(coro) if coro is not None else ()
             if stack:
-                culprit = next((f for f in reversed(stack) if _is_application(f.filename)), None)
-                event = replace(event, stack=stack, culprit=culprit, stack_missing=False)
+                index, library = frame_filter().culprit(
+                    [(f.filename, f.function) for f in stack[::-1]]
+                )
+                culprit = stack[-1 - index] if index >= 0 else None
+                event = replace(
+                    event,
+                    stack=stack,
+                    culprit=culprit,
+                    culprit_is_library=library,
+                    stack_missing=False,
+                )
             if info.events is None:
                 info.events = []
             info.events.append(event)
@@ -510,6 +504,7 @@ class LoopGuard:
             route=info.route if info else None,
             stack=tuple(reversed(frames)),
             culprit=culprit,
+            culprit_is_library=raw.culprit_is_library,
             cpu_ms=raw.cpu_ns / _NS_PER_MS,
             victims=raw.victims,
             started_at=wall - (now_ns - raw.start_ns) / 1e9,
@@ -605,17 +600,9 @@ def _suspended_stack(coro: object) -> tuple[Frame, ...]:
         if frame is None:
             break
         code = frame.f_code
-        frames.append(Frame(code.co_filename, frame.f_lineno or 0, code.co_qualname))
+        filename = frame_filter().normalized(code.co_filename)  # spelled as the sampler spells it
+        frames.append(Frame(filename, frame.f_lineno or 0, code.co_qualname))
     return tuple(frames)
-
-
-def _is_application(filename: str) -> bool:
-    """The same rule as the native sampler's: neither stdlib, site-packages nor this package."""
-    if not filename or filename.startswith("<"):
-        return False
-    if any(filename.startswith(p) for p in _APPLICATION_PREFIXES):
-        return True
-    return not any(filename.startswith(p) for p in _LIBRARY_PREFIXES)
 
 
 def format_event(event: BlockingEvent) -> str:
@@ -637,7 +624,7 @@ def format_event(event: BlockingEvent) -> str:
     if event.hang:
         details.append("hang=true")
     if event.culprit is not None:
-        details.append(f"culprit={escape(str(event.culprit), 400)}")
+        details.append(f"culprit={escape(culprit_text(event), 400)}")
     elif event.stack_missing:
         details.append("culprit=<stack unavailable>")
     details.append(f"victims={event.victims}")
@@ -733,8 +720,7 @@ def _engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
     threshold.min_samples = cfg.adaptive_min_samples
     threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
     sampler = core.SamplerConfig()
-    sampler.library_prefixes = _LIBRARY_PREFIXES
-    sampler.application_prefixes = _APPLICATION_PREFIXES
+    sampler.frames = frame_config()
     sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()
     return watchdog, threshold, sampler
 

@@ -27,20 +27,26 @@ struct Sample {
   Nanos t = 0;     // monotonic time of the OS reading
   Nanos cpu = -1;  // loop thread CPU clock at t, -1 when unknown
   Kind kind = Kind::kUnknown;
-  bool has_stack = false;         // false: the GIL could not be had in time, or stacks are off
-  bool no_gil = false;            // the sampler could not get the GIL in time (stays true when a
-                                  // late stack fills this sample in)
-  bool found = true;              // false: the sampled thread runs no Python (anymore)
-  long thread = 0;                // kernel id of the sampled thread, 0 for the loop thread
-  std::uint64_t token = 0;        // request token from the loop thread's Context, 0 = none
-  Nanos began = 0;                // when that request began, 0 when unknown (it ended already)
-  std::vector<FrameInfo> frames;  // innermost first, depth bounded by the sampler
-  int culprit = -1;               // index into frames of the innermost application frame
-  std::uint32_t inflight = 0;     // tracked requests in flight at t
+  bool has_stack = false;           // false: the GIL could not be had in time, or stacks are off
+  bool no_gil = false;              // the sampler could not get the GIL in time (stays true when a
+                                    // late stack fills this sample in)
+  bool found = true;                // false: the sampled thread runs no Python (anymore)
+  long thread = 0;                  // kernel id of the sampled thread, 0 for the loop thread
+  std::uint64_t token = 0;          // request token from the loop thread's Context, 0 = none
+  Nanos began = 0;                  // when that request began, 0 when unknown (it ended already)
+  std::vector<FrameInfo> frames;    // innermost first, depth bounded by the sampler
+  int culprit = -1;                 // index into frames of the culprit (see frame_filter.h)
+  bool culprit_is_library = false;  // no application frame: the culprit is library code
+  std::uint32_t inflight = 0;       // tracked requests in flight at t
   // Outside any request: what ran ("name (coroutine)" for a task, "(callback)" for a plain
   // handle); empty inside a request, or without a stack.
   std::string task;
 };
+
+// Whether the sample names a line of the user's own code, not library code taken for want of it.
+inline bool names_application(const Sample& s) noexcept {
+  return s.culprit >= 0 && !s.culprit_is_library;
+}
 
 struct Event {
   std::uint64_t token = 0;
@@ -50,6 +56,7 @@ struct Event {
   Kind kind = Kind::kUnknown;
   std::vector<FrameInfo> stack;  // innermost first
   int culprit = -1;
+  bool culprit_is_library = false;
   std::uint32_t victims = 0;
   std::uint32_t samples = 0;
   bool stack_missing = false;

@@ -11,14 +11,14 @@
 #include <string>
 #include <vector>
 
+#include "loopguard/frame_filter.h"
 #include "loopguard/uv_pulse.h"
 #include "loopguard/watchdog.h"
 
 namespace loopguard {
 
 struct SamplerConfig {
-  std::vector<std::string> library_prefixes;      // frames under these are not application code
-  std::vector<std::string> application_prefixes;  // ... unless they are also under one of these
+  FrameFilterConfig frames;  // which frame of a stack is the culprit
   std::size_t max_depth = 64;
   // The loop runs on the main thread (uvicorn, gunicorn workers): CPython runs pending calls
   // there, which lets the loop thread take a stack itself the moment it gets the GIL back.

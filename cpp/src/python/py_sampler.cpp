@@ -68,6 +68,7 @@ class PySampler final : public StackSampler {
         request_var_(request_var),
         tasks_(tasks),
         config_(std::move(config)),
+        filter_(config_.frames),
         pid_(::getpid()) {
     {
       std::lock_guard<std::mutex> guard(registry_mutex());
@@ -188,6 +189,7 @@ class PySampler final : public StackSampler {
     out.frames = std::move(result_.frames);
     out.culprit = result_.culprit;
     out.task = std::move(result_.task);
+    out.culprit_is_library = result_.culprit_is_library;
     return result_.found;
   }
 
@@ -334,17 +336,6 @@ class PySampler final : public StackSampler {
     return nullptr;  // the loop thread is gone, or the target runs no Python
   }
 
-  bool is_application(const std::string& filename) const {
-    if (filename.empty() || filename[0] == '<') return false;  // <frozen ...>, <string>
-    for (const auto& prefix : config_.application_prefixes) {
-      if (filename.compare(0, prefix.size(), prefix) == 0) return true;
-    }
-    for (const auto& prefix : config_.library_prefixes) {
-      if (filename.compare(0, prefix.size(), prefix) == 0) return false;
-    }
-    return true;
-  }
-
   std::uint64_t read_token(PyThreadState* tstate) const {
     PyObject* ctx = compat::thread_context(tstate);
     if (ctx == nullptr) return 0;
@@ -415,8 +406,6 @@ class PySampler final : public StackSampler {
         info.function = utf8_of(compat::code_qualname(code));
         if (compat::is_coroutine_code(code)) outermost_coroutine = info.function;
         Py_DECREF(code);
-        if (out.culprit < 0 && is_application(info.filename))
-          out.culprit = static_cast<int>(out.frames.size());
         out.frames.push_back(std::move(info));
         PyFrameObject* back = PyFrame_GetBack(frame);
         Py_DECREF(frame);
@@ -424,6 +413,11 @@ class PySampler final : public StackSampler {
       }
       Py_XDECREF(frame);
       out.has_stack = true;
+      // File names are normalised here, through the filter's cache, so that events, reports and
+      // the culprit rule all see one spelling of each path (never "venv/bin/../lib/...").
+      const Culprit culprit = filter_.apply(out.frames);
+      out.culprit = culprit.index;
+      out.culprit_is_library = culprit.library;
       if (out.token == 0 && target == 0) out.task = describe_task(outermost_coroutine);
     }
     if (gc_was_enabled) PyGC_Enable();
@@ -434,6 +428,7 @@ class PySampler final : public StackSampler {
   PyObject* const request_var_;  // borrowed: PyEngine owns it and outlives this sampler
   const TaskLookup tasks_;       // borrowed, likewise
   const SamplerConfig config_;
+  FrameFilter filter_;
   const pid_t pid_;
   std::uintptr_t id_ = 0;
   LagHistogram pause_;

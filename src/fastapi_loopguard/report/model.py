@@ -128,6 +128,7 @@ class Group:
     kinds: Counter[str] = field(default_factory=Counter)
     kind_ms: Counter[str] = field(default_factory=Counter)
     routes: Counter[str] = field(default_factory=Counter)
+    library: bool = False  # a culprit line in library code: no application frame was on the stack
 
     def add(self, event: Event) -> None:
         self.events += 1
@@ -203,15 +204,17 @@ def delay_by_route(requests: Iterable[Request]) -> list[Delay]:
 
 
 def by_culprit(events: Iterable[Event]) -> list[Group]:
-    """One group per culprit line (filename, line, function), the most blocked-for first."""
+    """One group per culprit line (filename, line, function): application lines first, then
+    library lines (stacks without any application frame), each the most blocked-for first."""
     groups: dict[tuple[str, ...], Group] = {}
     for event in events:
         culprit = event.get("culprit")
         if culprit is None:
             continue
         key = (culprit["filename"], str(culprit["lineno"]), culprit["function"])
-        groups.setdefault(key, Group(key)).add(event)
-    return sorted(groups.values(), key=lambda g: (-g.total_ms, g.key))
+        group = groups.setdefault(key, Group(key, library=event["culprit_is_library"]))
+        group.add(event)
+    return sorted(groups.values(), key=lambda g: (g.library, -g.total_ms, g.key))
 
 
 def culprit_hints(events: Iterable[Event]) -> dict[tuple[str, ...], Hint]:
@@ -364,6 +367,7 @@ def normalize_event(raw: object) -> Event | None:
         "route": _text(raw.get("route")),
         "stack": stack,
         "culprit": _frame(raw.get("culprit")),
+        "culprit_is_library": raw.get("culprit_is_library") is True,
         "cpu_ms": float(raw["cpu_ms"]) if _number(raw.get("cpu_ms")) else 0.0,
         "victims": _count(raw.get("victims")),
         "started_at": float(started),

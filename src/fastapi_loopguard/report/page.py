@@ -455,7 +455,7 @@ def culprits(report: Report) -> str:
             '<tbody class="culprit"><tr>'
             f'<td data-label="where"><code title="{esc(filename)}">'
             f"{esc(os.path.basename(filename))}:{esc(lineno)}</code> in "
-            f"<code>{esc(function)}</code></td>"
+            f"<code>{esc(function)}</code>{' (library code)' if g.library else ''}</td>"
             f'<td data-label="kinds">{esc(", ".join(sorted(g.kinds)))}</td>'
             f'<td class="n" data-label="events">{g.events}</td>'
             f'<td class="n" data-label="total">{esc(charts.fmt_ms(g.total_ms))}</td>'
@@ -471,8 +471,9 @@ def culprits(report: Report) -> str:
     )
     return (
         '<h2>Culprit lines</h2><p class="muted">The innermost line of application code on the '
-        "loop thread while it was blocked, source read when this page was made, and what to "
-        "write instead: for the call that blocked when it is a known one, else for its kind.</p>"
+        "loop thread while it was blocked (of library code, so marked, when the stack held none), "
+        "source read when this page was made, and what to write instead: for the call that "
+        "blocked when it is a known one, else for its kind.</p>"
         '<div class="scroll"><table class="culprits"><thead><tr><th>where</th><th>kinds</th>'
         '<th class="n">events</th><th class="n">total</th><th class="n">worst</th>'
         '<th class="n">froze</th><th>routes</th></tr></thead>'

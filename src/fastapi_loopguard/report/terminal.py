@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 
-from rich.console import Console, Group
+from rich.console import Console
+from rich.console import Group as Lines
 from rich.table import Table
 from rich.text import Text
 
 from .._text import escape
+from ..hints import Hint
 from .charts import ROUTE_FIGURES, fmt_ms
 from .model import (
+    Group,
     Report,
     by_culprit,
     by_route,
@@ -82,6 +85,34 @@ def _print_delay(console: Console, report: Report) -> None:
     console.print(table)
 
 
+def _print_culprits(
+    console: Console, groups: list[Group], hints: dict[tuple[str, ...], Hint], top: int
+) -> None:
+    for g in groups[:top]:
+        filename, lineno, function = g.key
+        line = Text("  ")
+        line.append(f"{escape(os.path.basename(filename))}:{lineno}", style="bold cyan")
+        line.append(f" in {escape(function)}  ")
+        line.append_text(_kinds(g.kinds))
+        line.append(
+            f"  {g.events} events, {fmt_ms(g.total_ms)} (worst {fmt_ms(g.worst_ms)}), "
+            f"froze {g.victims} other requests"
+        )
+        source = [text for n, text in source_lines(filename, int(lineno), 0)]
+        parts: list[Text] = [line]
+        if source:
+            parts.append(Text(f"      {escape(source[0].strip(), 160)}", style="dim"))
+        hint = hints[g.key]
+        fix = Text("      fix: ", style="green")
+        fix.append(escape(hint.fix, 300), style="bold green")
+        parts.append(fix)
+        if hint.call is None:  # a hint by kind: its note says what the placeholder means
+            parts.append(Text(f"      {escape(hint.note, 400)}", style="dim"))
+        console.print(Lines(*parts))
+    if len(groups) > top:
+        console.print(Text(f"  ... and {len(groups) - top} more lines", style="dim"))
+
+
 def print_report(console: Console, report: Report, top: int = 8) -> None:
     events = report.events
     console.print()
@@ -130,36 +161,21 @@ def print_report(console: Console, report: Report, top: int = 8) -> None:
 
         culprits = by_culprit(events)
         hints = culprit_hints(events)
+        app_lines = [g for g in culprits if not g.library]
+        library_lines = [g for g in culprits if g.library]
         console.print(Text("Top culprit lines", style="bold italic"))
-        for g in culprits[:top]:
-            filename, lineno, function = g.key
-            line = Text("  ")
-            line.append(f"{escape(os.path.basename(filename))}:{lineno}", style="bold cyan")
-            line.append(f" in {escape(function)}  ")
-            line.append_text(_kinds(g.kinds))
-            line.append(
-                f"  {g.events} events, {fmt_ms(g.total_ms)} (worst {fmt_ms(g.worst_ms)}), "
-                f"froze {g.victims} other requests"
+        _print_culprits(console, app_lines, hints, top)
+        if library_lines:
+            console.print(
+                Text("Library code (no line of the app was on the stack)", style="bold italic")
             )
-            source = [text for n, text in source_lines(filename, int(lineno), 0)]
-            parts: list[Text] = [line]
-            if source:
-                parts.append(Text(f"      {escape(source[0].strip(), 160)}", style="dim"))
-            hint = hints[g.key]
-            fix = Text("      fix: ", style="green")
-            fix.append(escape(hint.fix, 300), style="bold green")
-            parts.append(fix)
-            if hint.call is None:  # a hint by kind: its note says what the placeholder means
-                parts.append(Text(f"      {escape(hint.note, 400)}", style="dim"))
-            console.print(Group(*parts))
-        if len(culprits) > top:
-            console.print(Text(f"  ... and {len(culprits) - top} more lines", style="dim"))
+            _print_culprits(console, library_lines, hints, top)
         missing = sum(1 for e in events if e["culprit"] is None)
         if missing:
             console.print(
                 Text(
-                    f"  {missing} events without an application line (no stack, or only library "
-                    "frames)",
+                    f"  {missing} events without a culprit line (no stack, or only the loop's and "
+                    "the runtime's frames)",
                     style="dim",
                 )
             )

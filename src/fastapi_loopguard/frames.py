@@ -1,0 +1,97 @@
+"""Where this interpreter keeps what: the directories the native frame filter needs.
+
+The rule that picks a stack's culprit lives in the engine (``cpp/include/loopguard/frame_filter.h``)
+and is used by the sampler at capture and by the guard for a suspended coroutine's stack. All it
+needs from Python is the layout of this interpreter, read once, when the first guard asks (the
+engine is loaded on first use, see _native.py): the standard library, the event loop's
+packages, site-packages, this package, the script directories and the main script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import site
+import sys
+import sysconfig
+from typing import Any
+
+from . import _native
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The functions of asyncio and uvloop that run a loop: asyncio.run, asyncio.Runner.run,
+# uvloop.run, and the loop methods they call (uvloop's own are native and leave no frame).
+_LOOP_ENTRIES = [
+    "run",
+    "Runner.run",
+    "BaseEventLoop.run_forever",
+    "BaseEventLoop.run_until_complete",
+]
+
+
+def _spellings(paths: set[str]) -> list[str]:
+    """Each directory as written and with its symbolic links resolved, both normalised.
+
+    File names in frames are compared lexically (the sampler may not touch the file system), so
+    a directory reached through a link must be known under both of its names.
+    """
+    out = set()
+    for path in paths:
+        if path:
+            out.add(os.path.normpath(os.path.abspath(path)))
+            out.add(os.path.realpath(path))
+    return sorted(os.path.join(p, "") for p in out)
+
+
+def _loop_dirs(stdlib: str) -> set[str]:
+    """asyncio's directory and uvloop's (found without importing it, if it is installed)."""
+    dirs = {os.path.join(stdlib, "asyncio")}
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec("uvloop")
+        if spec is not None and spec.origin:
+            dirs.add(os.path.dirname(spec.origin))
+    return dirs
+
+
+def _main_script() -> str:
+    main = sys.modules.get("__main__")
+    filename = getattr(main, "__file__", None)
+    if not isinstance(filename, str) or filename.startswith("<"):
+        return ""  # an interactive session, python -c: no script
+    return os.path.normpath(os.path.abspath(filename))
+
+
+@functools.cache
+def frame_config() -> Any:
+    """The ``_core.FrameFilterConfig`` describing this interpreter (None without the engine)."""
+    core = _native.load()
+    if core is None:
+        return None
+    paths = sysconfig.get_paths()
+    library = {paths.get("purelib", ""), paths.get("platlib", ""), *site.getsitepackages()}
+    if site.ENABLE_USER_SITE and site.USER_SITE:
+        library.add(site.USER_SITE)
+    scripts = {paths.get("scripts", ""), os.path.dirname(os.path.abspath(sys.executable))}
+    with contextlib.suppress(KeyError):
+        scripts.add(sysconfig.get_path("scripts", f"{os.name}_user"))
+    config = core.FrameFilterConfig()
+    config.runtime_prefixes = _spellings({paths.get("stdlib", ""), paths.get("platstdlib", "")})
+    config.loop_prefixes = _spellings(_loop_dirs(paths.get("stdlib", "")))
+    config.library_prefixes = _spellings(library)
+    config.own_prefixes = _spellings({_PACKAGE_DIR})
+    # The bundled demo is application code, although it is installed inside this package.
+    config.application_prefixes = _spellings({os.path.join(_PACKAGE_DIR, "demo")})
+    config.launcher_prefixes = _spellings(scripts)
+    config.loop_entry_functions = _LOOP_ENTRIES
+    config.main_script = _main_script()
+    return config
+
+
+@functools.cache
+def frame_filter() -> Any:
+    """The same rule for stacks read on the Python side (a cumulative event's suspended
+    coroutine); None without the engine."""
+    core = _native.load()
+    return core.FrameFilter(frame_config()) if core is not None else None
