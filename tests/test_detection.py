@@ -153,6 +153,43 @@ def test_loop_starved_of_the_gil_by_a_sync_endpoint(server: Server) -> None:
     assert not [e for e in events if (e["request_id"] or "").startswith("ping-")]
 
 
+def test_sql_threads_holding_the_gil_are_gil_not_lock(server: Server) -> None:
+    """SQLite queries in asyncio.to_thread, calling Python for every row, keep the GIL busy while
+    requests arrive: the loop thread waits on the GIL's futex at its bytecode boundaries. That
+    is kind gil, blamed on the SQL threads' request and line, never a lock."""
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            # Every thread of the default pool started first: a loop starting a thread waits
+            # for it in Thread.start, a real lock wait that is not what this test is about.
+            assert (await client.get("/sql?repeat=0&hold=0.2")).status_code == 200
+            assert (await client.delete("/_events")).status_code == 200
+            query = asyncio.create_task(client.get("/sql", headers={"x-request-id": "sql-1"}))
+            await asyncio.sleep(0.1)  # the SQL threads are running now
+            pings = []
+            while not query.done() and len(pings) < 500:
+                headers = {"x-request-id": f"ping-{len(pings)}"}
+                pings.append(asyncio.create_task(client.get("/ping", headers=headers)))
+                await asyncio.sleep(0.01)
+            responses = await asyncio.gather(query, *pings)
+            assert all(r.status_code == 200 for r in responses)
+
+    asyncio.run(main())
+    events = wait_events(server, 1)
+    kinds = [e["kind"] for e in events]
+    assert "gil" in kinds, f"{events}\n{stats(server)}"
+    assert "lock" not in kinds, events
+    # The holder's stack, through the Context to_thread copied: the SQL request's code. (When
+    # no sample gets the GIL in time, the loop's own stack taken later may name a ping instead.)
+    held = [e for e in events if e["culprit"] is not None and e["culprit"]["function"] == "_query"]
+    assert held, events
+    for event in held:
+        assert event["kind"] == "gil", [(k, v) for k, v in event.items() if k != "stack"]
+        assert event["request_id"] == "sql-1"
+        assert event["culprit"]["filename"] == str(APP_FILE)
+        assert event["culprit_is_library"] is False
+
+
 def test_many_short_blocks_are_cumulative(server: Server) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

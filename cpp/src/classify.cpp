@@ -183,10 +183,63 @@ Kind classify(const OsState& state) noexcept {
       // Uninterruptible sleep is almost always disk or network file system I/O.
       if (state.sched_state == 'D') return Kind::kIo;
       return Kind::kUnknown;
+    case OsState::Where::kKernel:
+      // Blocked in the kernel outside any system call: a page fault waiting for the disk (a cold
+      // import, a page of a mapped file or of swap). A stopped thread (a debugger, SIGSTOP)
+      // reads the same and is nothing we can name.
+      return state.sched_state == 'T' || state.sched_state == 't' ? Kind::kUnknown : Kind::kIo;
     case OsState::Where::kUnknown:
       break;
   }
   return Kind::kUnknown;
+}
+
+namespace {
+
+// Less than a quarter of the time since the last reading on the CPU: native code or a busy
+// Python loop would have used nearly all of it.
+bool little_cpu(const Evidence& ev) noexcept {
+  return ev.cpu >= 0 && ev.elapsed > 0 && ev.cpu * 4 < ev.elapsed;
+}
+
+}  // namespace
+
+Kind refine(const OsState& state, const Evidence& ev) noexcept {
+  const Kind kind = classify(state);
+  if (kind == Kind::kIdle) return kind;
+  if (ev.in_gc) return Kind::kGc;
+  // Runnable but not running for most of the time since the last look: the thread was starved
+  // of CPU (cgroup throttling, an overloaded host), whatever it was doing. Not a thread asleep
+  // right now: what it sleeps in is the kind. A thread waiting for the GIL wakes every switch
+  // interval to ask for it, and on a busy host each wake-up queues for a CPU, so its run delay
+  // grows as fast as a starved one's while it waits for the thread that holds the GIL.
+  const bool asleep = state.sched_state == 'S' || state.sched_state == 'D';
+  if (!asleep && ev.run_delay >= 0 && ev.elapsed > 0 && ev.run_delay * 2 > ev.elapsed) {
+    return Kind::kStarved;
+  }
+  // Waiting on the GIL while our own sampler holds it: not the app's blocking. As a starved
+  // sample its run counts as saturation, unless the loop itself ran a threshold of CPU.
+  if (kind == Kind::kLock && ev.gil_futex) return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
+  if (kind == Kind::kLock) return Kind::kLock;
+  // Seen "running", yet the CPU clock hardly moved, and the thread was in uninterruptible sleep
+  // or took major page faults meanwhile: it spent the time in the kernel waiting for the disk,
+  // which /proc shows as "running" whenever it catches the thread between two faults (a cold
+  // first page load reading templates and modules). Without such evidence a thread short of
+  // CPU may as well have waited for the GIL many times over: that stays what it looked like.
+  if (kind == Kind::kCpu && little_cpu(ev) && (state.sched_state == 'D' || ev.major_faults > 0)) {
+    return Kind::kIo;
+  }
+  return kind;
+}
+
+Kind without_stack(Kind refined, const Evidence& ev) noexcept {
+  // Native code holding the GIL uses the CPU all along; a thread that hardly did, with nothing
+  // to say why (refine() would have said I/O), is not known to be in native code.
+  if (refined == Kind::kCpu) return little_cpu(ev) ? Kind::kUnknown : Kind::kNative;
+  if (refined == Kind::kLock && !(ev.gil_known && !ev.gil_futex)) {
+    return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
+  }
+  return refined;
 }
 
 Kind majority_kind(const std::vector<Kind>& kinds) noexcept {

@@ -34,8 +34,11 @@ OsState parse_syscall_line(const char* text) noexcept {
   char* end = nullptr;
   const long nr = std::strtol(text, &end, 10);
   if (end == text) return st;
-  // "-1 sp pc": blocked, but not inside a system call (e.g. a page fault): unknown.
-  if (nr < 0) return st;
+  // "-1 sp pc": blocked in the kernel, but not inside a system call: a page fault.
+  if (nr < 0) {
+    st.where = OsState::Where::kKernel;
+    return st;
+  }
   st.where = OsState::Where::kSyscall;
   st.syscall = nr;
   st.arg0 = std::strtoull(end, nullptr, 16);  // "0x..." after the number
@@ -60,6 +63,22 @@ char parse_stat_state(const char* text) noexcept {
   const char* close = std::strrchr(text, ')');
   if (close == nullptr || close[1] != ' ' || close[2] == '\0') return 0;
   return close[2];
+}
+
+long parse_stat_major_faults(const char* text) noexcept {
+  // After the comm: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt ...
+  if (text == nullptr) return -1;
+  const char* p = std::strrchr(text, ')');
+  if (p == nullptr) return -1;
+  ++p;
+  for (int field = 0; field < 9; ++field) {  // skip state .. cminflt
+    while (*p == ' ') ++p;
+    if (*p == '\0') return -1;
+    while (*p != ' ' && *p != '\0') ++p;
+  }
+  char* end = nullptr;
+  const long value = std::strtol(p, &end, 10);
+  return end == p || value < 0 ? -1 : value;
 }
 
 namespace {
@@ -101,7 +120,10 @@ OsState OsThreadProbe::state() noexcept {
   char buf[512];
   OsState st;
   if (read_at_zero(syscall_fd_, buf, sizeof buf)) st = parse_syscall_line(buf);
-  if (read_at_zero(stat_fd_, buf, sizeof buf)) st.sched_state = parse_stat_state(buf);
+  if (read_at_zero(stat_fd_, buf, sizeof buf)) {
+    st.sched_state = parse_stat_state(buf);
+    st.major_faults = parse_stat_major_faults(buf);
+  }
   if (read_at_zero(schedstat_fd_, buf, sizeof buf)) st.run_delay = parse_schedstat_run_delay(buf);
   return st;
 }

@@ -589,41 +589,48 @@ void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
   stall_.next_sample = clock_->now() + config_.confirm_delay;
 }
 
-Kind Engine::refine_kind(const OsState& os, Nanos t, Kind kind) {
-  if (kind == Kind::kIdle) return kind;
-  if (in_gc_.load(std::memory_order_relaxed)) return Kind::kGc;
-  // Runnable but not running for most of the time since the last look: the thread was starved
-  // of CPU (cgroup throttling, an overloaded host), whatever it was doing. Not a thread asleep
-  // right now: what it sleeps in is the kind. A thread waiting for the GIL wakes every switch
-  // interval to ask for it, and on a busy host each wake-up queues for a CPU, so its run delay
-  // grows as fast as a starved one's while it waits for the thread that holds the GIL.
-  const bool asleep = os.sched_state == 'S' || os.sched_state == 'D';
-  if (!asleep && os.run_delay >= 0 && stall_.prev_run_delay >= 0 && t > stall_.prev_t &&
-      (os.run_delay - stall_.prev_run_delay) * 2 > t - stall_.prev_t) {
-    return Kind::kStarved;
+Evidence Engine::evidence(const OsState& os, Nanos t, Nanos cpu) const {
+  Evidence ev;
+  ev.in_gc = in_gc_.load(std::memory_order_relaxed);
+  if (sampler_) {
+    ev.gil_known = sampler_->knows_gil_futex();
+    ev.gil_futex = os.where == OsState::Where::kSyscall && sampler_->is_gil_futex(os.arg0);
+    ev.sampler_has_gil = sampler_->sampler_holds_gil();
   }
-  if (kind == Kind::kLock && sampler_ && sampler_->is_gil_futex(os.arg0)) return Kind::kGil;
-  return kind;
+  // Compared with the previous sample of this stall, or for the first one with the CPU reading
+  // taken before the stall was detected (the other counters are not read then).
+  const bool first = stall_.prev_t < 0;
+  const Nanos since = first ? stall_.pre_t : stall_.prev_t;
+  const Nanos cpu_then = first ? stall_.pre_cpu : stall_.prev_cpu;
+  if (since < 0 || t <= since) return ev;
+  ev.elapsed = t - since;
+  if (cpu >= 0 && cpu_then >= 0) ev.cpu = std::max<Nanos>(cpu - cpu_then, 0);
+  if (first) return ev;
+  if (os.run_delay >= 0 && stall_.prev_run_delay >= 0) {
+    ev.run_delay = std::max<Nanos>(os.run_delay - stall_.prev_run_delay, 0);
+  }
+  if (os.major_faults >= 0 && stall_.prev_faults >= 0) {
+    ev.major_faults = std::max<long>(os.major_faults - stall_.prev_faults, 0);
+  }
+  return ev;
 }
 
 void Engine::take_sample() {
   Sample s;
   s.t = clock_->now();
   OsState os;
+  Evidence ev;
   if (probe_) {
     // Read the OS state before asking for the GIL: once the sampler asks, the loop thread may be
     // parked on the GIL because of us and would look like a lock wait.
     os = probe_->state();
     s.cpu = probe_->cpu_time();
-    s.kind = refine_kind(os, s.t, classify(os));
+    ev = evidence(os, s.t, s.cpu);
+    s.kind = refine(os, ev);
   }
   s.inflight = requests_.inflight();
   if (sampler_ && s.kind != Kind::kIdle) {
     bool ok = false;
-    // The loop waits on the GIL while one of our own samplers holds it (two guards in one
-    // process, or a capture preempted on a busy host): not the app's blocking. As a starved
-    // sample its run counts as saturation, unless the loop itself ran a threshold of CPU.
-    if (s.kind == Kind::kGil && sampler_->sampler_holds_gil()) s.kind = Kind::kStarved;
     if (s.kind == Kind::kGil && probe_) {
       // The loop waits for the GIL: the culprit is the thread running Python meanwhile (a sync
       // endpoint in the threadpool carries its request's Context, so it names its request).
@@ -641,11 +648,11 @@ void Engine::take_sample() {
       s.no_gil = true;
       // Nobody could get the GIL in time. A loop thread that is running holds it itself, in
       // native code (a regex, a big json or pickle, a C extension); one that waits on a futex
-      // waits for it while another thread holds it.
-      if (s.kind == Kind::kCpu) s.kind = Kind::kNative;
-      if (s.kind == Kind::kLock && sampler_->sampler_holds_gil()) s.kind = Kind::kStarved;
-      if (s.kind == Kind::kLock) {
-        s.kind = Kind::kGil;
+      // waits for it while another thread holds it, unless that futex is known not to be it.
+      const Kind seen = s.kind;
+      ev.sampler_has_gil = sampler_->sampler_holds_gil();  // as of now, when it gave up
+      s.kind = without_stack(seen, ev);
+      if (seen == Kind::kLock && s.kind == Kind::kGil) {
         // The sampler is still waiting for the GIL; point its pending capture at the thread
         // holding it (a zero timeout only retargets), so the late stack names the culprit.
         if (probe_) {
@@ -665,6 +672,8 @@ void Engine::take_sample() {
   if (s.token != 0) s.began = requests_.began(s.token);
   stall_.prev_t = s.t;
   stall_.prev_run_delay = os.run_delay;
+  stall_.prev_cpu = s.cpu;
+  stall_.prev_faults = os.major_faults;
   samples_.fetch_add(1, std::memory_order_relaxed);
   stall_.samples.push_back(std::move(s));
   fill_late_stack(clock_->now());

@@ -86,10 +86,10 @@ TEST(ParseSyscallLine, FirstArgumentIsHex) {
   EXPECT_EQ(parse_syscall_line("-1 0x7ff 0x7ff").arg0, 0u);
 }
 
-// "-1 sp pc" means blocked outside a syscall (e.g. a page fault): not a syscall number to map.
-TEST(ParseSyscallLine, MinusOneIsUnknown) {
+// "-1 sp pc" means blocked in the kernel outside a syscall (a page fault): no syscall number.
+TEST(ParseSyscallLine, MinusOneIsInTheKernel) {
   const OsState st = parse_syscall_line("-1 0x7ff 0x7ff");
-  EXPECT_EQ(st.where, OsState::Where::kUnknown);
+  EXPECT_EQ(st.where, OsState::Where::kKernel);
   EXPECT_EQ(st.syscall, -1);
 }
 
@@ -114,6 +114,17 @@ TEST(ParseStatState, CommWithSpacesAndParens) {
   EXPECT_EQ(parse_stat_state("77 (uvicorn worker (1)) R 1 2 3"), 'R');
   // A comm that itself looks like ") S " must not fool the parser into reading 'S'.
   EXPECT_EQ(parse_stat_state("77 (a) S x) D 1 2 3"), 'D');
+}
+
+// The major page fault count is field 12 of stat, the tenth after the comm.
+TEST(ParseStatMajorFaults, TenthFieldAfterTheComm) {
+  const char* line =
+      "4242 (uvicorn (w)) D 1 4242 4242 0 -1 4194560 81234 0 731 0 95 12 0 0 20 0 3 0 1234";
+  EXPECT_EQ(parse_stat_major_faults(line), 731);
+  EXPECT_EQ(parse_stat_major_faults("1 (a) S 1 1 1 0 -1 0 5 0 0 0"), 0);
+  EXPECT_EQ(parse_stat_major_faults(nullptr), -1);
+  EXPECT_EQ(parse_stat_major_faults("1 (a) S 1 1"), -1);                      // truncated
+  EXPECT_EQ(parse_stat_major_faults("1 python S 1 1 1 0 -1 0 5 0 7 0"), -1);  // no ')'
 }
 
 TEST(ParseStatState, Malformed) {
@@ -217,7 +228,124 @@ TEST(Classify, ParsedLineEndToEnd) {
             Kind::kSleep);
 #endif
   EXPECT_EQ(classify(parse_syscall_line("running")), Kind::kCpu);
-  EXPECT_EQ(classify(parse_syscall_line("-1 0x7ff 0x7ff")), Kind::kUnknown);
+  EXPECT_EQ(classify(parse_syscall_line("-1 0x7ff 0x7ff")), Kind::kIo);  // a page fault
+}
+
+// ---- refine: the reading and the evidence around it ---------------------------------------------
+// Each case is what /proc/self/task/<loop tid>/{syscall,stat,schedstat} and the thread's CPU clock
+// show, between two samples 10 ms apart, in the situation the test is named after.
+
+OsState Read(const char* syscall_line, char sched, Nanos run_delay = 0, long faults = 0) {
+  OsState st = parse_syscall_line(syscall_line);
+  st.sched_state = sched;
+  st.run_delay = run_delay;
+  st.major_faults = faults;
+  return st;
+}
+
+Evidence Between(Nanos elapsed, Nanos cpu, Nanos run_delay, long faults) {
+  Evidence ev;
+  ev.elapsed = elapsed;
+  ev.cpu = cpu;
+  ev.run_delay = run_delay;
+  ev.major_faults = faults;
+  return ev;
+}
+
+constexpr Nanos k10 = 10 * kMs;
+
+#if defined(SYS_futex) && defined(__x86_64__)
+// An async endpoint at a bytecode boundary while SQL threads run Python (rows, progress handler):
+// futex(&_PyRuntime.ceval.gil.cond, FUTEX_WAIT_BITSET_PRIVATE, ...), no CPU, not runnable.
+TEST(Refine, WaitingForTheGilIsGil) {
+  const OsState st = Read("202 0x7f5ad174e6f0 0x189 0x0 0x0 0x0 0xffffffff 0x7ffd 0x7f12", 'S');
+  Evidence ev = Between(k10, 30'000, 0, 0);
+  ev.gil_known = true;
+  ev.gil_futex = true;
+  EXPECT_EQ(refine(st, ev), Kind::kGil);
+  EXPECT_EQ(without_stack(refine(st, ev), ev), Kind::kGil);
+}
+
+// Datasette: a cursor freed on the loop waits in sqlite3_reset for the connection's pthread mutex,
+// which lives on a SQL thread's malloc arena: futex(0x7f5ab8003fc8, FUTEX_WAIT, 2). The GIL is
+// free (released around sqlite3_reset) or busy with other threads: a lock either way.
+TEST(Refine, AnotherThreadsMutexIsALock) {
+  const OsState st = Read("202 0x7f5ab8003fc8 0x80 0x2 0x0 0x0 0x0 0x7ffd 0x7f12", 'S');
+  Evidence ev = Between(k10, 20'000, 0, 0);
+  ev.gil_known = true;
+  EXPECT_EQ(refine(st, ev), Kind::kLock);
+  EXPECT_EQ(without_stack(refine(st, ev), ev), Kind::kLock);
+  // Without a learned GIL address, a late sampler is the only clue: the GIL, most likely.
+  ev.gil_known = false;
+  EXPECT_EQ(without_stack(refine(st, ev), ev), Kind::kGil);
+}
+
+// A threading.Lock held by a thread that sleeps, no other Python thread running: a lock.
+TEST(Refine, LockWithNobodyRunningIsALock) {
+  const OsState st = Read("202 0x55d0c0a01230 0x80 0x2 0x0 0x0 0x0 0x7ffd 0x7f12", 'S');
+  Evidence ev = Between(k10, 0, 0, 0);
+  ev.gil_known = true;
+  EXPECT_EQ(refine(st, ev), Kind::kLock);
+}
+#endif
+
+// A cold first page load: templates and modules paged in from disk. /proc catches the thread
+// between two faults as "running" or blocked outside a syscall, in state D, with major faults
+// counting up and the CPU clock almost still. Not native code, not the CPU: I/O.
+TEST(Refine, PageFaultsWithoutCpuAreIo) {
+  const Evidence faulting = Between(k10, 200'000, 0, 14);
+  EXPECT_EQ(refine(Read("running", 'D', 0, 120), faulting), Kind::kIo);
+  EXPECT_EQ(refine(Read("running", 'R', 0, 120), faulting), Kind::kIo);
+  EXPECT_EQ(refine(Read("-1 0x7ffd 0x7f12", 'D', 0, 120), faulting), Kind::kIo);
+  EXPECT_EQ(refine(Read("-1 0x7ffd 0x7f12", 'S', 0, 120), Evidence{}), Kind::kIo);
+  // "running" with hardly any CPU, but neither D nor a fault: nothing says it was the disk (it
+  // may have waited for the GIL in many short turns), so it is not called I/O.
+  EXPECT_EQ(refine(Read("running", 'R'), Between(k10, 100'000, 0, 0)), Kind::kCpu);
+  // The sampler could not get the GIL either (the loop holds it while it faults): I/O still.
+  EXPECT_EQ(without_stack(refine(Read("running", 'D'), faulting), faulting), Kind::kIo);
+}
+
+// Real CPU work: "running", the CPU clock moves with the wall clock.
+TEST(Refine, RunningOnTheCpuIsCpuAndWithoutStackNative) {
+  const Evidence busy = Between(k10, 9'800'000, 100'000, 0);
+  EXPECT_EQ(refine(Read("running", 'R'), busy), Kind::kCpu);
+  EXPECT_EQ(without_stack(Kind::kCpu, busy), Kind::kNative);
+  // A regex holding the GIL that touches a few cold pages on the way is still native code.
+  EXPECT_EQ(without_stack(refine(Read("running", 'R', 0, 3), Between(k10, 9'000'000, 0, 3)),
+                          Between(k10, 9'000'000, 0, 3)),
+            Kind::kNative);
+}
+
+// "running" without CPU and no sign of the disk: nothing says I/O; and native code holding the
+// GIL would have used the CPU, so when the sampler is late it is not called native either.
+TEST(Refine, RunningWithoutCpuOrEvidenceIsNotNative) {
+  const Evidence no_delay_known = Between(k10, 0, -1, -1);
+  EXPECT_EQ(refine(Read("running", 'R'), no_delay_known), Kind::kCpu);
+  EXPECT_EQ(without_stack(Kind::kCpu, no_delay_known), Kind::kUnknown);
+  EXPECT_EQ(without_stack(Kind::kCpu, Between(k10, 100'000, 0, 0)), Kind::kUnknown);
+  // The first sample of a stall has no previous reading at all: as before, CPU.
+  EXPECT_EQ(without_stack(refine(Read("running", 'R'), Evidence{}), Evidence{}), Kind::kNative);
+}
+
+// Runnable but waiting for a CPU most of the time: starved, whatever else it shows.
+TEST(Refine, RunDelayOverHalfIsStarved) {
+  EXPECT_EQ(refine(Read("running", 'R'), Between(k10, 1'000'000, 8'000'000, 0)), Kind::kStarved);
+  EXPECT_EQ(refine(Read("running", 'R'), Between(k10, 1'000'000, 4'000'000, 0)), Kind::kCpu);
+}
+
+TEST(Refine, GcAndIdle) {
+  Evidence gc;
+  gc.in_gc = true;
+  EXPECT_EQ(refine(Read("running", 'R'), gc), Kind::kGc);
+#ifdef SYS_epoll_wait
+  EXPECT_EQ(refine(InSyscall(SYS_epoll_wait), gc), Kind::kIdle);
+#endif
+}
+
+// A stopped thread (a debugger attached) is blocked outside any syscall too, and is no I/O.
+TEST(Classify, StoppedThreadIsUnknown) {
+  EXPECT_EQ(classify(Read("-1 0x7ffd 0x7f12", 'T')), Kind::kUnknown);
+  EXPECT_EQ(classify(Read("-1 0x7ffd 0x7f12", 't')), Kind::kUnknown);
 }
 
 TEST(KindName, Names) {

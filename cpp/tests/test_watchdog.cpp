@@ -133,6 +133,7 @@ class FakeSampler final : public StackSampler {
     return std::find(py_->gil_futexes.begin(), py_->gil_futexes.end(), address) !=
            py_->gil_futexes.end();
   }
+  bool knows_gil_futex() const override { return !py_->gil_futexes.empty(); }
   long thread_id() const override { return py_->sampler_tid; }
   bool sampler_holds_gil() const override { return py_->sampler_has_gil; }
 
@@ -1446,17 +1447,19 @@ TEST_F(EngineTest, FutexWithSamplerFailingIsGil) {
 
 // The loop waits on the GIL while a sampler of ours holds it (another guard's, on a busy host):
 // that is our own capture, starved of CPU, and no event of the app's. Both ways of telling a GIL
-// wait: its known futex, and an unknown futex with no GIL to be had in time.
+// wait: its known futex, and, before the GIL's address is learned, any futex with no GIL to be
+// had in time.
 TEST_F(EngineTest, GilHeldByOurOwnSamplerIsNoEvent) {
   os_->loop_tid = 4242;
   os_->running = {5151};
-  py_->gil_futexes = {kGilAddress};
   py_->succeed = false;
   py_->sampler_has_gil = true;
   os_->cpu = 5 * kMs;  // the loop thread's CPU clock stands still: it waits
   engine_->begin_request();
-  for (const std::uint64_t address : {kGilAddress, std::uint64_t{0xbad0}}) {
-    os_->state = FutexWait(address);
+  for (const bool known : {true, false}) {
+    py_->gil_futexes.clear();
+    if (known) py_->gil_futexes = {kGilAddress};
+    os_->state = FutexWait(known ? kGilAddress : 0xbad0);
     Advance(1 * kMs);
     Stall(65 * kMs);
     EXPECT_TRUE(engine_->drain().empty());
@@ -1489,6 +1492,24 @@ TEST_F(EngineTest, GilWaitOnABusyHostIsStillGil) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].kind, Kind::kGil);
   EXPECT_EQ(engine_->stats().saturated, 0);
+}
+
+// The GIL's address is known and the loop waits on another futex, while other threads keep the
+// GIL so busy that the sampler is late: still a lock. Datasette: a cursor freed on the loop
+// thread waits in sqlite3_reset for the connection's mutex, which a SQL thread holds while it
+// runs the next query (and takes the GIL back for every row and progress callback).
+TEST_F(EngineTest, KnownGilAndAnotherFutexIsALockEvenWhenTheSamplerIsLate) {
+  os_->state = FutexWait(0xbad0);
+  os_->running = {5151};
+  py_->gil_futexes = {kGilAddress};
+  py_->succeed = false;
+  engine_->begin_request();
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->thread_calls, 0);  // no GIL holder to look at: the loop does not wait for it
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kLock);
+  EXPECT_TRUE(events[0].stack_missing);
 }
 #endif  // SYS_futex
 

@@ -11,8 +11,11 @@ import dataclasses
 import gc
 import os
 import re
+import sqlite3
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,6 +46,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if os.environ.get("LOOPGUARD_TEST_STARTUP_BLOCK") == "1":
         time.sleep(0.2)  # culprit:startup
     app.state.gate = asyncio.Event()
+    # Room for the SQL threads of /sql (asyncio.to_thread runs in the default executor), as
+    # many as Datasette-like apps run; on two cores the default would be six.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(SQL_THREADS))
     yield
     if os.environ.get("LOOPGUARD_TEST_SHUTDOWN_BLOCK") == "1":
         time.sleep(0.2)  # culprit:shutdown
@@ -126,6 +132,38 @@ def gil_holder(n: int = 24) -> dict[str, bool]:
 @app.get("/ping")
 async def ping() -> dict[str, bool]:
     return {"ok": True}
+
+
+# -- SQL threads keeping the GIL busy (the Datasette pattern) ----------------------------------
+
+SQL_THREADS = 12
+SQL_DB = os.path.join(tempfile.mkdtemp(prefix="loopguard-sql-"), "rows.db")
+with sqlite3.connect(SQL_DB) as _db:
+    _db.execute("create table t (id integer primary key, b integer)")
+    _db.executemany("insert into t (b) values (?)", ((i % 101,) for i in range(20_000)))
+
+
+def _query(repeat: int, hold: float) -> int:
+    time.sleep(hold)  # GIL released: lets a warm-up start every thread of the pool at once
+    total = 0
+    with sqlite3.connect(SQL_DB) as con:
+        for _ in range(repeat):
+            # sqlite3 builds the rows' tuples with the GIL held, between steps run without it.
+            rows = con.execute("select id, b from t").fetchall()
+            # The rows turned into what the page shows, in Python: the GIL is this thread's
+            # until the interpreter makes it switch, every 5 ms.
+            for row_id, b in rows:
+                total += len(f"<td>{row_id}</td><td>{b * 3 % 7}</td>")
+    return total
+
+
+@app.get("/sql")
+async def sql(threads: int = SQL_THREADS, repeat: int = 10, hold: float = 0.0) -> dict[str, int]:
+    # Heavy queries in a thread pool, as Datasette runs them; asyncio.to_thread copies this
+    # request's Context into each thread, so whatever they hold is this request's doing.
+    jobs = (asyncio.to_thread(_query, repeat, hold) for _ in range(threads))
+    results = await asyncio.gather(*jobs)
+    return {"sum": sum(results)}
 
 
 # -- death by a thousand cuts --------------------------------------------------------------------

@@ -65,6 +65,7 @@ OsState read_thread_syscall(long tid) noexcept;
 // Parsers, exposed for unit tests.
 OsState parse_syscall_line(const char* text) noexcept;
 char parse_stat_state(const char* text) noexcept;
+long parse_stat_major_faults(const char* text) noexcept;  // -1 when malformed
 Nanos parse_schedstat_run_delay(const char* text) noexcept;
 
 }  // namespace loopguard

@@ -172,6 +172,8 @@ class StackSampler {
   // A capture holds it for microseconds, so a loop that waits on the GIL meanwhile waits on us,
   // and only as long as the host keeps that sampler off a CPU.
   virtual bool sampler_holds_gil() const { return false; }
+  // Whether the GIL's futex address has been learned, so that any other futex is not the GIL.
+  virtual bool knows_gil_futex() const { return false; }
   // The sampler's own kernel thread id, -1 if it has no thread.
   virtual long thread_id() const { return -1; }
   // Stops the sampler's own thread. Called without the GIL.
@@ -312,7 +314,9 @@ class Engine {
     Nanos next_sample = 0;
     Nanos sample_every = 0;
     Nanos pre_t = -1, pre_cpu = -1;
-    Nanos prev_t = -1, prev_run_delay = -1;  // for the starvation share between samples
+    // The previous sample's readings, which the next one's kind is judged against (Evidence).
+    Nanos prev_t = -1, prev_run_delay = -1, prev_cpu = -1;
+    long prev_faults = -1;
     Nanos next_hang_report = 0;
     Nanos hang_every = 0;
     bool hang = false;
@@ -330,7 +334,7 @@ class Engine {
   Nanos os_busy_since(Nanos now, std::uint64_t epoch);
   void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
   void take_sample();
-  Kind refine_kind(const OsState& os, Nanos t, Kind kind);
+  Evidence evidence(const OsState& os, Nanos t, Nanos cpu) const;
   void fill_late_stack(Nanos until);
   void report_hang(Nanos now);
   void finish_stall(Nanos end);

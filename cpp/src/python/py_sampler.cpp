@@ -133,6 +133,13 @@ class PySampler final : public StackSampler {
     return false;
   }
 
+  bool knows_gil_futex() const override {
+    for (const auto& known : gil_futexes_) {
+      if (known.load(std::memory_order_relaxed) != 0) return true;
+    }
+    return false;
+  }
+
   long thread_id() const override { return tid_.load(std::memory_order_relaxed); }
   bool sampler_holds_gil() const override {
     return g_samplers_holding_gil.load(std::memory_order_relaxed) > 0;
