@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, culprit_line, start_server, stop_server
+from .conftest import ROOT, Server, culprit_line, start_server, stop_server, wait_events
 
 APP = "tests.apps.integrations:app"
 APP_FILE = ROOT / "tests" / "apps" / "integrations.py"
@@ -56,6 +56,55 @@ def test_strict_json_page_names_the_culprit_and_the_fix(strict_server: Server) -
     assert "await asyncio.sleep" in block["fix"]
     assert 100 <= block["duration_ms"] < 1000
     assert "slept" not in response.text  # the app's own body was swallowed
+
+
+@pytest.mark.parametrize("path", ["/sleep/300", "/sleep-twice/120"])
+def test_one_number_in_headers_page_log_and_events(strict_server: Server, path: str) -> None:
+    """The count and total the headers and the strict page show are the events' own, to the
+    printed precision: not the live counters of the moment the response started, which knew the
+    last sample's length and said 297.5 ms for a 300.4 ms event."""
+    for accept in ("application/json", "text/html"):
+        request_id = f"one-number-{accept.replace('/', '-')}"
+        headers = {"accept": accept, "x-request-id": request_id}
+        response = httpx.get(strict_server.url + path, headers=headers, timeout=10)
+        assert response.status_code == 503
+        assert "pending" not in response.text  # every event arrived before the page was made
+        count = int(response.headers["x-blocking-count"])
+        durations = [e["duration_ms"] for e in _events_of(strict_server, request_id, count)]
+        assert count == len(durations) == (2 if "twice" in path else 1), (
+            response.text,
+            [(e["request_id"], e["kind"], e["duration_ms"]) for e in wait_events(strict_server)],
+        )
+        assert response.headers["x-blocking-total-ms"] == f"{sum(durations):.2f}"
+        if accept == "text/html":
+            assert f"{count} time(s), {sum(durations):.1f} ms in total" in response.text
+            for duration in durations:
+                assert f", {duration:.1f} ms at <code>" in response.text
+        else:
+            page = response.json()
+            assert page["count"] == count
+            assert page["total_ms"] == round(sum(durations), 2)
+            assert [b["duration_ms"] for b in page["blocks"]] == [round(d, 2) for d in durations]
+        for duration in durations:  # each event's own log line, at its precision
+            line = f"Event loop blocked for {duration:.2f}ms during GET {path}"
+            assert line in _log(strict_server, request_id)
+
+
+def _events_of(server: Server, request_id: str, count: int) -> list[dict[str, object]]:
+    for _ in range(100):
+        events = [e for e in wait_events(server) if e["request_id"] == request_id]
+        if len(events) >= count:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    return events
+
+
+def _log(server: Server, request_id: str) -> str:
+    for _ in range(100):  # the log record is written right after the event is delivered
+        if f"request_id={request_id}" in server.log():
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    return server.log()
 
 
 def test_strict_html_page_for_browsers(strict_server: Server) -> None:

@@ -11,17 +11,49 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._text import escape
-from .events import culprit_text
+from .events import BlockingEvent, culprit_text
 from .hints import hint_for_event
 
 if TYPE_CHECKING:
-    from .events import BlockingEvent
-    from .guard import RequestInfo
+    from .guard import LoopGuard, RequestInfo
 
 PENDING = "culprit pending (the event was not delivered in time; see the log)"
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """What one request's own code blocked so far, as headers, warnings and the page show it."""
+
+    count: int
+    total_ms: float
+    events: list[BlockingEvent] = field(default_factory=list)
+
+    @property
+    def pending(self) -> bool:
+        return len(self.events) < self.count
+
+
+async def settled(guard: LoopGuard, info: RequestInfo, timeout: float) -> Blocking:
+    """The request's blocks at response start, in the numbers its events and log lines give.
+
+    The watchdog's live counters know of a block during the stall, but with its length as of
+    the last sample; the event, with the final length, is delivered one watchdog tick after the
+    loop came back. Reading the counters at response start gave a page saying 297.5 ms for a
+    300.4 ms event. So a request that blocked waits here (bounded, yielding to the loop) for its
+    events, and everything shown is their count and sum; only if they do not all come in time
+    are the counters shown, and the culprit marked pending.
+    """
+    count, total_ms = guard.blocking_of(info)
+    if not count:
+        return Blocking(0, 0.0)
+    events = await guard.wait_for_events(info, count, timeout)
+    if len(events) >= count:
+        return Blocking(len(events), sum(e.duration_ms for e in events), events)
+    return Blocking(count, total_ms, events)
 
 
 def _culprit(event: BlockingEvent) -> str:
@@ -31,6 +63,8 @@ def _culprit(event: BlockingEvent) -> str:
 
 
 def _blocks(events: list[BlockingEvent]) -> list[dict[str, Any]]:
+    # Durations unrounded: each view formats them once, as it formats the total, so that a block
+    # and the total never disagree through a second rounding.
     blocks = []
     for e in events:
         hint = hint_for_event(e)
@@ -38,7 +72,7 @@ def _blocks(events: list[BlockingEvent]) -> list[dict[str, Any]]:
         blocks.append(
             {
                 "kind": e.kind,
-                "duration_ms": round(e.duration_ms, 2),
+                "duration_ms": e.duration_ms,
                 "culprit": _culprit(e),
                 "fix": f"{code}  ({why})",  # the rewrite and why, on one line
                 "fix_code": code,
@@ -49,38 +83,32 @@ def _blocks(events: list[BlockingEvent]) -> list[dict[str, Any]]:
     return blocks
 
 
-def warning_text(
-    info: RequestInfo, events: list[BlockingEvent], count: int, total_ms: float
-) -> str:
+def warning_text(info: RequestInfo, blocking: Blocking) -> str:
     """One prominent log record for a guilty request: every culprit line and its fix."""
     what = f"{escape(info.method or '?')} {escape(info.path or '?')}"
     lines = [
-        f"!!! LOOPGUARD: {what} blocked the event loop {count} time(s), {total_ms:.1f} ms in "
-        f"total (request_id={escape(info.request_id)})"
+        f"!!! LOOPGUARD: {what} blocked the event loop {blocking.count} time(s), "
+        f"{blocking.total_ms:.1f} ms in total (request_id={escape(info.request_id)})"
     ]
-    for block in _blocks(events):
+    for block in _blocks(blocking.events):
         lines.append(
             f"!!!   {block['duration_ms']:.1f} ms {block['kind']} at {block['culprit']}"
             f" -- fix: {block['fix']}"
         )
-    if len(events) < count:
+    if blocking.pending:
         lines.append(f"!!!   {PENDING}")
     # One record on one line: a log shipper must not split it, and no part is raw.
     return " | ".join(lines)
 
 
-def teaching_response(
-    info: RequestInfo,
-    events: list[BlockingEvent],
-    count: int,
-    total_ms: float,
-    accept: str,
-) -> tuple[bytes, bytes]:
+def teaching_response(info: RequestInfo, blocking: Blocking, accept: str) -> tuple[bytes, bytes]:
     """The strict-mode 503: (content type, body)."""
-    blocks = _blocks(events)
-    pending = len(events) < count
+    blocks = _blocks(blocking.events)
+    count, total_ms, pending = blocking.count, blocking.total_ms, blocking.pending
     if "text/html" in accept:
         return b"text/html; charset=utf-8", _html(info, blocks, count, total_ms, pending)
+    for block in blocks:
+        block["duration_ms"] = round(block["duration_ms"], 2)
     document = {
         "error": "event_loop_blocked",
         "detail": (

@@ -154,10 +154,13 @@ class LoopGuardMiddleware:
             if message["type"] == "http.response.start":
                 body = None
                 try:
-                    replacement = await self._enforce(scope, info)
+                    # Bounded: the watchdog hands the event over one tick after the loop came back.
+                    timeout = max(0.5, 10 * self.config.monitor_interval_ms / 1000)
+                    blocking = await enforcement.settled(self.guard, info, timeout)
+                    replacement = self._enforce(scope, info, blocking)
                     if replacement is not None:
                         message, body = replacement
-                    message = self._with_headers(message, info)
+                    message = self._with_headers(message, info, blocking)
                 except Exception:
                     self._failed("checking the response start")
                 if body is not None:
@@ -186,41 +189,40 @@ class LoopGuardMiddleware:
 
         return traced_send
 
-    async def _enforce(self, scope: Scope, info: RequestInfo) -> tuple[Message, bytes] | None:
+    def _enforce(
+        self, scope: Scope, info: RequestInfo, blocking: enforcement.Blocking
+    ) -> tuple[Message, bytes] | None:
         """In warn/strict mode, for a request that blocked: the warning, or the 503 to send."""
         mode = self.config.enforcement_mode
-        if mode == "log":
+        if mode == "log" or not blocking.count:
             return None
-        count, total_ms = self.guard.blocking_of(info)
-        if not count:
-            return None
-        # Bounded: the watchdog hands the event over one tick after the loop came back.
-        timeout = max(0.5, 10 * self.config.monitor_interval_ms / 1000)
-        events = await self.guard.wait_for_events(info, count, timeout)
         if mode == "warn":
-            logger.warning(enforcement.warning_text(info, events, count, total_ms))
+            logger.warning(enforcement.warning_text(info, blocking))
             return None
         accept = _header(scope, b"accept") or ""
-        content_type, body = enforcement.teaching_response(info, events, count, total_ms, accept)
+        content_type, body = enforcement.teaching_response(info, blocking, accept)
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
         return {"type": "http.response.start", "status": 503, "headers": headers}, body
 
-    def _with_headers(self, message: Message, info: RequestInfo) -> Message:
-        # Read now, not from drained events: the block this request caused usually ended in this
-        # very loop iteration, and only the watchdog's live counters know about it yet.
-        count, total_ms, wait_ms = self.guard.delay_of(info)
+    def _with_headers(
+        self, message: Message, info: RequestInfo, blocking: enforcement.Blocking
+    ) -> Message:
+        # The same numbers as the events and the page (enforcement.settled): the block this
+        # request caused usually ended in this very loop iteration, and its event is waited for.
         headers = list(message.get("headers") or ())
         headers += [
             (b"x-request-id", info.request_id.encode("ascii")),
-            (b"x-blocking-count", str(count).encode("ascii")),
-            (b"x-blocking-total-ms", f"{total_ms:.2f}".encode("ascii")),
-            (b"x-blocking-detected", b"true" if count else b"false"),
+            (b"x-blocking-count", str(blocking.count).encode("ascii")),
+            (b"x-blocking-total-ms", f"{blocking.total_ms:.2f}".encode("ascii")),
+            (b"x-blocking-detected", b"true" if blocking.count else b"false"),
         ]
         if self.config.dev_mode:
             # Browsers' devtools show Server-Timing next to the request: the time it was frozen
             # by others' blocks so far, and the time its own code blocked the loop. A header of
             # its own, so an app's Server-Timing is left as it is (the values list up).
-            timing = f"loopguard-wait;dur={_dur(wait_ms)}, loopguard-block;dur={_dur(total_ms)}"
+            wait_ms = self.guard.delay_of(info)[2]
+            block_ms = blocking.total_ms
+            timing = f"loopguard-wait;dur={_dur(wait_ms)}, loopguard-block;dur={_dur(block_ms)}"
             headers.append((b"server-timing", timing.encode("ascii")))
         return {**message, "headers": headers}
 

@@ -55,6 +55,14 @@ async def sleep(ms: int) -> dict[str, int]:
     return {"slept": ms, "pid": os.getpid()}
 
 
+@fastapi_app.get("/sleep-twice/{ms}")
+async def sleep_twice(ms: int) -> dict[str, int]:
+    time.sleep(ms / 1000)  # culprit:twice-first
+    await asyncio.sleep(0.05)
+    time.sleep(ms / 1000)  # culprit:twice-second
+    return {"slept": 2 * ms, "pid": os.getpid()}
+
+
 @fastapi_app.get("/items/{item_id}")
 async def item(item_id: int) -> dict[str, int]:
     time.sleep(0.12)  # culprit:item
