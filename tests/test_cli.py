@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +44,12 @@ def loopguard_run(
     *args: str,
     env: dict[str, str] | None = None,
     command: list[str] | None = None,
+    replace_env: bool = False,
 ) -> Iterator[Server]:
     """`loopguard run ...` on a free loopback port, stopped with SIGTERM like a deployment.
 
-    ``command`` replaces ``python -m fastapi_loopguard``, e.g. with the console script.
+    ``command`` replaces ``python -m fastapi_loopguard``, e.g. with the console script;
+    ``env`` adds to this process's environment, or with ``replace_env`` is the whole of it.
     """
     port = free_port()
     log_path = tmp_path / f"loopguard-run-{loop}-{port}.log"
@@ -57,7 +60,7 @@ def loopguard_run(
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env=dict(env or {}) if replace_env else {**os.environ, **(env or {})},
         )
     server = Server(f"http://127.0.0.1:{port}", loop, log_path, process)
     try:
@@ -202,6 +205,12 @@ def test_run_takes_its_config_from_the_environment(loop_name: str, tmp_path: Pat
             {},
             "cannot write the event log /nonexistent-dir/events.jsonl: No such file or directory",
         ),
+        (
+            ["--workers", "2", "--prometheus"],
+            {"PROMETHEUS_MULTIPROC_DIR": "/nonexistent-dir"},
+            "PROMETHEUS_MULTIPROC_DIR=/nonexistent-dir is not a writable directory",
+        ),
+        (["--enforcement-mode", "loud"], {}, "argument --enforcement-mode: invalid choice"),
     ],
 )
 def test_run_refuses_bad_configuration(args: list[str], env: dict[str, str], expected: str) -> None:
@@ -247,6 +256,88 @@ def test_run_with_workers_shares_one_event_log(loop_name: str, tmp_path: Path) -
     assert len(blocked) >= 3 and {r["route"] for r in blocked} == {"/sleep/{ms}"}
     assert {r["pid"] for r in blocked} <= pids
     assert {r["pid"] for r in written if r["type"] == "stats"} == pids  # one per worker
+
+
+def test_run_flags_turn_on_metrics_enforcement_and_json_logs(
+    loop_name: str, tmp_path: Path
+) -> None:
+    args = ("--prometheus", "--enforcement-mode", "warn", "--log-format", "json")
+    with loopguard_run(tmp_path, loop_name, "tests.apps.plain:app", *args) as server:
+        guilty = httpx.get(server.url + "/sleep/150", timeout=10)
+        assert guilty.headers["x-blocking-count"] == "1"  # warn mode adds the headers
+        metrics = httpx.get(server.url + "/metrics", timeout=10)
+        assert metrics.status_code == 200
+        assert 'loopguard_blocking_events_total{kind="sleep"' in metrics.text
+    log = server.log()
+    assert (
+        "enforcement warn; json logs; "
+        f"metrics http://127.0.0.1:{server.url.rsplit(':', 1)[1]}/metrics" in log
+    )
+    assert "!!! LOOPGUARD: GET /sleep/150 blocked the event loop 1 time(s)" in log
+    record = next(line for line in log.splitlines() if '"event loop blocked"' in line)
+    fields = json.loads(record[record.index("{") :])
+    assert (fields["route"], fields["kind"], fields["pid"]) == (
+        "/sleep/{ms}",
+        "sleep",
+        server.process.pid,
+    )
+
+
+def test_run_with_workers_and_prometheus_aggregates_and_names_each_worker(
+    loop_name: str, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with loopguard_run(
+        tmp_path,
+        loop_name,
+        "tests.apps.plain:app",
+        "--workers",
+        "2",
+        "--prometheus",
+        "--event-log",
+        str(events),
+        env=env,
+        replace_env=True,
+    ) as server:
+        pids = set()
+        deadline = time.monotonic() + 20
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(httpx.get(server.url + "/pid", timeout=5).json()["pid"])
+        assert len(pids) == 2, "uvicorn did not start two workers"
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: httpx.get(server.url + "/sleep/150"), range(6)))
+        assert all(r.status_code == 200 for r in responses)
+        # Whichever worker answers a scrape, it counts every worker's events: as many as the
+        # workers wrote to the event log (which may lag the responses by a loop iteration).
+        totals: list[float] = []
+        blocked: list[dict[str, Any]] = []
+        for _ in range(100):
+            blocked = [r for r in records(events) if r["type"] == "event"]
+            totals = [_events_total(server) for _ in range(6)]
+            if blocked and totals == [len(blocked)] * 6:
+                break
+            time.sleep(0.05)
+        assert totals == [len(blocked)] * 6, (totals, blocked)
+    log = server.log()
+    banner = next(line for line in log.splitlines() if line.startswith("loopguard: guarding"))
+    assert "(all 2 workers, through " in banner and ", removed at exit)" in banner
+    made = banner.split("(all 2 workers, through ", 1)[1].split(",", 1)[0]
+    assert made.startswith(tempfile.gettempdir()) and not os.path.exists(made)
+    # Every worker's log lines say which worker wrote them, blocking records included.
+    for pid in pids:
+        assert f"INFO:     [pid {pid}] " in log
+    for pid in {r["pid"] for r in blocked}:
+        assert f"[pid {pid}] Event loop blocked for" in log
+
+
+def _events_total(server: Server) -> float:
+    scraped = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in scraped.splitlines()
+        if line.startswith("loopguard_blocking_events_total{")
+    )
 
 
 def test_report_command(tmp_path: Path) -> None:

@@ -64,8 +64,9 @@ def test_request_id_and_path_without_query(loop_name: str, tmp_path: Path, log_f
             assert record.endswith(" hint=await asyncio.sleep(ms / 1000)]")
             return
         fields = json.loads(record[record.index("{") :])
-        assert set(fields) == EVENT_FIELDS | {"message", "hint"}
+        assert set(fields) == EVENT_FIELDS | {"message", "hint", "pid", "host", "worker"}
         assert fields["hint"] == "await asyncio.sleep(ms / 1000)"
+        assert fields["pid"] == server.process.pid
         assert fields["request_id"] == "log-json"
         assert (fields["method"], fields["path"], fields["route"]) == (
             "GET",

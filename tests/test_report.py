@@ -312,3 +312,20 @@ def test_library_culprits_are_grouped_as_such(tmp_path: Path) -> None:
     assert "main.py:12 in handler" in own and "database.py" not in own
     assert "database.py:212 in f" in library
     assert "database.py:212</code> in <code>f</code> (library code)" in render(report)
+
+
+def test_terminal_report_takes_the_whole_line_when_not_on_a_terminal(
+    log: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Piped or captured, nothing sets a width: rich's 80 columns would wrap every row."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    long_route = "/reports/" + "x" * 150
+    path = log[0]
+    path.write_text(
+        path.read_text() + json.dumps(event(time.time(), 75.0, "sleep", long_route, None)) + "\n"
+    )
+    out = io.StringIO()
+    print_report(Console(file=out, color_system=None), load_event_log(str(path)))
+    rows = [line for line in out.getvalue().splitlines() if long_route in line]
+    assert len(rows) == 1, out.getvalue()  # the route in one piece, on one row
+    assert "sleep x1" in rows[0]

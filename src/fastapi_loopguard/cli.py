@@ -143,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the live page at PATH, e.g. /_loopguard (loopback clients only, unless "
         "LOOPGUARD_DASHBOARD_TOKEN is set and given)",
     )
+    run.add_argument(
+        "--prometheus",
+        action="store_true",
+        default=None,
+        help="Prometheus metrics at LOOPGUARD_METRICS_PATH (default /metrics); with --workers, "
+        "aggregated through PROMETHEUS_MULTIPROC_DIR, or a temporary one removed at exit",
+    )
+    run.add_argument(
+        "--enforcement-mode",
+        choices=["log", "warn", "strict"],
+        help="warn: headers and a record naming the culprit; strict: a 503 page instead",
+    )
+    run.add_argument(
+        "--log-format", choices=["text", "json"], help="blocking records as text lines or JSON"
+    )
 
     report = commands.add_parser(
         "report",
@@ -251,6 +266,9 @@ def _run(args: argparse.Namespace) -> int:
         "dev_mode": (args.dev_mode, "--dev-mode"),
         "event_log_path": (args.event_log, "--event-log"),
         "dashboard_path": (args.dashboard, "--dashboard"),
+        "prometheus_enabled": (args.prometheus, "--prometheus"),
+        "enforcement_mode": (args.enforcement_mode, "--enforcement-mode"),
+        "log_format": (args.log_format, "--log-format"),
     }
     overrides: dict[str, tuple[Any, str]] = {k: v for k, v in flags.items() if v[0] is not None}
     try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._text import MAX_PATH_CHARS, escape
 from ..hints import hint_for_event
+from ..workers import identity
 from .base import Exporter
 
 if TYPE_CHECKING:
@@ -73,7 +74,13 @@ class LoggingExporter(Exporter):
         # The fix, read from the culprit's source after the stall (hints.py says what it costs).
         hint = hint_for_event(event).fix
         if self.log_format == "json":
-            fields = {"message": "event loop blocked", **event_fields(event), "hint": hint}
+            # The process too: workers of one server log to one stream, like the event log.
+            fields = {
+                "message": "event loop blocked",
+                **identity().fields(),
+                **event_fields(event),
+                "hint": hint,
+            }
             if suppressed[0]:
                 fields["suppressed"] = suppressed[0]
                 fields["suppressed_in_s"] = suppressed[1]

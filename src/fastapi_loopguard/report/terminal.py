@@ -113,7 +113,15 @@ def _print_culprits(
         console.print(Text(f"  ... and {len(groups) - top} more lines", style="dim"))
 
 
+# Lines are as long as their content when nothing sets a width (see print_report).
+_UNBOUNDED = 100_000
+
+
 def print_report(console: Console, report: Report, top: int = 8) -> None:
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped or captured, nothing says how wide the lines may be, and rich's default of 80
+        # columns would wrap every table row; a file or a pager takes the whole line instead.
+        console.width = _UNBOUNDED
     events = report.events
     console.print()
     headline = Text(f"{len(events)} blocking events", style="bold")
