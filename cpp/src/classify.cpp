@@ -208,18 +208,19 @@ Kind refine(const OsState& state, const Evidence& ev) noexcept {
   const Kind kind = classify(state);
   if (kind == Kind::kIdle) return kind;
   if (ev.in_gc) return Kind::kGc;
+  // Waiting for the GIL now: the holders are the cause, even if the thread also waited for a CPU
+  // (in a GIL convoy every waiter wakes every switch interval to ask for it, crowding the CPUs
+  // with this process's own threads). Waiting while our own sampler holds it is not the app's
+  // blocking: as a starved sample its run counts as saturation, unless the loop itself ran a
+  // threshold of CPU.
+  if (kind == Kind::kLock && ev.gil_futex) return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
   // Runnable but not running for most of the time since the last look: the thread was starved
   // of CPU (cgroup throttling, an overloaded host), whatever it was doing. Not a thread asleep
-  // right now: what it sleeps in is the kind. A thread waiting for the GIL wakes every switch
-  // interval to ask for it, and on a busy host each wake-up queues for a CPU, so its run delay
-  // grows as fast as a starved one's while it waits for the thread that holds the GIL.
+  // right now: what it sleeps in is the kind.
   const bool asleep = state.sched_state == 'S' || state.sched_state == 'D';
   if (!asleep && ev.run_delay >= 0 && ev.elapsed > 0 && ev.run_delay * 2 > ev.elapsed) {
     return Kind::kStarved;
   }
-  // Waiting on the GIL while our own sampler holds it: not the app's blocking. As a starved
-  // sample its run counts as saturation, unless the loop itself ran a threshold of CPU.
-  if (kind == Kind::kLock && ev.gil_futex) return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
   if (kind == Kind::kLock) return Kind::kLock;
   // Seen "running", yet the CPU clock hardly moved, and the thread was in uninterruptible sleep
   // or took major page faults meanwhile: it spent the time in the kernel waiting for the disk,

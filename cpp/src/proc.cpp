@@ -12,6 +12,7 @@
 
 #ifdef __linux__
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #endif
 
 namespace loopguard {
@@ -41,7 +42,10 @@ OsState parse_syscall_line(const char* text) noexcept {
   }
   st.where = OsState::Where::kSyscall;
   st.syscall = nr;
-  st.arg0 = std::strtoull(end, nullptr, 16);  // "0x..." after the number
+  char* next = nullptr;
+  st.arg0 = std::strtoull(end, &next, 16);  // "0x..." after the number
+  st.arg1 = std::strtoull(next, &end, 16);
+  st.arg2 = std::strtoull(end, nullptr, 16);
   return st;
 }
 
@@ -146,6 +150,47 @@ OsState read_thread_syscall(long tid) noexcept {
   (void)tid;
 #endif
   return st;
+}
+
+bool is_mutex_wait(const OsState& st) noexcept {
+#if defined(__linux__) && defined(SYS_futex)
+  // glibc's low-level lock, under every pthread_mutex_lock: futex(&lock, FUTEX_WAIT[|PRIVATE], 2),
+  // 2 meaning "locked, with waiters". Condition variables, semaphores (CPython 3.11's locks) and
+  // CPython 3.13's own mutex wait with other values or operations.
+  constexpr std::uint64_t kWait = 0;
+  constexpr std::uint64_t kCommandMask = 0x7f;  // without FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
+  return st.where == OsState::Where::kSyscall && st.syscall == SYS_futex && st.arg0 != 0 &&
+         (st.arg1 & kCommandMask) == kWait && st.arg2 == 2;
+#else
+  (void)st;
+  return false;
+#endif
+}
+
+long mutex_owner(const OsState& st) noexcept {
+#ifdef __linux__
+  if (!is_mutex_wait(st)) return -1;
+  // In a pthread_mutex_t, the owner's kernel thread id follows the lock word and its count. The
+  // memory is read with process_vm_readv, which fails cleanly where a read would fault.
+  int owner = 0;
+  iovec local{&owner, sizeof owner};
+  iovec remote{reinterpret_cast<void*>(st.arg0 + 2 * sizeof(int)), sizeof owner};
+  if (::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) != sizeof owner || owner <= 0) {
+    return -1;
+  }
+  // Only a live thread of this process counts: anything else was not a pthread mutex after all.
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d", owner);
+  return ::access(path, F_OK) == 0 ? owner : -1;
+#else
+  (void)st;
+  return -1;
+#endif
+}
+
+long OsThreadProbe::lock_owner(const OsState& st) noexcept {
+  const long owner = mutex_owner(st);
+  return owner == tid_ ? -1 : owner;
 }
 
 std::vector<long> OsThreadProbe::running_threads(const std::vector<long>& exclude) {

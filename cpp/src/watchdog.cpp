@@ -642,6 +642,24 @@ void Engine::take_sample() {
       }
     }
     if (!ok) ok = sampler_->sample(s, config_.stack_timeout, config_.capture_stacks);
+    if (ok && s.kind == Kind::kLock && s.token == 0 && s.culprit < 0 && probe_) {
+      // A lock wait outside any request with nothing to name on the loop's stack (Datasette: a
+      // cursor freed between two callbacks waits for the SQLite connection a SQL thread runs a
+      // query on). A pthread mutex records its owner, and what that thread runs is the culprit,
+      // as the GIL's holder is for a GIL wait. With a line of the loop's own, that line is the
+      // culprit: it chose to wait on a thread's lock.
+      const long owner = probe_->lock_owner(os);
+      Sample held;
+      if (owner > 0 &&
+          sampler_->sample_thread(held, config_.stack_timeout, config_.capture_stacks, owner) &&
+          held.culprit >= 0) {
+        s.token = held.token;
+        s.frames = std::move(held.frames);
+        s.culprit = held.culprit;
+        s.culprit_is_library = held.culprit_is_library;
+        s.thread = owner;
+      }
+    }
     if (!ok) {
       stack_timeouts_.fetch_add(1, std::memory_order_relaxed);
       s.has_stack = false;

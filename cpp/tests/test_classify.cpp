@@ -54,6 +54,59 @@ TEST(OsThreadProbe, WhereSeesAWaitingAndARunningThread) {
   worker.join();
   ::close(ep);
 }
+
+// A thread blocked in pthread_mutex_lock waits in glibc's low-level lock; the probe reads who
+// holds the mutex. A semaphore wait (CPython 3.11's own locks) is not taken for one.
+TEST(OsThreadProbe, LockOwnerOfAContendedPthreadMutex) {
+  pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
+  std::atomic<long> holder_tid{-1};
+  std::atomic<long> waiter_tid{-1};
+  std::atomic<bool> release{false};
+  std::thread holder([&] {
+    pthread_mutex_lock(&mutex);
+    holder_tid = static_cast<long>(::syscall(SYS_gettid));
+    while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    pthread_mutex_unlock(&mutex);
+  });
+  while (holder_tid.load() < 0) std::this_thread::yield();
+  std::thread waiter([&] {
+    waiter_tid = static_cast<long>(::syscall(SYS_gettid));
+    pthread_mutex_lock(&mutex);
+    pthread_mutex_unlock(&mutex);
+  });
+  while (waiter_tid.load() < 0) std::this_thread::yield();
+  OsThreadProbe probe(waiter_tid.load(), waiter.native_handle());
+  long owner = -1;
+  for (int i = 0; i < 500 && owner < 0; ++i) {
+    owner = probe.lock_owner(probe.state());
+    if (owner < 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  EXPECT_EQ(owner, holder_tid.load());
+  EXPECT_EQ(classify(probe.state()), Kind::kLock);
+  release = true;
+  holder.join();
+  waiter.join();
+}
+
+TEST(MutexOwner, OnlyGlibcLockWaitsAreRead) {
+#ifdef SYS_futex
+  int word = 2;
+  OsState mutex_wait = parse_syscall_line("202 0x1000 0x80 0x2 0x0 0x0 0x0 0x7ffd 0x7f12");
+  EXPECT_TRUE(is_mutex_wait(mutex_wait));
+  mutex_wait.arg0 = reinterpret_cast<std::uint64_t>(&word);
+  EXPECT_EQ(mutex_owner(mutex_wait), -1);  // the int after it is no thread of ours
+  EXPECT_TRUE(is_mutex_wait(parse_syscall_line("202 0x1000 0x0 0x2 0x0")));  // shared mutex
+  // A semaphore waits for 0, a condition variable's sequence with FUTEX_WAIT_BITSET.
+  EXPECT_FALSE(is_mutex_wait(parse_syscall_line("202 0x1000 0x80 0x0 0x0")));
+  EXPECT_FALSE(is_mutex_wait(parse_syscall_line("202 0x1000 0x189 0x2 0x0")));
+  // Unmapped memory: read cleanly as nothing, never a fault.
+  OsState unmapped = parse_syscall_line("202 0x8 0x80 0x2 0x0");
+  EXPECT_EQ(mutex_owner(unmapped), -1);
+#endif
+#ifdef SYS_clock_nanosleep
+  EXPECT_FALSE(is_mutex_wait(InSyscall(SYS_clock_nanosleep)));
+#endif
+}
 #endif
 
 // ---- /proc/self/task/<tid>/syscall -------------------------------------------------------------
@@ -84,6 +137,11 @@ TEST(ParseSyscallLine, FirstArgumentIsHex) {
   EXPECT_EQ(parse_syscall_line("7 0xffffffffffffffff 0x1").arg0, 0xffffffffffffffffu);
   EXPECT_EQ(parse_syscall_line("running").arg0, 0u);
   EXPECT_EQ(parse_syscall_line("-1 0x7ff 0x7ff").arg0, 0u);
+  // The next two as well: for futex the operation and the value expected.
+  const OsState futex = parse_syscall_line("202 0x7f12345678 0x80 0x2 0x0 0x0 0x0 0x7ffd 0x7f12");
+  EXPECT_EQ(futex.arg1, 0x80u);
+  EXPECT_EQ(futex.arg2, 2u);
+  EXPECT_EQ(parse_syscall_line("202 0x7f12345678").arg1, 0u);  // truncated: zero, not garbage
 }
 
 // "-1 sp pc" means blocked in the kernel outside a syscall (a page fault): no syscall number.
@@ -264,6 +322,10 @@ TEST(Refine, WaitingForTheGilIsGil) {
   ev.gil_futex = true;
   EXPECT_EQ(refine(st, ev), Kind::kGil);
   EXPECT_EQ(without_stack(refine(st, ev), ev), Kind::kGil);
+  // Twelve threads in a GIL convoy: every waiter wakes each 5 ms to ask for the GIL, and the
+  // loop thread waits for a CPU as much as for the GIL. The GIL's holders are still the cause.
+  ev.run_delay = 7 * kMs;
+  EXPECT_EQ(refine(st, ev), Kind::kGil);
 }
 
 // Datasette: a cursor freed on the loop waits in sqlite3_reset for the connection's pthread mutex,

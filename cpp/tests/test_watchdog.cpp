@@ -30,6 +30,7 @@ struct FakeOs {
   int state_reads = 0;
   long loop_tid = -1;         // what tid() says
   std::vector<long> running;  // threads running_threads() finds, before the exclusions
+  long lock_owner = -1;       // what lock_owner() says of the loop's futex wait
   std::vector<long> last_exclude;
   int running_calls = 0;
 };
@@ -60,6 +61,10 @@ class FakeProbe final : public ThreadProbe {
       if (std::find(exclude.begin(), exclude.end(), tid) == exclude.end()) out.push_back(tid);
     }
     return out;
+  }
+  long lock_owner(const OsState& state) noexcept override {
+    return state.syscall == os_->state.syscall && state.arg0 == os_->state.arg0 ? os_->lock_owner
+                                                                                : -1;
   }
   long tid() const noexcept override { return os_->loop_tid; }
 
@@ -1492,6 +1497,42 @@ TEST_F(EngineTest, GilWaitOnABusyHostIsStillGil) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].kind, Kind::kGil);
   EXPECT_EQ(engine_->stats().saturated, 0);
+}
+
+// Outside any request, the loop waits for a pthread mutex with only its own frames on the stack;
+// the probe reads the mutex's owner, which is sampled as the GIL's holder would be and names the
+// stall (Datasette: a SQL thread's query holds the connection a cursor freed on the loop needs).
+TEST_F(EngineTest, ALockWaitWithNothingToNameSamplesTheMutexOwner) {
+  os_->state = FutexWait(0xbad0);
+  os_->lock_owner = 6161;
+  py_->gil_futexes = {kGilAddress};
+  py_->frames = {{"/usr/lib/python3/asyncio/base_events.py", "BaseEventLoop._run_once", 1907}};
+  py_->culprit = -1;
+  py_->thread_succeed = true;
+  py_->thread_frames = HandlerStack("execute_fn", 212);
+  py_->thread_culprit = 1;
+  engine_->begin_request();  // in flight, but the loop runs no request's code
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->last_thread, 6161);
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kLock);
+  EXPECT_EQ(events[0].token, 0u);  // the owner's Context: a plain pool thread carries none
+  EXPECT_EQ(events[0].stack, HandlerStack("execute_fn", 212));
+
+  // The loop's own code waits on the lock: that line is the culprit, the owner is not looked at.
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  py_->frames = HandlerStack("handler", 42);
+  py_->culprit = 1;
+  py_->thread_calls = 0;
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->thread_calls, 0);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, token);
+  EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));
 }
 
 // The GIL's address is known and the loop waits on another futex, while other threads keep the

@@ -157,6 +157,38 @@ def _query(repeat: int, hold: float) -> int:
     return total
 
 
+# One connection shared by the pool's threads, as a connection pool of one: SQLite serialises them
+# on the connection's mutex, held for as long as each sqlite3_step runs.
+SHARED_SQL = sqlite3.connect(SQL_DB, check_same_thread=False)
+COUNT_TO = (
+    "with recursive c(x) as (select 1 union all select x + 1 from c limit ?) select count(x) from c"
+)
+
+
+def _open_cursor() -> sqlite3.Cursor:
+    cursor = SHARED_SQL.execute("select id from t")
+    cursor.fetchone()  # its statement stays in use until the cursor is done, or freed
+    return cursor
+
+
+def _count(n: int) -> int:
+    return int(SHARED_SQL.execute(COUNT_TO, (n,)).fetchone()[0])  # culprit:sql-holder
+
+
+@app.get("/sql-lock")
+async def sql_lock(n: int = 2_000_000) -> dict[str, int]:
+    cursor = await asyncio.to_thread(_open_cursor)
+    query = asyncio.ensure_future(asyncio.to_thread(_count, n))
+    await asyncio.sleep(0.1)  # the query runs, holding the connection
+    # The cursor freed on the loop between two callbacks, in no request's Context, as a
+    # traceback's frames are: its statement's reset waits for the connection's mutex.
+    kept = [cursor]
+    del cursor
+    asyncio.get_running_loop().call_soon(kept.clear, context=contextvars.Context())
+    del kept
+    return {"count": await query}
+
+
 @app.get("/sql")
 async def sql(threads: int = SQL_THREADS, repeat: int = 10, hold: float = 0.0) -> dict[str, int]:
     # Heavy queries in a thread pool, as Datasette runs them; asyncio.to_thread copies this

@@ -40,6 +40,8 @@ struct OsState {
   Where where = Where::kUnknown;
   long syscall = -1;       // valid when where == kSyscall
   std::uint64_t arg0 = 0;  // first syscall argument (for futex: the address waited on)
+  std::uint64_t arg1 = 0;  // second (for futex: the operation)
+  std::uint64_t arg2 = 0;  // third (for futex: the value expected at the address)
   char sched_state = 0;    // 'R', 'S', 'D', ... or 0 when unknown
   Nanos run_delay = -1;    // total time spent runnable but not running (schedstat), -1 unknown
   long major_faults = -1;  // major page faults so far (stat), -1 unknown
@@ -66,10 +68,11 @@ struct Evidence {
 
 // The kind of one reading given the evidence around it, in this order:
 //   - idle stays idle; inside a collection -> kGc;
+//   - a futex that is the GIL's -> kGil, even after waiting for a CPU meanwhile (kStarved while
+//     our own sampler holds the GIL);
 //   - runnable but not running for over half the time since the last reading, and not asleep
 //     right now -> kStarved;
-//   - a futex that is the GIL's -> kGil (kStarved while our own sampler holds it); any other
-//     futex -> kLock;
+//   - any other futex -> kLock;
 //   - seen "running" while its CPU clock hardly moved (under a quarter of the time), and in
 //     uninterruptible sleep or taking major page faults: time in the kernel without CPU, page
 //     faults waiting for the disk (a thread between two faults reads as running) -> kIo;

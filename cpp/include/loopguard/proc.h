@@ -27,6 +27,12 @@ class ThreadProbe {
     (void)exclude;
     return {};
   }
+  // The thread holding the pthread mutex the watched thread waits for in `state`, -1 when it
+  // waits for something else or the owner cannot be told: the culprit of a lock wait.
+  virtual long lock_owner(const OsState& state) noexcept {
+    (void)state;
+    return -1;
+  }
   // Kernel id of the watched thread, -1 when unknown.
   virtual long tid() const noexcept { return -1; }
 };
@@ -45,6 +51,7 @@ class OsThreadProbe final : public ThreadProbe {
   OsState where() noexcept override;  // the syscall file only: one read instead of three
   Nanos cpu_time() noexcept override;
   std::vector<long> running_threads(const std::vector<long>& exclude) override;
+  long lock_owner(const OsState& state) noexcept override;
   long tid() const noexcept override { return tid_; }
 
  private:
@@ -61,6 +68,13 @@ long current_tid() noexcept;
 
 // Reads /proc/self/task/<tid>/syscall once: what another thread is doing right now.
 OsState read_thread_syscall(long tid) noexcept;
+
+// Whether a reading is a wait in glibc's low-level lock, as every contended pthread_mutex_lock
+// is: futex(&mutex.__lock, FUTEX_WAIT, 2).
+bool is_mutex_wait(const OsState& state) noexcept;
+// For such a wait, the kernel id of the thread of this process that holds the mutex (glibc
+// records it next to the lock word), or -1.
+long mutex_owner(const OsState& state) noexcept;
 
 // Parsers, exposed for unit tests.
 OsState parse_syscall_line(const char* text) noexcept;

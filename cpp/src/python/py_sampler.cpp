@@ -197,6 +197,7 @@ class PySampler final : public StackSampler {
     out.culprit = result_.culprit;
     out.task = std::move(result_.task);
     out.culprit_is_library = result_.culprit_is_library;
+    out.thread = result_.thread;
     return result_.found;
   }
 
