@@ -657,6 +657,9 @@ void Engine::take_sample() {
         s.frames = std::move(held.frames);
         s.culprit = held.culprit;
         s.culprit_is_library = held.culprit_is_library;
+        // The owner's stack is another thread's: the loop's task did not run it (a thread's
+        // sample names no task, as the GIL holder's does not).
+        s.task = std::move(held.task);
         s.thread = owner;
       }
     }

@@ -77,6 +77,7 @@ struct FakePython {
   std::uint64_t token = 0;
   std::vector<FrameInfo> frames;
   int culprit = -1;
+  std::string task;              // what ran outside requests, as the loop thread's sample names it
   bool succeed = true;           // false: "the GIL could not be had in time"
   std::function<void()> during;  // runs inside sample(), as if the loop thread moved meanwhile
   int calls = 0;
@@ -110,6 +111,7 @@ class FakeSampler final : public StackSampler {
     if (frames) {
       out.frames = py_->frames;
       out.culprit = py_->culprit;
+      out.task = py_->task;
       out.has_stack = true;
     }
     return true;
@@ -1508,6 +1510,7 @@ TEST_F(EngineTest, ALockWaitWithNothingToNameSamplesTheMutexOwner) {
   py_->gil_futexes = {kGilAddress};
   py_->frames = {{"/usr/lib/python3/asyncio/base_events.py", "BaseEventLoop._run_once", 1907}};
   py_->culprit = -1;
+  py_->task = "(callback)";
   py_->thread_succeed = true;
   py_->thread_frames = HandlerStack("execute_fn", 212);
   py_->thread_culprit = 1;
@@ -1519,12 +1522,14 @@ TEST_F(EngineTest, ALockWaitWithNothingToNameSamplesTheMutexOwner) {
   EXPECT_EQ(events[0].kind, Kind::kLock);
   EXPECT_EQ(events[0].token, 0u);  // the owner's Context: a plain pool thread carries none
   EXPECT_EQ(events[0].stack, HandlerStack("execute_fn", 212));
+  EXPECT_EQ(events[0].task, "");  // the owner's code, not the loop's callback
 
   // The loop's own code waits on the lock: that line is the culprit, the owner is not looked at.
   const std::uint64_t token = engine_->begin_request();
   py_->token = token;
   py_->frames = HandlerStack("handler", 42);
   py_->culprit = 1;
+  py_->task.clear();  // the sampler names a task outside requests only
   py_->thread_calls = 0;
   Advance(1 * kMs);
   Stall(65 * kMs);
