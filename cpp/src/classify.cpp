@@ -233,10 +233,17 @@ Kind refine(const OsState& state, const Evidence& ev) noexcept {
   return kind;
 }
 
-Kind without_stack(Kind refined, const Evidence& ev) noexcept {
-  // Native code holding the GIL uses the CPU all along; a thread that hardly did, with nothing
-  // to say why (refine() would have said I/O), is not known to be in native code.
-  if (refined == Kind::kCpu) return little_cpu(ev) ? Kind::kUnknown : Kind::kNative;
+Kind without_stack(Kind refined, const Evidence& ev, const Evidence& during) noexcept {
+  if (refined == Kind::kCpu) {
+    if (during.elapsed > 0 && during.cpu >= 0) {
+      if (during.cpu * 4 >= during.elapsed * 3) return Kind::kNative;
+      if (during.run_delay >= 0 && during.run_delay * 2 > during.elapsed) return Kind::kStarved;
+      return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
+    }
+    // Native code holding the GIL uses the CPU all along; a thread that hardly did, with
+    // nothing to say why (refine() would have said I/O), is not known to be in native code.
+    return little_cpu(ev) ? Kind::kUnknown : Kind::kNative;
+  }
   if (refined == Kind::kLock && !(ev.gil_known && !ev.gil_futex)) {
     return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
   }

@@ -615,6 +615,12 @@ Evidence Engine::evidence(const OsState& os, Nanos t, Nanos cpu) const {
   return ev;
 }
 
+namespace {
+// CPython's default switch interval (sys.getswitchinterval()): how long a thread running Python
+// keeps the GIL when another asks for it.
+constexpr Nanos kGilSwitchInterval = 5 * kMs;
+}  // namespace
+
 void Engine::take_sample() {
   Sample s;
   s.t = clock_->now();
@@ -671,8 +677,24 @@ void Engine::take_sample() {
       // native code (a regex, a big json or pickle, a C extension); one that waits on a futex
       // waits for it while another thread holds it, unless that futex is known not to be it.
       const Kind seen = s.kind;
+      // A running loop thread that the sampler could not get the GIL from: what it did with the
+      // CPU meanwhile tells native code (kept it busy) from Python on a contended GIL.
+      Evidence during;
+      if (seen == Kind::kCpu && probe_ && clock_->now() - s.t >= kGilSwitchInterval) {
+        // Only over a wait long enough for Python to have had to let go of the GIL once: the
+        // sampler answers at once while an earlier request still waits, and a few microseconds
+        // of CPU clock say nothing.
+        const Nanos t = clock_->now();
+        const OsState later = probe_->state();
+        const Nanos cpu = probe_->cpu_time();
+        during.elapsed = t - s.t;
+        if (cpu >= 0 && s.cpu >= 0) during.cpu = std::max<Nanos>(cpu - s.cpu, 0);
+        if (later.run_delay >= 0 && os.run_delay >= 0) {
+          during.run_delay = std::max<Nanos>(later.run_delay - os.run_delay, 0);
+        }
+      }
       ev.sampler_has_gil = sampler_->sampler_holds_gil();  // as of now, when it gave up
-      s.kind = without_stack(seen, ev);
+      s.kind = without_stack(seen, ev, during);
       if (seen == Kind::kLock && s.kind == Kind::kGil) {
         // The sampler is still waiting for the GIL; point its pending capture at the thread
         // holding it (a zero timeout only retargets), so the late stack names the culprit.

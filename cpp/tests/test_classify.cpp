@@ -389,6 +389,25 @@ TEST(Refine, RunningWithoutCpuOrEvidenceIsNotNative) {
   EXPECT_EQ(without_stack(refine(Read("running", 'R'), Evidence{}), Evidence{}), Kind::kNative);
 }
 
+// The sampler could not get the GIL from a running loop thread. What the thread did with the
+// CPU while the sampler waited (20 ms) tells native code from Python on a contended GIL.
+TEST(WithoutStack, TheWaitItselfTellsNativeCodeFromAContendedGil) {
+  const Evidence before = Between(k10, 9'500'000, 0, 0);
+  // A regex holding the GIL: the CPU busy the whole time.
+  EXPECT_EQ(without_stack(Kind::kCpu, before, Between(20 * kMs, 19'600'000, 0, 0)), Kind::kNative);
+  // Rendering in Python while SQL threads' progress handlers take the GIL every few
+  // microseconds: the loop ran for a fifth of the wait and let go of the GIL the rest.
+  EXPECT_EQ(without_stack(Kind::kCpu, before, Between(20 * kMs, 4'000'000, 1'000'000, 0)),
+            Kind::kGil);
+  // Waiting for a CPU most of the wait: starved.
+  EXPECT_EQ(without_stack(Kind::kCpu, before, Between(20 * kMs, 3'000'000, 15'000'000, 0)),
+            Kind::kStarved);
+  // A lock wait is judged by its futex, not by the wait.
+  Evidence known = before;
+  known.gil_known = true;
+  EXPECT_EQ(without_stack(Kind::kLock, known, Between(20 * kMs, 0, 0, 0)), Kind::kLock);
+}
+
 // Runnable but waiting for a CPU most of the time: starved, whatever else it shows.
 TEST(Refine, RunDelayOverHalfIsStarved) {
   EXPECT_EQ(refine(Read("running", 'R'), Between(k10, 1'000'000, 8'000'000, 0)), Kind::kStarved);

@@ -1176,6 +1176,46 @@ TEST_F(EngineTest, SamplerFailingWhileRunningIsNative) {
   EXPECT_EQ(events[0].culprit, -1);
 }
 
+// The same, but the sampler's wait shows what the loop thread did meanwhile: a thread that kept
+// the CPU busy holds the GIL in native code; one that ran a fifth of the time kept letting go of
+// the GIL to other threads (Python on a contended GIL), so the sampler lost the race: kGil.
+TEST_F(EngineTest, WhatTheLoopDidDuringTheSamplersWaitDecidesNativeOrGil) {
+  os_->state.where = OsState::Where::kRunning;
+  os_->state.run_delay = 0;
+  os_->cpu = 0;
+  py_->succeed = false;
+  Nanos share = 95;  // percent of the wait the loop thread spent on the CPU
+  py_->during = [&] {
+    Advance(20 * kMs);
+    os_->cpu += 20 * kMs * share / 100;
+  };
+  // The loop is on the CPU as much before the sample as during the sampler's wait: a native
+  // call burns it all along. (A stall whose CPU clock stood still before its one sample would
+  // be a thread starved on a busy host, which is no event at all.)
+  const auto stall = [&] {
+    LoopBusy();
+    Step();  // busy, not stalled yet: the CPU reading before the stall
+    Advance(50 * kMs);
+    os_->cpu += 50 * kMs * share / 100;
+    Step();  // stalled: the one sample, whose sampler waits 20 ms for the GIL in vain
+    Advance(1 * kMs);
+    LoopWaits();
+    Step();
+  };
+  engine_->begin_request();
+  stall();
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kNative);
+
+  share = 20;
+  Advance(1 * kMs);
+  stall();
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+}
+
 // The sampler got the GIL after all, once the native call let go of it: that late sample names
 // the samples that went without a stack.
 TEST_F(EngineTest, LateSampleFillsMissingStacks) {

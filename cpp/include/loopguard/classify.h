@@ -79,15 +79,20 @@ struct Evidence {
 //   - otherwise classify()'s kind.
 Kind refine(const OsState& state, const Evidence& evidence) noexcept;
 
-// The kind of a reading whose sample got no stack because nobody could take the GIL in time:
-//   - a thread running on the CPU holds the GIL itself, in native code -> kNative (kUnknown if
-//     its CPU clock hardly moved: native code would have used the CPU);
+// The kind of a reading whose sample got no stack because nobody could take the GIL in time.
+// `during` is the evidence over the sampler's wait itself (from the reading until it gave up):
+//   - a thread running on the CPU may hold the GIL in native code -> kNative, if it kept the CPU
+//     busy while the sampler waited (three quarters of the time or more). One that did not let
+//     go of the GIL again and again (a busy Python loop on a contended GIL), so other threads
+//     held it, which is why the sampler was late -> kGil; or it waited for a CPU most of the
+//     time -> kStarved. Without a reading over the wait: kNative, and kUnknown if its CPU clock
+//     hardly moved before the reading either (native code would have used the CPU);
 //   - one waiting on a futex waits for the GIL that another thread holds -> kGil, unless the
 //     GIL's address is known and this futex is another one: then it is a lock like any other
 //     (other threads may keep the GIL busy meanwhile, which is why the sampler was late), and
 //     kStarved when our own sampler holds the GIL;
 //   - anything else keeps its kind.
-Kind without_stack(Kind refined, const Evidence& evidence) noexcept;
+Kind without_stack(Kind refined, const Evidence& evidence, const Evidence& during = {}) noexcept;
 
 // The kind of a run of samples: the most frequent one, ignoring kUnknown and kIdle when anything
 // better was seen. Ties go to the earlier kind in the run (the blocker that was found first).
