@@ -18,8 +18,6 @@ import sys
 import sysconfig
 from typing import Any
 
-from . import _native
-
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The functions of asyncio and uvloop that run a loop: asyncio.run, asyncio.Runner.run,
 # uvloop.run, and the loop methods they call (uvloop's own are native and leave no frame).
@@ -64,11 +62,8 @@ def _main_script() -> str:
 
 
 @functools.cache
-def frame_config() -> Any:
-    """The ``_core.FrameFilterConfig`` describing this interpreter (None without the engine)."""
-    core = _native.load()
-    if core is None:
-        return None
+def _layout() -> dict[str, Any]:
+    """The ``FrameFilterConfig`` fields for this interpreter, as plain Python values."""
     paths = sysconfig.get_paths()
     library = {paths.get("purelib", ""), paths.get("platlib", ""), *site.getsitepackages()}
     if site.ENABLE_USER_SITE and site.USER_SITE:
@@ -76,22 +71,33 @@ def frame_config() -> Any:
     scripts = {paths.get("scripts", ""), os.path.dirname(os.path.abspath(sys.executable))}
     with contextlib.suppress(KeyError):
         scripts.add(sysconfig.get_path("scripts", f"{os.name}_user"))
+    return {
+        "runtime_prefixes": _spellings({paths.get("stdlib", ""), paths.get("platstdlib", "")}),
+        "loop_prefixes": _spellings(_loop_dirs(paths.get("stdlib", ""))),
+        "library_prefixes": _spellings(library),
+        "own_prefixes": _spellings({_PACKAGE_DIR}),
+        # The bundled demo is application code, although it is installed inside this package.
+        "application_prefixes": _spellings({os.path.join(_PACKAGE_DIR, "demo")}),
+        "launcher_prefixes": _spellings(scripts),
+        "loop_entry_functions": _LOOP_ENTRIES,
+        "main_script": _main_script(),
+    }
+
+
+# The native objects below are made afresh on each call and never kept here: one reachable from
+# a module at interpreter exit (a daemon thread's frame keeps __main__ and what it imported
+# alive) would outlive the extension, and nanobind reports it as a leak on the app's stderr.
+
+
+def frame_config(core: Any) -> Any:
+    """A ``FrameFilterConfig`` describing this interpreter, from the loaded extension ``core``."""
     config = core.FrameFilterConfig()
-    config.runtime_prefixes = _spellings({paths.get("stdlib", ""), paths.get("platstdlib", "")})
-    config.loop_prefixes = _spellings(_loop_dirs(paths.get("stdlib", "")))
-    config.library_prefixes = _spellings(library)
-    config.own_prefixes = _spellings({_PACKAGE_DIR})
-    # The bundled demo is application code, although it is installed inside this package.
-    config.application_prefixes = _spellings({os.path.join(_PACKAGE_DIR, "demo")})
-    config.launcher_prefixes = _spellings(scripts)
-    config.loop_entry_functions = _LOOP_ENTRIES
-    config.main_script = _main_script()
+    for name, value in _layout().items():
+        setattr(config, name, value)
     return config
 
 
-@functools.cache
-def frame_filter() -> Any:
+def frame_filter(core: Any) -> Any:
     """The same rule for stacks read on the Python side (a cumulative event's suspended
-    coroutine); None without the engine."""
-    core = _native.load()
-    return core.FrameFilter(frame_config()) if core is not None else None
+    coroutine): a ``FrameFilter`` for one stack, dropped after it."""
+    return core.FrameFilter(frame_config(core))

@@ -435,11 +435,10 @@ class LoopGuard:
             event = self._convert(raw, info, engine.now_ns(), time.time())
             # The steps are over; the one place left to point at is where the request's
             # coroutine waits now, right after the last of them.
-            stack = _suspended_stack(coro) if coro is not None else ()
+            frames = frame_filter(_native.load())
+            stack = _suspended_stack(coro, frames) if coro is not None else ()
             if stack:
-                index, library = frame_filter().culprit(
-                    [(f.filename, f.function) for f in stack[::-1]]
-                )
+                index, library = frames.culprit([(f.filename, f.function) for f in stack[::-1]])
                 culprit = stack[-1 - index] if index >= 0 else None
                 event = replace(
                     event,
@@ -586,7 +585,7 @@ class _TimedSteps:
                 error, value = exc, None
 
 
-def _suspended_stack(coro: object) -> tuple[Frame, ...]:
+def _suspended_stack(coro: object, frames_filter: Any) -> tuple[Frame, ...]:
     """Where a suspended coroutine waits, outermost first, following what each one awaits."""
     frames: list[Frame] = []
     obj: object = coro
@@ -600,7 +599,8 @@ def _suspended_stack(coro: object) -> tuple[Frame, ...]:
         if frame is None:
             break
         code = frame.f_code
-        filename = frame_filter().normalized(code.co_filename)  # spelled as the sampler spells it
+        # Spelled as the sampler spells it.
+        filename = frames_filter.normalized(code.co_filename)
         frames.append(Frame(filename, frame.f_lineno or 0, code.co_qualname))
     return tuple(frames)
 
@@ -720,7 +720,7 @@ def _engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
     threshold.min_samples = cfg.adaptive_min_samples
     threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
     sampler = core.SamplerConfig()
-    sampler.frames = frame_config()
+    sampler.frames = frame_config(core)
     sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()
     return watchdog, threshold, sampler
 
