@@ -349,14 +349,18 @@ bool Engine::unsettled() const noexcept {
 
 bool Engine::settle(bool in_select) {
   if (!stall_active_.load(std::memory_order_acquire)) return ring_.has_items();
+  const bool heartbeat_mode = heartbeat_mode_.load(std::memory_order_relaxed);
   if (in_select) {
     // wait_begin() ended the busy stretch already.
-  } else if (heartbeat_mode_.load(std::memory_order_relaxed)) {
+  } else if (heartbeat_mode) {
     heartbeat();  // the beat the stall delayed, with its lag
   } else {
-    // Ends the busy stretch for the watchdog; the loop-lag sample still spans the whole
-    // iteration (iteration_start_ is left alone).
-    pulse_.restart(clock_->now());
+    // Ends the busy stretch for the watchdog, and the loop counts as waiting until the watchdog
+    // is done: this wait is ours, not the app's (finishing a stall may wait for a late stack
+    // while other threads keep the GIL, and the loop thread, parked on our condition variable,
+    // would look like a lock wait of the request that just ended). The loop-lag sample still
+    // spans the whole iteration (iteration_start_ is left alone).
+    pulse_.wait_begin(clock_->now());
   }
   std::unique_lock<std::mutex> lock(mutex_);
   if (running_ && !stop_) {
@@ -370,6 +374,7 @@ bool Engine::settle(bool in_select) {
                          [&] { return settle_done_ >= want || !running_; });
   }
   lock.unlock();
+  if (!in_select && !heartbeat_mode) pulse_.wait_end(clock_->now());  // the app's code again
   return ring_.has_items();
 }
 
