@@ -164,7 +164,11 @@ def test_sql_threads_holding_the_gil_are_gil_not_lock(server: Server) -> None:
             # for it in Thread.start, a real lock wait that is not what this test is about.
             assert (await client.get("/sql?repeat=0&hold=0.2")).status_code == 200
             assert (await client.delete("/_events")).status_code == 200
-            query = asyncio.create_task(client.get("/sql", headers={"x-request-id": "sql-1"}))
+            query = asyncio.create_task(
+                client.get(
+                    "/sql?slice_ms=100&passes=10&repeat=3", headers={"x-request-id": "sql-1"}
+                )
+            )
             await asyncio.sleep(0.1)  # the SQL threads are running now
             pings = []
             while not query.done() and len(pings) < 500:
@@ -174,19 +178,26 @@ def test_sql_threads_holding_the_gil_are_gil_not_lock(server: Server) -> None:
             responses = await asyncio.gather(query, *pings)
             assert all(r.status_code == 200 for r in responses)
 
-    # How often the loop waits past the threshold is up to the scheduler; a few rounds at most.
+    def holder_named(event: dict[str, Any]) -> bool:
+        return event["culprit"] is not None and event["culprit"]["function"] == "_query"
+
+    # Which thread the GIL goes to at each hand-over is up to the scheduler: a stall whose late
+    # stack was taken from another waiter names nothing. A few rounds at most, events kept.
     events: list[dict[str, Any]] = []
-    for _ in range(4):
+    for _ in range(8):
         asyncio.run(main())
         events = wait_events(server, 1, timeout=1)
-        if any(e["kind"] == "gil" for e in events):
+        if any(e["kind"] == "gil" and holder_named(e) for e in events):
             break
     kinds = [e["kind"] for e in events]
     assert "gil" in kinds, f"{events}\n{stats(server)}"
-    assert "lock" not in kinds, events
+    # A real lock wait may come too: the loop submitting to the pool takes the executor's idle
+    # semaphore, whose lock a worker holds while it waits for the GIL. The SQL request's own
+    # events, though, are GIL waits, never a lock.
+    assert not [e for e in events if e["kind"] == "lock" and e["request_id"] == "sql-1"], events
     # The holder's stack, through the Context to_thread copied: the SQL request's code. (When
     # no sample gets the GIL in time, the loop's own stack taken later may name a ping instead.)
-    held = [e for e in events if e["culprit"] is not None and e["culprit"]["function"] == "_query"]
+    held = [e for e in events if holder_named(e)]
     assert held, events
     for event in held:
         assert event["kind"] == "gil", [(k, v) for k, v in event.items() if k != "stack"]

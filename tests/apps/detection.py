@@ -12,6 +12,7 @@ import gc
 import os
 import re
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -143,7 +144,7 @@ with sqlite3.connect(SQL_DB) as _db:
     _db.executemany("insert into t (b) values (?)", ((i % 101,) for i in range(20_000)))
 
 
-def _query(repeat: int, hold: float) -> int:
+def _query(repeat: int, hold: float, passes: int = 1) -> int:
     time.sleep(hold)  # GIL released: lets a warm-up start every thread of the pool at once
     total = 0
     with sqlite3.connect(SQL_DB) as con:
@@ -152,8 +153,9 @@ def _query(repeat: int, hold: float) -> int:
             rows = con.execute("select id, b from t").fetchall()
             # The rows turned into what the page shows, in Python: the GIL is this thread's
             # until the interpreter makes it switch, every 5 ms.
-            for row_id, b in rows:
-                total += len(f"<td>{row_id}</td><td>{b * 3 % 7}</td>")
+            for _ in range(passes):
+                for row_id, b in rows:
+                    total += len(f"<td>{row_id}</td><td>{b * 3 % 7}</td>")
     return total
 
 
@@ -190,11 +192,28 @@ async def sql_lock(n: int = 2_000_000) -> dict[str, int]:
 
 
 @app.get("/sql")
-async def sql(threads: int = SQL_THREADS, repeat: int = 10, hold: float = 0.0) -> dict[str, int]:
+async def sql(
+    threads: int = SQL_THREADS,
+    repeat: int = 10,
+    hold: float = 0.0,
+    slice_ms: float = 0.0,
+    passes: int = 1,
+) -> dict[str, int]:
     # Heavy queries in a thread pool, as Datasette runs them; asyncio.to_thread copies this
     # request's Context into each thread, so whatever they hold is this request's doing.
-    jobs = (asyncio.to_thread(_query, repeat, hold) for _ in range(threads))
-    results = await asyncio.gather(*jobs)
+    # slice_ms: how long a thread may keep the GIL before it must let another have it (5 ms by
+    # default), and passes: how long each thread's pure-Python part runs between two fetches.
+    # On a quiet two-core host, 5 ms slices never leave the loop waiting 50 ms for the GIL; on a
+    # busy one they do, as each hand-over waits for a CPU. Long slices of long Python runs stand
+    # for that (or for C code that holds the GIL between rows) and make the wait certain.
+    previous = sys.getswitchinterval()
+    if slice_ms > 0:
+        sys.setswitchinterval(slice_ms / 1000)
+    try:
+        jobs = (asyncio.to_thread(_query, repeat, hold, passes) for _ in range(threads))
+        results = await asyncio.gather(*jobs)
+    finally:
+        sys.setswitchinterval(previous)
     return {"sum": sum(results)}
 
 
