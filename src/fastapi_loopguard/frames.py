@@ -10,7 +10,6 @@ packages, site-packages, this package, the script directories and the main scrip
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import site
@@ -61,7 +60,6 @@ def _main_script() -> str:
     return os.path.normpath(os.path.abspath(filename))
 
 
-@functools.cache
 def _layout() -> dict[str, Any]:
     """The ``FrameFilterConfig`` fields for this interpreter, as plain Python values."""
     paths = sysconfig.get_paths()
@@ -84,6 +82,11 @@ def _layout() -> dict[str, Any]:
     }
 
 
+# Read once, at import: resolving the directories touches the file system (realpath, getcwd),
+# which must not happen on a running loop. Starlette's own suite runs blockbuster, which fails
+# such a call inside a loop, and the first guard starts on one.
+_LAYOUT = _layout()
+
 # The native objects below are made afresh on each call and never kept here: one reachable from
 # a module at interpreter exit (a daemon thread's frame keeps __main__ and what it imported
 # alive) would outlive the extension, and nanobind reports it as a leak on the app's stderr.
@@ -92,7 +95,7 @@ def _layout() -> dict[str, Any]:
 def frame_config(core: Any) -> Any:
     """A ``FrameFilterConfig`` describing this interpreter, from the loaded extension ``core``."""
     config = core.FrameFilterConfig()
-    for name, value in _layout().items():
+    for name, value in _LAYOUT.items():
         setattr(config, name, value)
     return config
 

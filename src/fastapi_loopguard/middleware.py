@@ -154,8 +154,12 @@ class LoopGuardMiddleware:
             if message["type"] == "http.response.start":
                 body = None
                 try:
-                    # Bounded: the watchdog hands the event over one tick after the loop came back.
-                    timeout = max(0.5, 10 * self.config.monitor_interval_ms / 1000)
+                    # Bounded: the watchdog hands the event over one tick after the loop came
+                    # back. Strict and warn mode must name the culprit, and may wait for it; dev
+                    # headers alone wait a few ticks at most, then show the live counters.
+                    interval = self.config.monitor_interval_ms / 1000
+                    naming = self.config.enforcement_mode != "log"
+                    timeout = max(0.5, 10 * interval) if naming else 3 * interval
                     blocking = await enforcement.settled(self.guard, info, timeout)
                     replacement = self._enforce(scope, info, blocking)
                     if replacement is not None:
