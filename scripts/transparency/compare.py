@@ -434,7 +434,8 @@ def main(argv: list[str]) -> int:
             parser.error(f"no suite {name!r} in suites.toml")
     suites = [load(Path(args.work), n, settings["suites"][n]) for n in names]
     for suite in suites:
-        judge(suite, settings["max_time_ratio"], settings["allowed_leftover_threads"])
+        limit = suite.settings.get("max_time_ratio", settings["max_time_ratio"])
+        judge(suite, limit, settings["allowed_leftover_threads"])
     print(summary(suites), flush=True)
     if set(names) == set(settings["suites"]):
         write_docs(Path(args.docs), suites, settings["max_time_ratio"])
