@@ -74,7 +74,15 @@ class UvPulseTest : public testing::Test {
         std::make_unique<Engine>(WatchdogConfig{}, ThresholdConfig{}, nullptr, nullptr, &clock_);
   }
   void TearDown() override {
-    if (loop_ != nullptr) std::free(loop_);
+    if (loop_ == nullptr) return;
+    // A test that did not close the loop itself: uv_loop_init allocated, uv_loop_close frees.
+    if (!closed_) (void)uv_.loop_close(loop_);
+    std::free(loop_);
+  }
+
+  int CloseLoop() {
+    closed_ = true;
+    return uv_.loop_close(loop_);
   }
 
   // Runs the loop through `iterations` timer wake-ups (each one a full libuv iteration).
@@ -99,6 +107,7 @@ class UvPulseTest : public testing::Test {
   Libuv uv_;
   FakeLoopObject object_;
   void* loop_ = nullptr;
+  bool closed_ = false;
   FakeClock clock_;
   std::unique_ptr<Engine> engine_;
 };
@@ -129,7 +138,7 @@ TEST_F(UvPulseTest, PrepareAndCheckBracketEachPoll) {
   pulse->close();
   EXPECT_TRUE(pulse->closed());
   uv_.run(loop_, kRunDefault);  // the close callbacks free the handles
-  EXPECT_EQ(uv_.loop_close(loop_), 0);
+  EXPECT_EQ(CloseLoop(), 0);
 }
 
 // Without an engine the callbacks do nothing (a guard dropped on another thread than its loop's).
@@ -141,7 +150,7 @@ TEST_F(UvPulseTest, WithoutAnEngineTheHandlesAreInert) {
   EXPECT_EQ(engine_->stats().lag_count, 0u);
   pulse->close();
   uv_.run(loop_, kRunDefault);
-  EXPECT_EQ(uv_.loop_close(loop_), 0);
+  EXPECT_EQ(CloseLoop(), 0);
 }
 
 // The handles are unreferenced: they never keep uv_run going on their own.
@@ -152,7 +161,7 @@ TEST_F(UvPulseTest, HandlesDoNotKeepTheLoopAlive) {
   EXPECT_EQ(uv_.run(loop_, kRunDefault), 0);  // returns at once: nothing else is active
   pulse->close();
   uv_.run(loop_, kRunDefault);
-  EXPECT_EQ(uv_.loop_close(loop_), 0);
+  EXPECT_EQ(CloseLoop(), 0);
 }
 
 TEST_F(UvPulseTest, DeclinesALibraryWithoutLibuv) {
