@@ -237,19 +237,26 @@ def test_run_warns_about_unknown_variables(tmp_path: Path) -> None:
     assert "LOOPGUARD_DEVMODE is not a fastapi-loopguard setting; ignored" in server.log()
 
 
+def _block_in_both_workers(url: str) -> set[int]:
+    """Waits until both workers answer, sends six blocking requests spread over them, and returns
+    the workers' pids."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids.add(httpx.get(url + "/pid", timeout=5).json()["pid"])
+    assert len(pids) == 2, "uvicorn did not start two workers"
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: httpx.get(url + "/sleep/150"), range(6)))
+    assert all(r.status_code == 200 for r in responses)
+    return pids
+
+
 def test_run_with_workers_shares_one_event_log(loop_name: str, tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
     with loopguard_run(
         tmp_path, loop_name, "tests.apps.plain:app", "--workers", "2", "--event-log", str(events)
     ) as server:
-        pids = set()
-        deadline = time.monotonic() + 20
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids.add(httpx.get(server.url + "/pid", timeout=5).json()["pid"])
-        assert len(pids) == 2, "uvicorn did not start two workers"
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _: httpx.get(server.url + "/sleep/150"), range(6)))
-        assert all(r.status_code == 200 for r in responses)
+        pids = _block_in_both_workers(server.url)
         time.sleep(0.3)
     written = records(events)
     blocked = [r for r in written if r["type"] == "event"]
@@ -300,14 +307,7 @@ def test_run_with_workers_and_prometheus_aggregates_and_names_each_worker(
         env=env,
         replace_env=True,
     ) as server:
-        pids = set()
-        deadline = time.monotonic() + 20
-        while len(pids) < 2 and time.monotonic() < deadline:
-            pids.add(httpx.get(server.url + "/pid", timeout=5).json()["pid"])
-        assert len(pids) == 2, "uvicorn did not start two workers"
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _: httpx.get(server.url + "/sleep/150"), range(6)))
-        assert all(r.status_code == 200 for r in responses)
+        pids = _block_in_both_workers(server.url)
         # Whichever worker answers a scrape, it counts every worker's events: as many as the
         # workers wrote to the event log (which may lag the responses by a loop iteration).
         totals: list[float] = []
