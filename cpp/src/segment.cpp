@@ -91,6 +91,16 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
 
 bool identified(const Sample& s) { return s.has_stack || s.token != 0; }
 
+// The step of `token`'s coroutine that a loop-thread sample taken at `t` was read in: its stack is
+// read up to `in.stack_timeout` later, once the sampler has the GIL. Steps of one request never
+// overlap, so there is at most one.
+const StepSpan* step_holding(const StallInput& in, std::uint64_t token, Nanos t) {
+  for (const StepSpan& step : in.steps) {
+    if (step.token == token && step.start <= t + in.stack_timeout && step.end >= t) return &step;
+  }
+  return nullptr;
+}
+
 // Outside any request, the loop thread in code that is not the user's: that is what a loop
 // saturated by many short callbacks looks like, because samples land where the loop lets go of
 // the GIL, so on the same uvicorn or stdlib function each time. Such samples never join up, and
@@ -181,14 +191,38 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
       }
       break;
     }
+    // Nor did it hold the loop outside the steps of its coroutine that its samples were read
+    // in (see segment.h). Only the loop thread's own samples say so: a GIL holder's stack is
+    // another thread's, which runs whether the request's coroutine does or not. A sample outside
+    // every step (a task the request started, which shares its token) bounds nothing.
+    Nanos until = end;
+    const Sample* first_seen = nullptr;
+    const Sample* last_seen = nullptr;
+    for (std::size_t i = first; i <= last; ++i) {
+      if (s[i]->token == 0) continue;
+      if (first_seen == nullptr) first_seen = s[i];
+      last_seen = s[i];
+    }
+    if (first_seen != nullptr && first_seen->thread == 0) {
+      const StepSpan* step = step_holding(in, first_seen->token, first_seen->t);
+      if (step != nullptr && step->start > start && step->start < end) {
+        out.saturated += step->start - start;
+        start = step->start;
+      }
+    }
+    if (last_seen != nullptr && last_seen->thread == 0) {
+      const StepSpan* step = step_holding(in, last_seen->token, last_seen->t);
+      if (step != nullptr && step->end < until) until = std::max(step->end, start);
+    }
+    out.saturated += end - until;
     // Loop or library code running outside any request, with no application frame in any
     // sample: not actionable, and indistinguishable from many short callbacks.
     bool anonymous = true;
     for (std::size_t i = first; i <= last && anonymous; ++i) anonymous = saturation_like(*s[i]);
     bool counted = false;
-    if (end - start >= in.threshold && !anonymous) {
+    if (until - start >= in.threshold && !anonymous) {
       bool measured = false;
-      Event ev = make_event(s, first, last, start, end, in, measured);
+      Event ev = make_event(s, first, last, start, until, in, measured);
       // A thread that was running or runnable all along, yet was on a CPU for less than half
       // of the time and for less than a threshold in all: it mostly waited for a CPU that other
       // processes had (an overloaded host, cgroup throttling), and its own code did not hold
@@ -202,7 +236,7 @@ StallResult split_stall(const std::vector<Sample>& samples, const StallInput& in
         counted = true;
       }
     }
-    if (!counted) out.saturated += end - start;
+    if (!counted) out.saturated += until - start;
     start = end;
   }
   return out;

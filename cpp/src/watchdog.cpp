@@ -60,9 +60,22 @@ std::uint64_t RequestTable::begin(std::string label, Nanos now) {
   return token;
 }
 
-bool RequestTable::contains(std::uint64_t token) const {
+bool RequestTable::step(std::uint64_t token, Nanos start, Nanos end) {
   std::lock_guard<std::mutex> lock(mutex_);
-  return inflight_.count(token) != 0;
+  if (inflight_.count(token) == 0) return false;
+  steps_[steps_next_] = {token, start, end};
+  steps_next_ = (steps_next_ + 1) % kStepLog;
+  return true;
+}
+
+std::vector<StepSpan> RequestTable::steps_since(Nanos since) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<StepSpan> out;
+  for (std::size_t i = 0; i < kStepLog; ++i) {
+    const StepSpan& step = steps_[(steps_next_ + i) % kStepLog];
+    if (step.token != 0 && step.end >= since) out.push_back(step);
+  }
+  return out;
 }
 
 std::string RequestTable::label(std::uint64_t token) const {
@@ -71,16 +84,23 @@ std::string RequestTable::label(std::uint64_t token) const {
   return it == inflight_.end() ? std::string() : it->second.label;
 }
 
-Nanos RequestTable::began(std::uint64_t token) const {
+std::optional<Nanos> RequestTable::open_since(std::uint64_t token, Nanos since) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = inflight_.find(token);
-  return it == inflight_.end() ? 0 : it->second.begin;
+  if (auto it = inflight_.find(token); it != inflight_.end()) return it->second.begin;
+  for (const Ended& e : ended_) {
+    if (e.token == token) return e.end >= since ? std::optional<Nanos>(e.begin) : std::nullopt;
+  }
+  return std::nullopt;
 }
 
-bool RequestTable::end(std::uint64_t token, RequestCounters* last) {
+bool RequestTable::end(std::uint64_t token, RequestCounters* last, Nanos now) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (last != nullptr) *last = get_locked(token);
-  inflight_.erase(token);
+  if (auto it = inflight_.find(token); it != inflight_.end()) {
+    ended_[ended_next_] = {token, it->second.begin, now};
+    ended_next_ = (ended_next_ + 1) % kEndLog;
+    inflight_.erase(it);
+  }
   return settles_locked(token);
 }
 
@@ -717,7 +737,7 @@ void Engine::take_sample() {
   // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to
   // whatever ran after the stall and must not be pinned on it.
   if (pulse_.epoch() != stall_.epoch) return;
-  if (s.token != 0) s.began = requests_.began(s.token);
+  attribute(s);
   stall_.prev_t = s.t;
   stall_.prev_run_delay = os.run_delay;
   stall_.prev_cpu = s.cpu;
@@ -738,8 +758,7 @@ void Engine::take_sample() {
     stall_.sample_every *= 2;
   }
 
-  StallInput in{stall_.start, stall_.samples.back().t, stall_.threshold, stall_.pre_t,
-                stall_.pre_cpu};
+  const StallInput in = stall_input(stall_.samples.back().t);
   const StallResult live = split_stall(stall_.samples, in);
   // A request whose live event rests on a few samples, at least one full interval of them, is
   // settled when it ends (its stall is over); one seen only at detection and its confirmation,
@@ -750,6 +769,27 @@ void Engine::take_sample() {
     if (ev.token != 0 && ev.samples >= kSettleSamples) settled.push_back(ev.token);
   }
   requests_.set_live(spans_of(live.events), std::move(settled));
+}
+
+void Engine::attribute(Sample& s) const {
+  if (s.token == 0) return;
+  const std::optional<Nanos> began = requests_.open_since(s.token, stall_.start);
+  if (s.thread != 0) {
+    s.began = began.value_or(0);
+    return;  // another thread's stack: a sync endpoint's, whose request waits for it
+  }
+  if (began) {
+    s.began = *began;
+    s.task.clear();  // inside a request, the request names the work
+    return;
+  }
+  // The token of a request that was over before this stall began, in the Context of a task it
+  // left behind: a worker that lifespan startup created (Gradio's queue workers), a
+  // fire-and-forget task. The request's code had finished; what runs now is that task's, outside
+  // any request, and named by it. (A request that ended during the stall is still named: its
+  // block and its response often share one loop iteration, and a late stack of it is only
+  // looked at once the stall is over.)
+  s.token = 0;
 }
 
 void Engine::fill_late_stack(Nanos until) {
@@ -766,10 +806,12 @@ void Engine::fill_late_stack(Nanos until) {
   // is now says nothing about what held the GIL. The stall keeps its kind without a culprit.
   // (Its library frames would be the pool's own loop: a thread back in anyio's worker loop.)
   if (late.thread != 0 && late.token == 0 && !names_application(late)) return;
+  attribute(late);
   bool used = false;
   for (auto& s : stall_.samples) {
     if (s.has_stack || s.t > late.t) continue;
     s.token = late.token;
+    s.began = late.began;
     s.frames = late.frames;
     s.culprit = late.culprit;
     s.culprit_is_library = late.culprit_is_library;
@@ -847,6 +889,18 @@ void Engine::report_hang(Nanos now) {
   }
 }
 
+StallInput Engine::stall_input(Nanos end) const {
+  StallInput in;
+  in.start = stall_.start;
+  in.end = end;
+  in.threshold = stall_.threshold;
+  in.pre_t = stall_.pre_t;
+  in.pre_cpu = stall_.pre_cpu;
+  in.steps = requests_.steps_since(stall_.start);
+  in.stack_timeout = config_.stack_timeout;
+  return in;
+}
+
 void Engine::finish_stall(Nanos end) {
   const bool missing =
       std::any_of(stall_.samples.begin(), stall_.samples.end(),
@@ -855,8 +909,7 @@ void Engine::finish_stall(Nanos end) {
   // bounded wait, or the event goes out without its stack.
   if (missing && sampler_) sampler_->wait_late(config_.stack_timeout);
   fill_late_stack(end);
-  StallInput in{stall_.start, std::max(end, stall_.start), stall_.threshold, stall_.pre_t,
-                stall_.pre_cpu};
+  const StallInput in = stall_input(std::max(end, stall_.start));
   StallResult result = split_stall(stall_.samples, in);
   for (auto& ev : result.events) {
     ev.hang = stall_.hang && config_.hang_threshold > 0 && ev.duration >= config_.hang_threshold;
@@ -928,15 +981,16 @@ std::uint64_t Engine::begin_request(std::string label) {
 }
 
 bool Engine::end_request(std::uint64_t token, RequestCounters* last) {
-  const bool blocked = requests_.end(token, last);
+  const Nanos now = clock_->now();
+  const bool blocked = requests_.end(token, last, now);
   cumulative_.forget(token);
-  last_request_end_.store(clock_->now(), std::memory_order_relaxed);
+  last_request_end_.store(now, std::memory_order_relaxed);
   return blocked && stall_active_.load(std::memory_order_acquire);
 }
 
 StepVerdict Engine::record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) {
   // Only requests in flight have a window: nothing to forget for one that already ended.
-  if (!requests_.contains(token)) return StepVerdict::kNone;
+  if (!requests_.step(token, start, end)) return StepVerdict::kNone;
   Event ev;
   const StepVerdict verdict = cumulative_.record(token, start, end, cpu, threshold_.current(), ev);
   if (verdict != StepVerdict::kReport) return verdict;

@@ -506,5 +506,53 @@ TEST(SplitStall, ARunStartsNoEarlierThanItsRequestBegan) {
   EXPECT_EQ(o.saturated, 3 * kMs);
 }
 
+// A loop saturated by short requests, 52 ms busy: the one sample (at detection, +50 ms) caught
+// request 7's coroutine in a step that began at +49.5 ms and ended at +51 ms. Request 7 held the
+// loop for 1.5 ms of it, no more: the rest was other, unsampled work, and nothing is an event.
+TEST(SplitStall, ARunIsBoundedByTheStepItsSamplesWereReadIn) {
+  const std::vector<Sample> samples = {Make(At(50), 7, "short", 10, Kind::kCpu)};
+  StallInput in = Input(At(0), At(52));
+  in.stack_timeout = 20 * kMs;
+  in.steps = {{7, At(49) + kMs / 2, At(51)}, {8, At(10), At(11)}};
+  const StallResult r = split_stall(samples, in);
+  EXPECT_TRUE(r.events.empty());
+  EXPECT_EQ(r.saturated, 52 * kMs);
+
+  // The same sample in a step that held the loop from +1 ms on: an event from there to the
+  // step's end; the loop's own work before and after it is saturation.
+  in.steps = {{7, At(1), At(51)}};
+  const StallResult held = split_stall(samples, in);
+  ASSERT_EQ(held.events.size(), 1u);
+  EXPECT_EQ(held.events[0].start, At(1));
+  EXPECT_EQ(held.events[0].duration, 50 * kMs);
+  EXPECT_EQ(held.saturated, 2 * kMs);
+
+  // The stack is read once the sampler has the GIL, up to stack_timeout after the sample's
+  // time: a step that began just after it still holds the sample.
+  in.steps = {{7, At(50) + kMs, At(51)}};
+  EXPECT_TRUE(split_stall(samples, in).events.empty());
+}
+
+// A sample of request 7 in none of its steps: a task the request started (it shares the
+// request's token) blocked, and the request's own steps say nothing about it. The run keeps its
+// usual reach. So does a GIL holder's sample: that stack is another thread's.
+TEST(SplitStall, ASampleOutsideItsRequestsStepsIsNotBounded) {
+  const std::vector<Sample> samples = {Make(At(50), 7, "child"), Make(At(52), 7, "child")};
+  StallInput in = Input(At(0), At(120));
+  in.stack_timeout = 20 * kMs;
+  in.steps = {{7, At(1), At(3)}};
+  const StallResult r = split_stall(samples, in);
+  ASSERT_EQ(r.events.size(), 1u);
+  EXPECT_EQ(r.events[0].start, At(0));
+  EXPECT_EQ(r.events[0].duration, 120 * kMs);
+
+  std::vector<Sample> held = samples;
+  for (Sample& s : held) s.thread = 4242;
+  in.steps = {{7, At(49), At(53)}};
+  const StallResult t = split_stall(held, in);
+  ASSERT_EQ(t.events.size(), 1u);
+  EXPECT_EQ(t.events[0].duration, 120 * kMs);
+}
+
 }  // namespace
 }  // namespace loopguard

@@ -1305,6 +1305,48 @@ TEST_F(EngineTest, StopDeliversAStallThatHadEnded) {
   EXPECT_EQ(events[0].duration, Now() - 1 * kMs - t0);
 }
 
+// A saturated loop, busy for 55 ms: the samples at detection and confirmation caught request A
+// in a step that began 1 ms before the first and had ended by the time the loop came back. The
+// steps the loop thread recorded bound its run: no event, and the 55 ms are saturation. Request
+// B's stall is the same, except that its step holds the loop all along: that is its event.
+TEST_F(EngineTest, RecordedStepsBoundTheRunsOfAFinishedStall) {
+  const std::uint64_t a = engine_->begin_request("GET /short");
+  py_->token = a;
+  Nanos t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  Advance(2 * kMs);
+  Step();  // detection and confirmation, both in A's step
+  Advance(1 * kMs);
+  EXPECT_EQ(engine_->record_step(a, t0 + 49 * kMs, t0 + 53 * kMs, -1), StepVerdict::kNone);
+  Advance(2 * kMs);
+  LoopWaits();
+  Step();
+  EXPECT_TRUE(engine_->drain().empty());
+  EXPECT_EQ(engine_->stats().saturated, 55 * kMs);
+
+  const std::uint64_t b = engine_->begin_request("GET /slow");
+  py_->token = b;
+  t0 = Now();
+  LoopBusy();
+  Step();
+  Advance(50 * kMs);
+  Step();
+  Advance(2 * kMs);
+  Step();
+  Advance(3 * kMs);
+  engine_->record_step(b, t0, t0 + 55 * kMs, -1);
+  LoopWaits();
+  Step();
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, b);
+  EXPECT_EQ(events[0].start, t0);
+  EXPECT_EQ(events[0].duration, 55 * kMs);
+}
+
 // ---- Cumulative blocking ------------------------------------------------------------------------
 
 // Steps of a request's coroutine reach the cumulative threshold: the event is the request's, its
@@ -1569,7 +1611,6 @@ TEST_F(EngineTest, ALockWaitWithNothingToNameSamplesTheMutexOwner) {
   py_->token = token;
   py_->frames = HandlerStack("handler", 42);
   py_->culprit = 1;
-  py_->task.clear();  // the sampler names a task outside requests only
   py_->thread_calls = 0;
   Advance(1 * kMs);
   Stall(65 * kMs);
@@ -1578,6 +1619,52 @@ TEST_F(EngineTest, ALockWaitWithNothingToNameSamplesTheMutexOwner) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].token, token);
   EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));
+  EXPECT_EQ(events[0].task, "");  // inside a request the request names the work, not its task
+}
+
+// A worker task created during lifespan startup (Gradio's queue workers) carries the startup's
+// token in its Context long after startup ended. Its blocks are outside any request: the event
+// names no request, and names the task instead. While the request is in flight the same sample
+// is the request's.
+TEST_F(EngineTest, ATokenWhoseRequestEndedNamesTheTaskInstead) {
+  const std::uint64_t startup = engine_->begin_request("lifespan.startup");
+  py_->token = startup;
+  py_->frames = HandlerStack("worker", 7);
+  py_->culprit = 1;
+  py_->task = "queue-worker (worker)";
+  Stall(65 * kMs);
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, startup);
+  EXPECT_EQ(events[0].task, "");
+
+  engine_->end_request(startup);
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, 0u);
+  EXPECT_EQ(events[0].task, "queue-worker (worker)");
+  EXPECT_EQ(events[0].stack, HandlerStack("worker", 7));
+
+  // A request that ends during the stall (its block, then its response) is still its culprit,
+  // even for samples taken after its end.
+  const std::uint64_t request = engine_->begin_request("GET /block");
+  py_->token = request;
+  Advance(1 * kMs);
+  LoopBusy();
+  Step();
+  Advance(55 * kMs);
+  Step();
+  engine_->end_request(request);
+  Advance(10 * kMs);
+  Step();
+  LoopWaits();
+  Step();
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token, request);
+  EXPECT_EQ(events[0].task, "");
 }
 
 // The GIL's address is known and the loop waits on another futex, while other threads keep the

@@ -32,7 +32,7 @@ struct Sample {
                                     // late stack fills this sample in)
   bool found = true;                // false: the sampled thread runs no Python (anymore)
   long thread = 0;                  // kernel id of the sampled thread, 0 for the loop thread
-  std::uint64_t token = 0;          // request token from the loop thread's Context, 0 = none
+  std::uint64_t token = 0;          // request token from the Context, 0 = none or ended
   Nanos began = 0;                  // when that request began, 0 when unknown (it ended already)
   std::vector<FrameInfo> frames;    // innermost first, depth bounded by the sampler
   int culprit = -1;                 // index into frames of the culprit (see frame_filter.h)

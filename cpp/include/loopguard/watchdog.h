@@ -94,18 +94,24 @@ class RequestTable {
   // True when the request's live event is well sampled (see set_live): it is part of the stall
   // still going on, for sure. `last`, when given, gets the request's counters as of its end,
   // the live part of a stall still in progress included (see get()).
-  bool end(std::uint64_t token, RequestCounters* last = nullptr);
+  // `now`: when it ends (see open_since()).
+  bool end(std::uint64_t token, RequestCounters* last = nullptr, Nanos now = 0);
   // Whether the request's live event is well sampled: what end() would return, without ending.
   bool settles(std::uint64_t token) const;
   std::uint32_t inflight() const;
-  bool contains(std::uint64_t token) const;
+  // One step of a request's coroutine ran from `start` to `end`: kept for the stalls it may be
+  // part of (see segment.h). False, and nothing kept, when the request is not in flight.
+  bool step(std::uint64_t token, Nanos start, Nanos end);
+  // The most recent steps that ended at or after `since`, oldest first.
+  std::vector<StepSpan> steps_since(Nanos since) const;
   // Committed counters plus the live events of the stall in progress, each as far as the
   // watchdog has sampled it: a stall still going on counts up to its last sample, never up to a
   // moment nobody has looked at.
   RequestCounters get(std::uint64_t token) const;
   std::string label(std::uint64_t token) const;
-  // When a request in flight began, 0 for one that is not (anymore).
-  Nanos began(std::uint64_t token) const;
+  // When the request began, if it was in flight at any time since `since`: in flight now, or
+  // among the last kEndLog to end, at or after `since`. Nothing otherwise.
+  std::optional<Nanos> open_since(std::uint64_t token, Nanos since) const;
 
   // One event of a stall: who caused it (0: no request) and when it held the loop.
   struct Span {
@@ -137,6 +143,21 @@ class RequestTable {
   std::unordered_map<std::uint64_t, Entry> inflight_;
   Spans live_;
   std::vector<std::uint64_t> live_settled_;
+  // The last kStepLog steps, a ring: a saturated stall holds one step per request in it, and a
+  // few hundred requests in one loop iteration is what saturation looks like.
+  static constexpr std::size_t kStepLog = 1024;
+  std::vector<StepSpan> steps_ = std::vector<StepSpan>(kStepLog);
+  std::size_t steps_next_ = 0;
+  // The last kEndLog requests to end, a ring: a stall still names a request that ended during
+  // it (its block, then its response, in one loop iteration).
+  struct Ended {
+    std::uint64_t token = 0;
+    Nanos begin = 0;
+    Nanos end = 0;
+  };
+  static constexpr std::size_t kEndLog = 256;
+  std::vector<Ended> ended_ = std::vector<Ended>(kEndLog);
+  std::size_t ended_next_ = 0;
 };
 
 // Captures the loop thread's Python stack and current request token. Implemented over CPython in
@@ -338,6 +359,10 @@ class Engine {
   void fill_late_stack(Nanos until);
   void report_hang(Nanos now);
   void finish_stall(Nanos end);
+  // A loop-thread sample names a request only while that request is in flight (see .cpp).
+  void attribute(Sample& s) const;
+  // What split_stall needs of the stall in progress, as of `end`.
+  StallInput stall_input(Nanos end) const;
   void signal_loop() noexcept;
   void wake() noexcept;
 

@@ -426,7 +426,9 @@ class PySampler final : public StackSampler {
       const Culprit culprit = filter_.apply(out.frames);
       out.culprit = culprit.index;
       out.culprit_is_library = culprit.library;
-      if (out.token == 0 && target == 0) out.task = describe_task(outermost_coroutine);
+      // Named even with a request token: the engine keeps the name only if that request has
+      // ended (a task it left behind), and it cannot tell from here.
+      if (target == 0) out.task = describe_task(outermost_coroutine);
     }
     if (gc_was_enabled) PyGC_Enable();
     if (PyErr_Occurred()) PyErr_Clear();
