@@ -11,8 +11,15 @@ Quick start::
 
 from .config import LoopGuardConfig
 from .events import BlockingEvent, Frame
-from .guard import LoopGuard
+from .guard import LoopGuard, label
 from .middleware import LoopGuardMiddleware
 
-__all__ = ["BlockingEvent", "Frame", "LoopGuard", "LoopGuardConfig", "LoopGuardMiddleware"]
+__all__ = [
+    "BlockingEvent",
+    "Frame",
+    "LoopGuard",
+    "LoopGuardConfig",
+    "LoopGuardMiddleware",
+    "label",
+]
 __version__ = "0.4.0"

@@ -101,6 +101,37 @@ def remove_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> N
         _observers = tuple(o for o in _observers if o is not observer)
 
 
+@contextmanager
+def label(name: str) -> Iterator[None]:
+    """Attributes blocking inside the block to ``name``, for every guard on the running loop.
+
+    For your code that a framework runs in tasks of its own, outside any request (Gradio's queue
+    workers, a consumer started at startup): the middleware's guard is out of reach there, and
+    without a label such blocks only name their task. Outside a running loop (a sync handler in
+    a thread pool) it does nothing.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    entered: list[tuple[LoopGuard, RequestInfo, contextvars.Token[int]]] = []
+    for guard in list(_live_guards) if loop is not None else ():
+        if guard._loop is not loop:
+            continue
+        try:
+            entered.append((guard, *guard.begin(name)))
+        except Exception:  # a broken guard must not break the code it labels
+            logger.exception("fastapi_loopguard: labelling %r failed", name)
+    try:
+        yield
+    finally:
+        for guard, info, var_token in reversed(entered):
+            try:
+                guard.end(info, var_token)
+            except Exception:
+                logger.exception("fastapi_loopguard: ending the label %r failed", name)
+
+
 class LoopGuard:
     """Watches one event loop. Start it on the loop, inside a coroutine or callback.
 
