@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -72,6 +73,19 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+def complete_records(path: Path) -> list[dict[str, Any]]:
+    """The records of an event log (JSON lines) that were written whole, so far.
+
+    Each record is one ``write(2)``, yet a reader racing a live server's write can see the
+    first part of a record that crosses a page: the text after the last newline is still being
+    written and is left for the next read.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, culprit_line, free_port
+from .conftest import ROOT, Server, complete_records, culprit_line, free_port
 
 PLAIN = ROOT / "tests" / "apps" / "plain.py"
 LOOPGUARD = [sys.executable, "-m", "fastapi_loopguard"]
@@ -100,10 +100,6 @@ def block_with_bystanders(url: str, blocker: str) -> httpx.Response:
     return guilty
 
 
-def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "loopguard"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
@@ -127,7 +123,7 @@ def test_run_guards_an_unmodified_app(loop_name: str, tmp_path: Path) -> None:
     assert "Event loop blocked for" in log
     assert f"culprit={PLAIN}:{line} in sleep" in log
     assert "during GET /sleep/250 [route=/sleep/{ms} kind=sleep" in log
-    written = records(events)
+    written = complete_records(events)
     event = next(r for r in written if r["type"] == "event")
     assert (event["route"], event["kind"], event["victims"]) == ("/sleep/{ms}", "sleep", 2)
     assert event["culprit"] == {"filename": str(PLAIN), "lineno": line, "function": "sleep"}
@@ -151,10 +147,10 @@ def test_console_script_names_the_library_frame_never_itself(
     ) as server:
         assert httpx.get(server.url + "/rows", timeout=30).status_code == 200
         deadline = time.monotonic() + 10
-        while not [r for r in records(events) if r["type"] == "event"]:
+        while not [r for r in complete_records(events) if r["type"] == "event"]:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
-    blocked = [r for r in records(events) if r["type"] == "event"]
+    blocked = [r for r in complete_records(events) if r["type"] == "event"]
     encoding = [r for r in blocked if r["route"] == "/rows" and r["culprit"] is not None]
     assert encoding, blocked
     # FastAPI's encoder, or Starlette's json.dumps of the result: library code either way.
@@ -258,7 +254,7 @@ def test_run_with_workers_shares_one_event_log(loop_name: str, tmp_path: Path) -
     ) as server:
         pids = _block_in_both_workers(server.url)
         time.sleep(0.3)
-    written = records(events)
+    written = complete_records(events)
     blocked = [r for r in written if r["type"] == "event"]
     assert len(blocked) >= 3 and {r["route"] for r in blocked} == {"/sleep/{ms}"}
     assert {r["pid"] for r in blocked} <= pids
@@ -313,7 +309,7 @@ def test_run_with_workers_and_prometheus_aggregates_and_names_each_worker(
         totals: list[float] = []
         blocked: list[dict[str, Any]] = []
         for _ in range(100):
-            blocked = [r for r in records(events) if r["type"] == "event"]
+            blocked = [r for r in complete_records(events) if r["type"] == "event"]
             totals = [_events_total(server) for _ in range(6)]
             if blocked and totals == [len(blocked)] * 6:
                 break

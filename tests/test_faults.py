@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
-import json
 import os
 import random
 import shutil
@@ -34,7 +33,16 @@ import fastapi_loopguard
 from fastapi_loopguard import LoopGuardConfig, LoopGuardMiddleware
 
 from .asgi import call, http_scope
-from .conftest import ROOT, Server, culprit_line, free_port, start_server, stop_server, wait_events
+from .conftest import (
+    ROOT,
+    Server,
+    complete_records,
+    culprit_line,
+    free_port,
+    start_server,
+    stop_server,
+    wait_events,
+)
 from .test_guard import run
 
 APP_FILE = ROOT / "tests" / "apps" / "faults.py"
@@ -52,10 +60,6 @@ def _wait_exit(process: subprocess.Popen[bytes], seconds: float) -> int:
         process.kill()
         process.wait()
         raise AssertionError(f"process {process.args!r} still running after {seconds} s") from None
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _no_guard_failure(log: str) -> None:
@@ -352,7 +356,7 @@ def test_shutdown_while_the_loop_is_blocked(loop_name: str, tmp_path: Path) -> N
     assert code in (0, -signal.SIGTERM)
     assert "Finished server process" in server.log()
     assert response.status_code == 200  # graceful: the in-flight request was still answered
-    records = _records(event_log)
+    records = complete_records(event_log)
     events = [r for r in records if r["type"] == "event"]
     assert [e["path"] for e in events] == ["/block/2500"]
     assert events[0]["hang"] is True
@@ -481,7 +485,7 @@ def test_gunicorn_preload_two_workers(loop_name: str, tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         code = _wait_exit(process, 30)
     assert code == 0
-    records = _records(event_log)
+    records = complete_records(event_log)
     blocked_in = {r["pid"] for r in records if r["type"] == "event"}
     assert blocked_in == pids, (pids, records)
     assert process.pid not in blocked_in  # the master only built the app; it never served

@@ -28,7 +28,7 @@ from fastapi_loopguard import BlockingEvent, Frame, LoopGuard, LoopGuardConfig
 from fastapi_loopguard.exporters.base import MAX_ROUTES, OTHER_ROUTE
 from fastapi_loopguard.exporters.prometheus import PrometheusExporter
 
-from .conftest import ROOT, Server, free_port, start_server, stop_server
+from .conftest import ROOT, Server, complete_records, free_port, start_server, stop_server
 
 APP = "tests.apps.integrations:app"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -294,11 +294,9 @@ def _emitted_per_worker(event_log: Path, requests: int) -> dict[int, int]:
     deadline = time.monotonic() + 5
     while True:
         counts: dict[int, int] = {}
-        if event_log.exists():
-            for line in event_log.read_text().splitlines():
-                record = json.loads(line)
-                if record["type"] == "event" and record["route"] == "/items/{item_id}":
-                    counts[record["pid"]] = counts.get(record["pid"], 0) + 1
+        for record in complete_records(event_log):
+            if record["type"] == "event" and record["route"] == "/items/{item_id}":
+                counts[record["pid"]] = counts.get(record["pid"], 0) + 1
         if sum(counts.values()) >= requests or time.monotonic() > deadline:
             return counts
         time.sleep(0.1)

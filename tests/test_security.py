@@ -8,7 +8,6 @@ report. The live page's loopback/token rule is tested in test_dashboard.py.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, Server, start_server, stop_server
+from .conftest import ROOT, Server, complete_records, start_server, stop_server
 
 SECRET = "s3cr3t-T0KEN"
 REQUESTS = [
@@ -45,8 +44,7 @@ def _guard_events(server: Server, count: int) -> list[dict[str, object]]:
     path = Path(server.log_path).parent / "events.jsonl"
     deadline = time.monotonic() + 5
     while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        events = [json.loads(line) for line in lines if '"type": "event"' in line]
+        events = [r for r in complete_records(path) if r["type"] == "event"]
         if len(events) >= count or time.monotonic() > deadline:
             return events
         time.sleep(0.05)
