@@ -19,8 +19,8 @@ from fastapi_loopguard.report import load_event_log
 from fastapi_loopguard.report.model import expand_paths, load_event_logs
 from fastapi_loopguard.report.profile import speedscope
 
-from .conftest import start_server, stop_server, wait_events
-from .test_cli import loopguard, loopguard_run, records
+from .conftest import complete_records, start_server, stop_server, wait_events
+from .test_cli import loopguard, loopguard_run
 
 
 def test_worker_records_merge_into_one_report(loop_name: str, tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_worker_records_merge_into_one_report(loop_name: str, tmp_path: Path) ->
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: httpx.get(server.url + "/sleep/120", timeout=20), range(8)))
         time.sleep(0.3)
-    written = records(events)
+    written = complete_records(events)
     host = socket.gethostname()
     assert {r["host"] for r in written} == {host}
     workers = {r["pid"]: r["worker"] for r in written}
@@ -82,5 +82,5 @@ def test_worker_index_from_the_environment(loop_name: str, tmp_path: Path) -> No
         wait_events(server)
     finally:
         stop_server(server)
-    [event] = [r for r in records(log) if r["type"] == "event"]
+    [event] = [r for r in complete_records(log) if r["type"] == "event"]
     assert (event["worker"], event["host"]) == ("7", socket.gethostname())

@@ -92,8 +92,9 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
 bool identified(const Sample& s) { return s.has_stack || s.token != 0; }
 
 // The step of `token`'s coroutine that a loop-thread sample taken at `t` was read in: its stack is
-// read up to `in.stack_timeout` later, once the sampler has the GIL. Steps of one request never
-// overlap, so there is at most one.
+// read up to `in.stack_timeout` later, once the sampler has the GIL. A request's coroutine runs
+// at most one step per loop iteration, and a stall is one iteration (selector and libuv pulse),
+// so one step matches; in heartbeat mode, where a stall may span iterations, the earliest does.
 const StepSpan* step_holding(const StallInput& in, std::uint64_t token, Nanos t) {
   for (const StepSpan& step : in.steps) {
     if (step.token == token && step.start <= t + in.stack_timeout && step.end >= t) return &step;
