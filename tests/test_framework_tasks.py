@@ -12,22 +12,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware, label
 
+from .conftest import culprit_line
 from .test_loop_unit import client_for
 
-THIS_FILE = __file__
-
-
-def line_of(marker: str) -> int:
-    with open(THIS_FILE) as f:
-        for number, line in enumerate(f, start=1):
-            if marker in line and "line_of(" not in line:
-                return number
-    raise LookupError(marker)
+THIS_FILE = Path(__file__)
 
 
 Job = tuple[int, bool, "asyncio.Future[int]"]
@@ -44,9 +38,9 @@ def make_app(seen: list[BlockingEvent]) -> FastAPI:
             for n, labelled, done in batch:
                 if labelled:
                     with label(f"job-{n}"):
-                        time.sleep(0.12)  # marker:labelled
+                        time.sleep(0.12)  # culprit:labelled
                 else:
-                    time.sleep(0.12)  # marker:unlabelled
+                    time.sleep(0.12)  # culprit:unlabelled
                 done.set_result(n)
 
     @asynccontextmanager
@@ -82,7 +76,10 @@ def test_a_framework_task_s_block_names_the_task(loop_name: str) -> None:
     assert event.task is not None and event.task.startswith("queue-worker ("), event.task
     assert event.kind == "sleep"
     assert event.culprit is not None
-    assert (event.culprit.filename, event.culprit.lineno) == (THIS_FILE, line_of("marker:unlabel"))
+    assert (event.culprit.filename, event.culprit.lineno) == (
+        str(THIS_FILE),
+        culprit_line(THIS_FILE, "unlabelled"),
+    )
     assert event.victims >= 1  # the request that waits for the job
 
 
@@ -97,8 +94,8 @@ def test_labelled_jobs_run_back_to_back_are_one_event_each(loop_name: str) -> No
         assert event.kind == "sleep"
         assert event.culprit is not None
         assert (event.culprit.filename, event.culprit.lineno) == (
-            THIS_FILE,
-            line_of("marker:labelled"),
+            str(THIS_FILE),
+            culprit_line(THIS_FILE, "labelled"),
         )
         assert event.victims >= 1
 
