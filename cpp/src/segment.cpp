@@ -66,6 +66,25 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
   } else {
     ev.stack_missing = true;
   }
+  // A lock wait names the thread that most likely held the lock: the newest sample's pick that
+  // ran the user's code, else the newest pick at all. The last sample of a wait may come after
+  // the holder let go (the loop wakes a moment later), when that thread is back in its pool's
+  // library code or gone.
+  if (ev.kind == Kind::kLock) {
+    const ThreadStack* any = nullptr;
+    const ThreadStack* application = nullptr;
+    for (std::size_t i = last + 1; i-- > first && application == nullptr;) {
+      const ThreadStack& h = s[i]->holder;
+      if (h.thread == 0) continue;
+      if (any == nullptr) any = &h;
+      if (h.culprit >= 0 && !h.culprit_is_library) application = &h;
+    }
+    if (application != nullptr) {
+      ev.holder = *application;
+    } else if (any != nullptr) {
+      ev.holder = *any;
+    }
+  }
 
   double r = -1.0;
   if (last > first) r = cpu_ratio(s[first]->t, s[first]->cpu, s[last]->t, s[last]->cpu);

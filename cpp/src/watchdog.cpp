@@ -672,7 +672,17 @@ void Engine::take_sample() {
                                      running.front());
       }
     }
-    if (!ok) ok = sampler_->sample(s, config_.stack_timeout, config_.capture_stacks);
+    if (!ok) {
+      // A lock wait: whoever holds the lock runs meanwhile, so the other threads are read in
+      // the same capture and the likely holder kept (see thread_stacks.h).
+      ok = s.kind == Kind::kLock && config_.capture_stacks
+               ? sampler_->sample_all(s, config_.stack_timeout)
+               : sampler_->sample(s, config_.stack_timeout, config_.capture_stacks);
+      if (!s.others.empty()) {
+        s.holder = choose_holder(std::move(s.others));
+        s.others.clear();
+      }
+    }
     if (ok && s.kind == Kind::kLock && s.token == 0 && s.culprit < 0 && probe_) {
       // A lock wait outside any request with nothing to name on the loop's stack (Datasette: a
       // cursor freed between two callbacks waits for the SQLite connection a SQL thread runs a
@@ -692,6 +702,7 @@ void Engine::take_sample() {
         // sample names no task, as the GIL holder's does not).
         s.task = std::move(held.task);
         s.thread = owner;
+        s.holder = ThreadStack();  // the culprit is the holder's own stack now
       }
     }
     if (!ok) {
@@ -823,20 +834,57 @@ void Engine::fill_late_stack(Nanos until) {
 }
 
 namespace {
-// Native hang lines go straight to a file descriptor; keep what we print to plain ASCII.
-void append_safe(std::string& out, const std::string& text, std::size_t limit) {
-  for (std::size_t i = 0; i < text.size() && i < limit; ++i) {
-    const unsigned char c = static_cast<unsigned char>(text[i]);
-    out.push_back(c < 0x20 || c == 0x7f ? '?' : static_cast<char>(c));
+// How much of a stack a hang report writes: the short stack of the line, and each thread's in
+// the dump of the first report.
+constexpr std::size_t kHangLineFrames = 6;
+constexpr std::size_t kHangDumpFrames = 24;
+
+void write_all(int fd, const std::string& text) {
+  std::size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;  // a closed or full stderr must not stop the watchdog
+    }
   }
-  if (text.size() > limit) out += "...";
 }
 }  // namespace
+
+// Which Python frames cannot move while a sample that got no GIL in time says what it says. A
+// thread changes its frames only while it holds the GIL and runs bytecode, and a thread running
+// bytecode hands the GIL over within the switch interval, far less than the sampler waited. So:
+// - the loop thread in a blocking system call (sleep, I/O, a lock) or in native code (running,
+//   with the CPU clock advancing and the GIL kept) runs no bytecode, and nobody else got the GIL
+//   either: it is the loop's, or held in native code by a thread just as stuck. Every thread's
+//   frames stand still.
+// - the loop waiting for the GIL: its own frames stand still, but the GIL's holder may be running
+//   Python that only lets the GIL go to others, so the other threads are not read.
+// - anything else (Python on the CPU that the sampler lost the GIL race to, a starved sampler, a
+//   collection that may run finalizers) may be moving its frames: nothing is read.
+Engine::Frozen Engine::frozen_without_gil(const Sample& latest) {
+  if (!latest.no_gil) return Frozen::kNothing;
+  switch (latest.kind) {
+    case Kind::kNative:
+    case Kind::kSleep:
+    case Kind::kIo:
+    case Kind::kLock:
+      return Frozen::kEveryThread;
+    case Kind::kGil:
+      return Frozen::kLoopThread;
+    default:
+      return Frozen::kNothing;
+  }
+}
 
 void Engine::report_hang(Nanos now) {
   if (config_.hang_threshold <= 0) return;
   if (now - stall_.start < config_.hang_threshold || now < stall_.next_hang_report) return;
-  if (!stall_.hang) {
+  const bool first = !stall_.hang;
+  if (first) {
     stall_.hang = true;
     stall_.hang_every = config_.hang_threshold;
     hangs_.fetch_add(1, std::memory_order_relaxed);
@@ -851,15 +899,39 @@ void Engine::report_hang(Nanos now) {
   for (auto it = stall_.samples.rbegin(); it != stall_.samples.rend() && named == nullptr; ++it) {
     if (it->has_stack && !it->frames.empty()) named = &*it;
   }
+  // The other threads, listed once, at the first report: with the GIL when it can be had,
+  // otherwise read without it below.
+  std::vector<ThreadStack> others;
+  if (first && named != nullptr && sampler_ && config_.capture_stacks && latest != nullptr &&
+      !latest->no_gil) {
+    Sample all;
+    if (sampler_->sample_all(all, config_.stack_timeout)) others = std::move(all.others);
+  }
+  // No stack through the GIL: read the loop thread's frames without it, which is only sound
+  // while nothing can move them (see frozen_without_gil).
+  Sample unlocked;
+  bool without_gil = false;
+  const Frozen frozen = latest != nullptr ? frozen_without_gil(*latest) : Frozen::kNothing;
+  if (named == nullptr && frozen != Frozen::kNothing && sampler_ && config_.capture_stacks) {
+    const bool all = first && frozen == Frozen::kEveryThread;
+    without_gil =
+        sampler_->read_without_gil(unlocked, all ? &others : nullptr) && !unlocked.frames.empty();
+    if (without_gil) {
+      unlocked_stacks_.fetch_add(1, std::memory_order_relaxed);
+      named = &unlocked;
+    }
+  }
   char head[96];
   std::snprintf(head, sizeof head, "loopguard: event loop blocked for %.2f s and still blocked",
                 static_cast<double>(now - stall_.start) / 1e9);
   std::string line = head;
-  const std::uint64_t token = named != nullptr ? named->token : (latest ? latest->token : 0);
+  // A stack read without the GIL carries no request (the Context is not read that way).
+  const std::uint64_t token =
+      named != nullptr && !without_gil ? named->token : (latest ? latest->token : 0);
   const std::string label = token != 0 ? requests_.label(token) : std::string();
   if (!label.empty()) {
     line += " during ";
-    append_safe(line, label, 300);
+    append_printable(line, label, 300);
   } else {
     line += " (no active request)";
   }
@@ -869,24 +941,35 @@ void Engine::report_hang(Nanos now) {
     const auto idx = static_cast<std::size_t>(named->culprit >= 0 ? named->culprit : 0);
     const FrameInfo& f = named->frames[idx];
     line += "; culprit=";
-    append_safe(line, f.filename, 400);
+    append_printable(line, f.filename, 400);
     line += ":" + std::to_string(f.line) + " in ";
-    append_safe(line, f.function, 200);
+    append_printable(line, f.function, 200);
+    if (without_gil) {
+      line += " (read without the GIL); stack=";
+      line += short_stack(named->frames, kHangLineFrames);
+    }
   } else {
     line += "; culprit=<stack unavailable>";
   }
   line += "\n";
-  std::size_t done = 0;
-  while (done < line.size()) {
-    const ssize_t n = ::write(config_.hang_fd, line.data() + done, line.size() - done);
-    if (n > 0) {
-      done += static_cast<std::size_t>(n);
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      break;  // a closed or full stderr must not stop the watchdog
-    }
+  // Who else runs Python: the thread holding the lock the loop waits on, or the one that is to
+  // set its future. Only when there is someone besides the loop thread to show.
+  others.erase(std::remove_if(others.begin(), others.end(),
+                              [](const ThreadStack& t) { return t.frames.empty(); }),
+               others.end());
+  if (!others.empty()) {
+    const long loop_tid = probe_ ? probe_->tid() : 0;
+    std::vector<ThreadStack> threads;
+    threads.reserve(others.size() + 1);
+    ThreadStack loop;
+    loop.thread = loop_tid;
+    if (named != nullptr) loop.frames = named->frames;
+    threads.push_back(std::move(loop));
+    for (auto& t : others) threads.push_back(std::move(t));
+    line += "loopguard: Python threads at the first report of this hang:\n";
+    line += thread_dump(threads, loop_tid, kHangDumpFrames);
   }
+  write_all(config_.hang_fd, line);
 }
 
 StallInput Engine::stall_input(Nanos end) const {
@@ -1027,6 +1110,7 @@ EngineStats Engine::stats() const {
   s.stack_timeouts = stack_timeouts_.load(std::memory_order_relaxed);
   s.hangs = hangs_.load(std::memory_order_relaxed);
   s.late_stacks = late_stacks_.load(std::memory_order_relaxed);
+  s.unlocked_stacks = unlocked_stacks_.load(std::memory_order_relaxed);
   s.cumulative_events = cumulative_events_.load(std::memory_order_relaxed);
   s.saturated = saturated_.load(std::memory_order_relaxed);
   s.threshold = threshold_.current();

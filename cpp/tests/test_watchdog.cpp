@@ -93,6 +93,14 @@ struct FakePython {
   // A loop-thread sample that completed late; take_late() hands it out once.
   std::optional<Sample> late;
   int late_taken = 0;
+  // The other threads' stacks, handed out by sample_all() and read_without_gil().
+  std::vector<ThreadStack> others;
+  int all_calls = 0;
+  // What a read without the GIL finds on the loop thread; empty: nothing (the read fails).
+  std::vector<FrameInfo> unlocked_frames;
+  int unlocked_culprit = -1;
+  int unlocked_calls = 0;
+  bool unlocked_others_asked = false;
   std::vector<std::uint64_t> gil_futexes;  // addresses is_gil_futex() knows
   long sampler_tid = -1;
   bool sampler_has_gil = false;  // what sampler_holds_gil() says
@@ -114,6 +122,22 @@ class FakeSampler final : public StackSampler {
       out.task = py_->task;
       out.has_stack = true;
     }
+    return true;
+  }
+  bool sample_all(Sample& out, Nanos timeout) override {
+    ++py_->all_calls;
+    if (!sample(out, timeout, true)) return false;
+    out.others = py_->others;
+    return true;
+  }
+  bool read_without_gil(Sample& out, std::vector<ThreadStack>* others) override {
+    ++py_->unlocked_calls;
+    py_->unlocked_others_asked = others != nullptr;
+    if (py_->unlocked_frames.empty()) return false;
+    out.frames = py_->unlocked_frames;
+    out.culprit = py_->unlocked_culprit;
+    out.has_stack = true;
+    if (others != nullptr) *others = py_->others;
     return true;
   }
   bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) override {
@@ -865,7 +889,10 @@ TEST_F(EngineTest, SampleThinningBoundsMemory) {
   EXPECT_EQ(gaps[6], 40 * kMs);
   // About two samples per doubling: logarithmic in the stall length, not linear.
   EXPECT_LT(py_->calls, 30);
-  EXPECT_EQ(engine_->stats().samples, static_cast<std::uint64_t>(py_->calls));
+  // Every capture was a sample of the stall, but the one that listed the threads at the first
+  // hang report (at 1 s).
+  EXPECT_EQ(py_->all_calls, 1);
+  EXPECT_EQ(engine_->stats().samples + 1, static_cast<std::uint64_t>(py_->calls));
 
   LoopWaits();
   const Nanos end = Now();
@@ -1118,6 +1145,51 @@ TEST_F(EngineTest, HangReportWithoutRequestOrStack) {
             "loopguard: event loop blocked for 0.06 s and still blocked (no active request); "
             "kind=native; culprit=<stack unavailable>\n");
   EXPECT_EQ(engine_->stats().hangs, 1u);
+}
+
+// Native code holds the GIL: no stack through it, so the loop thread's frames are read without it
+// (nothing can move them), and the line names the culprit with a short stack while the hang
+// lasts. The first report also lists the other threads, every one frozen too; later reports
+// read the loop's stack again, without the list.
+TEST_F(EngineTest, HangReportReadsTheStackWithoutTheGil) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 60 * kMs;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  os_->loop_tid = 4242;
+  py_->succeed = false;
+  py_->unlocked_frames = HandlerStack("hold", 9);
+  py_->unlocked_culprit = 1;
+  ThreadStack worker;
+  worker.thread = 5151;
+  worker.frames = {{"app/jobs.py", "crunch", 30}, {"/usr/lib/python3/threading.py", "run", 1}};
+  worker.culprit = 0;
+  py_->others = {worker};
+  Stall(61 * kMs);
+  EXPECT_EQ(pipe.Read(),
+            "loopguard: event loop blocked for 0.06 s and still blocked (no active request); "
+            "kind=native; culprit=app/routes.py:9 in hold (read without the GIL); "
+            "stack=/usr/lib/python3/time.py:7 in sleep_wrapper <- app/routes.py:9 in hold <- "
+            "/usr/lib/python3/asyncio/events.py:88 in _run\n"
+            "loopguard: Python threads at the first report of this hang:\n"
+            "  thread 4242 (the event loop), innermost frame first:\n"
+            "    /usr/lib/python3/time.py:7 in sleep_wrapper\n"
+            "    app/routes.py:9 in hold\n"
+            "    /usr/lib/python3/asyncio/events.py:88 in _run\n"
+            "  thread 5151, innermost frame first:\n"
+            "    app/jobs.py:30 in crunch\n"
+            "    /usr/lib/python3/threading.py:1 in run\n");
+  EXPECT_EQ(py_->unlocked_calls, 1);
+  EXPECT_TRUE(py_->unlocked_others_asked);
+  EXPECT_EQ(py_->all_calls, 0);  // the GIL was not to be had: no capture through it
+  EXPECT_EQ(engine_->stats().unlocked_stacks, 1u);
+  // The event itself keeps to what the GIL gave (nothing): the read without it names the line
+  // while the hang lasts, and the late stack once the GIL is free.
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_TRUE(events[0].stack_missing);
 }
 
 // hang_threshold = 0 turns hang reports off: nothing written, not even for a very long stall,
@@ -1504,6 +1576,89 @@ TEST_F(EngineTest, UnknownFutexIsLock) {
   EXPECT_EQ(events[0].kind, Kind::kLock);
   EXPECT_EQ(events[0].token, token);
   EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));
+}
+
+// The loop waits for the GIL another thread holds: the loop's own frames cannot move, but the
+// holder's can, so only the loop's stack is read without the GIL.
+TEST_F(EngineTest, HangReportWaitingForTheGilReadsOnlyTheLoopsStack) {
+  HangPipe pipe;
+  ASSERT_TRUE(pipe.ok());
+  WatchdogConfig config;
+  config.hang_threshold = 60 * kMs;
+  config.hang_fd = pipe.write_fd();
+  Make(config);
+  os_->state = FutexWait(kGilAddress);
+  py_->gil_futexes = {kGilAddress};
+  py_->succeed = false;
+  py_->unlocked_frames = HandlerStack("waits", 5);
+  py_->unlocked_culprit = 1;
+  ThreadStack worker;
+  worker.thread = 5151;
+  worker.frames = {{"app/jobs.py", "crunch", 30}};
+  worker.culprit = 0;
+  py_->others = {worker};
+  Stall(61 * kMs);
+  const std::string got = pipe.Read();
+  EXPECT_NE(got.find("kind=gil; culprit=app/routes.py:5 in waits (read without the GIL)"),
+            std::string::npos)
+      << got;
+  EXPECT_EQ(got.find("thread 5151"), std::string::npos) << got;
+  EXPECT_EQ(py_->unlocked_calls, 1);
+  EXPECT_FALSE(py_->unlocked_others_asked);
+}
+
+// A lock wait (a futex that is not the GIL's): the other threads are read in the same capture,
+// and the event names the one running the user's code as the likely holder, not the idle pool
+// worker beside it. Two threads running the user's code: nobody is named.
+TEST_F(EngineTest, LockWaitNamesTheLikelyHolder) {
+  os_->state = FutexWait(0xbad0);
+  py_->gil_futexes = {kGilAddress};
+  const std::uint64_t token = engine_->begin_request();
+  py_->token = token;
+  ThreadStack idle;
+  idle.thread = 6161;
+  idle.frames = {{"/venv/site-packages/anyio/_backends/_asyncio.py", "run", 900}};
+  idle.culprit = 0;
+  idle.culprit_is_library = true;
+  ThreadStack holder;
+  holder.thread = 5151;
+  holder.frames = {{"/usr/lib/python3/time.py", "sleep", 1}, {"app/jobs.py", "hold_lock", 30}};
+  holder.culprit = 1;
+  py_->others = {idle, holder};
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->all_calls, 3);
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kLock);
+  EXPECT_EQ(events[0].stack, HandlerStack("handler", 42));  // the loop's own line stays the culprit
+  EXPECT_EQ(events[0].holder.thread, 5151);
+  EXPECT_EQ(events[0].holder.frames, holder.frames);
+  EXPECT_EQ(events[0].holder.culprit, 1);
+
+  // The holder let go before the last sample (it is back in its pool): its line while it held
+  // the lock is still the one named.
+  ThreadStack back_in_pool = idle;
+  back_in_pool.thread = 5151;
+  py_->during = [this, back_in_pool] {
+    if (py_->all_calls == 3) py_->others = {back_in_pool};
+  };
+  py_->others = {idle, holder};
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].holder.thread, 5151);
+  EXPECT_EQ(events[0].holder.frames, holder.frames);
+  py_->during = nullptr;
+
+  ThreadStack second = holder;
+  second.thread = 7171;
+  py_->others = {idle, holder, second};
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].holder.thread, 0);
 }
 
 // On a futex and nobody gets the GIL in time: the loop waits for the GIL while another thread

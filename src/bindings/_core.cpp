@@ -100,7 +100,10 @@ NB_MODULE(_core, m) {
       .def_ro("samples", &Event::samples)
       .def_ro("stack_missing", &Event::stack_missing)
       .def_ro("hang", &Event::hang)
-      .def_ro("task", &Event::task);
+      .def_ro("task", &Event::task)
+      .def_prop_ro("holder_thread", [](const Event& e) { return e.holder.thread; })
+      .def_prop_ro("holder_stack", [](const Event& e) { return e.holder.frames; })
+      .def_prop_ro("holder_culprit", [](const Event& e) { return e.holder.culprit; });
 
   nb::class_<RequestCounters>(m, "RequestCounters")
       .def_ro("count", &RequestCounters::count)
@@ -118,6 +121,7 @@ NB_MODULE(_core, m) {
       .def_ro("stack_timeouts", &EngineStats::stack_timeouts)
       .def_ro("hangs", &EngineStats::hangs)
       .def_ro("late_stacks", &EngineStats::late_stacks)
+      .def_ro("unlocked_stacks", &EngineStats::unlocked_stacks)
       .def_ro("cumulative_events", &EngineStats::cumulative_events)
       .def_ro("saturated_ns", &EngineStats::saturated)
       .def_ro("threshold_ns", &EngineStats::threshold)

@@ -22,6 +22,15 @@ struct FrameInfo {
   }
 };
 
+// The Python stack of a thread other than the loop's: the likely holder of what the loop waits
+// for, or one of the threads listed when a hang is first reported.
+struct ThreadStack {
+  long thread = 0;                  // kernel thread id; 0: no such stack
+  std::vector<FrameInfo> frames;    // innermost first
+  int culprit = -1;                 // as Sample::culprit
+  bool culprit_is_library = false;  // as Sample::culprit_is_library
+};
+
 // One look at the loop thread while it is blocked.
 struct Sample {
   Nanos t = 0;     // monotonic time of the OS reading
@@ -41,6 +50,10 @@ struct Sample {
   // Outside any request: what ran ("name (coroutine)" for a task, "(callback)" for a plain
   // handle); empty inside a request, or without a stack.
   std::string task;
+  // The other threads' stacks, read in the same capture when the engine asked for them (the loop
+  // waits on a lock); the engine keeps only the one it takes for the holder (see holder.h).
+  std::vector<ThreadStack> others;
+  ThreadStack holder;
 };
 
 // Whether the sample names a line of the user's own code, not library code taken for want of it.
@@ -60,8 +73,9 @@ struct Event {
   std::uint32_t victims = 0;
   std::uint32_t samples = 0;
   bool stack_missing = false;
-  bool hang = false;  // the stall passed the hang threshold (and was reported while ongoing)
-  std::string task;   // see Sample::task
+  bool hang = false;   // the stall passed the hang threshold (and was reported while ongoing)
+  std::string task;    // see Sample::task
+  ThreadStack holder;  // a lock wait: the thread most likely holding what the loop waited for
 };
 
 }  // namespace loopguard

@@ -33,6 +33,7 @@
 #include "loopguard/proc.h"
 #include "loopguard/ring.h"
 #include "loopguard/segment.h"
+#include "loopguard/thread_stacks.h"
 #include "loopguard/threshold.h"
 
 namespace loopguard {
@@ -167,6 +168,18 @@ class StackSampler {
   virtual ~StackSampler() = default;
   // Fills out.token, and with `frames` also out.frames/culprit/has_stack.
   virtual bool sample(Sample& out, Nanos timeout, bool frames) = 0;
+  // The same, and the other threads' stacks too (out.others), read while the GIL is held once:
+  // the loop waits on a lock, and one of them is likely to hold it (see thread_stacks.h).
+  virtual bool sample_all(Sample& out, Nanos timeout) { return sample(out, timeout, true); }
+  // The loop thread's stack read without the GIL (out.frames, culprit, has_stack), and with
+  // `others` the other threads' too, once nobody could get the GIL in time. Only asked when the
+  // evidence says no thread can be moving the frames read: the loop thread holds the GIL in
+  // native code (then every thread is frozen), or, for the loop's stack alone, waits for it.
+  // False when this sampler cannot (or may not, on this Python) read stacks that way.
+  virtual bool read_without_gil(Sample& out, std::vector<ThreadStack>* others) {
+    (void)out, (void)others;
+    return false;
+  }
   // The same for another thread, by kernel thread id: the one holding the GIL the loop waits for.
   virtual bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) {
     (void)out, (void)timeout, (void)frames, (void)tid;
@@ -233,6 +246,7 @@ struct EngineStats {
   std::uint64_t stack_timeouts = 0;
   std::uint64_t hangs = 0;
   std::uint64_t late_stacks = 0;
+  std::uint64_t unlocked_stacks = 0;  // hang reports whose stack was read without the GIL
   std::uint64_t cumulative_events = 0;
   Nanos saturated = 0;
   Nanos threshold = 0;
@@ -358,6 +372,8 @@ class Engine {
   Evidence evidence(const OsState& os, Nanos t, Nanos cpu) const;
   void fill_late_stack(Nanos until);
   void report_hang(Nanos now);
+  enum class Frozen { kNothing, kLoopThread, kEveryThread };
+  static Frozen frozen_without_gil(const Sample& latest);
   void finish_stall(Nanos end);
   // A loop-thread sample names a request only while that request is in flight (see .cpp).
   void attribute(Sample& s) const;
@@ -430,6 +446,7 @@ class Engine {
   std::atomic<std::uint64_t> stack_timeouts_{0};
   std::atomic<std::uint64_t> hangs_{0};
   std::atomic<std::uint64_t> late_stacks_{0};
+  std::atomic<std::uint64_t> unlocked_stacks_{0};
   std::atomic<std::uint64_t> cumulative_events_{0};
   std::atomic<Nanos> saturated_{0};
 };

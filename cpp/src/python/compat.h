@@ -27,6 +27,22 @@
 
 #include <Python.h>
 
+#include <cstddef>
+#include <cstdint>
+
+// The interpreter's own frame records, for reading a thread's stack without the GIL (see "Reading
+// a stack without the GIL" below). They are only declared in CPython's internal headers, which
+// refuse to be included unless Py_BUILD_CORE is defined; it is defined around this include alone,
+// after Python.h, so that nothing else here is compiled as if it were CPython itself. 3.14 split
+// the frame helpers out into pycore_interpframe.h.
+#define Py_BUILD_CORE
+#if PY_VERSION_HEX >= 0x030E0000
+#include <internal/pycore_interpframe.h>
+#else
+#include <internal/pycore_frame.h>
+#endif
+#undef Py_BUILD_CORE
+
 namespace loopguard::compat {
 
 // The Context the thread is running in right now (asyncio and uvloop enter the task's Context
@@ -96,5 +112,117 @@ inline PyObject* running_task(PyObject* current_tasks, PyObject* current_task, P
 // Whether a code object is a coroutine's (async def): co_flags has been public, under this name,
 // in every supported version.
 inline bool is_coroutine_code(PyCodeObject* code) { return (code->co_flags & CO_COROUTINE) != 0; }
+
+// ---- Reading a stack without the GIL ----------------------------------------------------------
+// When native code holds the GIL for seconds (a C extension in a long computation or a deadlock),
+// no stack can be had through the API, so a hang line would name nothing while it lasts. The
+// thread's frames can still be read, as faulthandler reads them from its watchdog thread: plain
+// loads from the interpreter's frame records and code objects, nothing that needs the GIL,
+// allocates, or touches a reference count. That is only sound while no thread can move those
+// records, and the caller (PySampler::read_without_gil) decides when that is; everything below is
+// bounded by the caller's depth and buffer sizes and checks each object's type before using it.
+using InterpreterFrame = _PyInterpreterFrame;
+
+// The innermost frame of a thread. 3.11 and 3.12 reach it through the C-level frame chain
+// (PyThreadState.cframe, public in cpython/pystate.h); 3.13 dropped _PyCFrame and keeps the frame
+// in the thread state itself.
+inline InterpreterFrame* unlocked_top_frame(PyThreadState* tstate) {
+#if PY_VERSION_HEX >= 0x030D0000
+  return tstate->current_frame;
+#else
+  return tstate->cframe != nullptr ? tstate->cframe->current_frame : nullptr;
+#endif
+}
+
+// The frame that called this one: a plain field in every supported version.
+inline InterpreterFrame* unlocked_previous(InterpreterFrame* frame) { return frame->previous; }
+
+// The code object a frame runs, or NULL for a record that is no Python frame of the user's to show:
+// - the C-stack shim frames 3.12 put between the interpreter and C callers (FRAME_OWNED_BY_CSTACK;
+//   3.14 also has FRAME_OWNED_BY_INTERPRETER, which its _PyFrame_IsIncomplete tests for);
+// - a frame not yet past its RESUME (_PyFrame_IsIncomplete), which tracebacks skip as well;
+// - anything whose executable is not a code object: 3.13 made the field an object pointer that may
+//   be None, and 3.14 a tagged stack reference, read with PyStackRef_AsPyObjectBorrow (no
+//   reference count is touched). PyCode_Check only reads the object's type.
+inline PyCodeObject* unlocked_code(InterpreterFrame* frame) {
+#if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030E0000
+  if (frame->owner == FRAME_OWNED_BY_CSTACK) return nullptr;
+#elif PY_VERSION_HEX >= 0x030E0000
+  if (frame->owner >= FRAME_OWNED_BY_INTERPRETER) return nullptr;
+#endif
+#if PY_VERSION_HEX >= 0x030E0000
+  PyObject* executable = PyStackRef_AsPyObjectBorrow(frame->f_executable);
+#elif PY_VERSION_HEX >= 0x030D0000
+  PyObject* executable = frame->f_executable;
+#else
+  PyObject* executable = reinterpret_cast<PyObject*>(frame->f_code);
+#endif
+  if (executable == nullptr || !PyCode_Check(executable)) return nullptr;
+  if (_PyFrame_IsIncomplete(frame)) return nullptr;
+  return reinterpret_cast<PyCodeObject*>(executable);
+}
+
+// The line a frame is at, from its instruction pointer and the code's location table: arithmetic
+// on immutable bytes. 3.12 published it as PyUnstable_InterpreterFrame_GetLine; 3.11 spells out the
+// same computation (the last instruction's offset, in bytes, into PyCode_Addr2Line).
+inline int unlocked_line(InterpreterFrame* frame) {
+#if PY_VERSION_HEX >= 0x030C0000
+  return PyUnstable_InterpreterFrame_GetLine(frame);
+#else
+  return PyCode_Addr2Line(
+      frame->f_code, _PyInterpreterFrame_LASTI(frame) * static_cast<int>(sizeof(_Py_CODEUNIT)));
+#endif
+}
+
+// Copies a str's text into buf as UTF-8, at most cap - 1 bytes, NUL-terminated; returns the bytes
+// written. Only compact strings are read (their characters follow the header; code objects' names
+// always are), through the public macros that read the kind, length and data in place. 3.11 may
+// still hold a legacy string whose characters are not ready: it is skipped. A lone surrogate
+// becomes '?'.
+inline std::size_t unlocked_text(PyObject* text, char* buf, std::size_t cap) {
+  if (cap == 0) return 0;
+  buf[0] = '\0';
+  if (text == nullptr || !PyUnicode_Check(text)) return 0;
+#if PY_VERSION_HEX < 0x030C0000
+  if (!PyUnicode_IS_READY(text)) return 0;
+#endif
+  if (!PyUnicode_IS_COMPACT(text)) return 0;
+  const int kind = PyUnicode_KIND(text);
+  const void* data = PyUnicode_DATA(text);
+  const Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+  std::size_t out = 0;
+  for (Py_ssize_t i = 0; i < length; ++i) {
+    Py_UCS4 c = PyUnicode_READ(kind, data, i);
+    if (c >= 0xD800 && c <= 0xDFFF) c = '?';
+    char bytes[4];
+    std::size_t n = 0;
+    if (c < 0x80) {
+      bytes[n++] = static_cast<char>(c);
+    } else if (c < 0x800) {
+      bytes[n++] = static_cast<char>(0xC0 | (c >> 6));
+      bytes[n++] = static_cast<char>(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+      bytes[n++] = static_cast<char>(0xE0 | (c >> 12));
+      bytes[n++] = static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+      bytes[n++] = static_cast<char>(0x80 | (c & 0x3F));
+    } else {
+      bytes[n++] = static_cast<char>(0xF0 | (c >> 18));
+      bytes[n++] = static_cast<char>(0x80 | ((c >> 12) & 0x3F));
+      bytes[n++] = static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+      bytes[n++] = static_cast<char>(0x80 | (c & 0x3F));
+    }
+    if (out + n >= cap) break;
+    for (std::size_t k = 0; k < n; ++k) buf[out++] = bytes[k];
+  }
+  buf[out] = '\0';
+  return out;
+}
+
+// Whether a pointer read from another thread's records can be followed at all: non-null and
+// aligned as the interpreter allocates them. A stale pointer can still pass; this only stops the
+// walk at plainly broken ones.
+inline bool plausible(const void* p) {
+  return p != nullptr && reinterpret_cast<std::uintptr_t>(p) % alignof(void*) == 0;
+}
 
 }  // namespace loopguard::compat

@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <condition_variable>
@@ -23,6 +24,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include "compat.h"
 #include "loopguard/proc.h"
@@ -65,11 +67,13 @@ class PySampler final : public StackSampler {
  public:
   PySampler(PyThreadState* loop, PyObject* request_var, TaskLookup tasks, SamplerConfig config)
       : loop_(loop),
+        interp_(PyThreadState_GetInterpreter(loop)),
         request_var_(request_var),
         tasks_(tasks),
         config_(std::move(config)),
         filter_(config_.frames),
-        pid_(::getpid()) {
+        pid_(::getpid()),
+        raw_(std::max(config_.max_depth, kOtherThreadDepth)) {
     {
       std::lock_guard<std::mutex> guard(registry_mutex());
       static std::uintptr_t next_id = 0;
@@ -100,11 +104,36 @@ class PySampler final : public StackSampler {
   }
 
   bool sample(Sample& out, Nanos timeout, bool frames) override {
-    return request(out, timeout, frames, 0);
+    return request(out, timeout, frames, 0, false);
+  }
+
+  bool sample_all(Sample& out, Nanos timeout) override {
+    return request(out, timeout, true, 0, true);
   }
 
   bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) override {
-    return request(out, timeout, frames, tid);
+    return request(out, timeout, frames, tid, false);
+  }
+
+  // The watchdog's read while native code holds the GIL (see StackSampler::read_without_gil and
+  // compat.h). Never during finalization, when thread states are being torn down, nor in a forked
+  // child, whose other threads' states describe threads that are gone. The loop thread's state
+  // stays valid while the engine runs: the engine is stopped before the loop's thread can end.
+  // The thread list is walked with the same public accessors as find_thread(), plain field reads;
+  // a thread can only leave it while holding the GIL, which the caller knows the loop thread has.
+  bool read_without_gil(Sample& out, std::vector<ThreadStack>* others) override {
+    if (pid_ != ::getpid() || compat::is_finalizing()) return false;
+    std::lock_guard<std::mutex> guard(walk_mutex_);
+    out.found = true;
+    out.thread = 0;
+    walk(loop_, config_.max_depth, out.frames);
+    out.has_stack = !out.frames.empty();
+    if (!out.has_stack) return false;
+    const Culprit culprit = filter_.apply(out.frames);
+    out.culprit = culprit.index;
+    out.culprit_is_library = culprit.library;
+    if (others != nullptr) read_others(*others);
+    return true;
   }
 
   bool take_late(Sample& out) override {
@@ -161,7 +190,7 @@ class PySampler final : public StackSampler {
   enum class Phase { kOther, kAcquiringGil };
   static constexpr std::uint64_t kGilSpan = 256;
 
-  bool request(Sample& out, Nanos timeout, bool frames, long target) {
+  bool request(Sample& out, Nanos timeout, bool frames, long target, bool others) {
     std::unique_lock<std::mutex> lock(mutex_);
     // A previous request still waiting for the GIL: native code holds it. Do not queue more.
     if (stop_) return false;
@@ -174,6 +203,7 @@ class PySampler final : public StackSampler {
     }
     state_ = State::kRequested;
     want_frames_ = frames;
+    want_others_ = others;
     target_ = target;
     cv_.notify_all();
     const auto done = [this] { return state_ == State::kDone; };
@@ -198,6 +228,7 @@ class PySampler final : public StackSampler {
     out.task = std::move(result_.task);
     out.culprit_is_library = result_.culprit_is_library;
     out.thread = result_.thread;
+    out.others = std::move(result_.others);
     return result_.found;
   }
 
@@ -281,6 +312,7 @@ class PySampler final : public StackSampler {
       });
       if (stop_) break;
       const bool frames = want_frames_;
+      const bool others = want_others_;
       lock.unlock();
       Sample local;
       bool ok = false;
@@ -299,6 +331,10 @@ class PySampler final : public StackSampler {
         const Nanos t0 = monotonic_now();
         local.t = t0;
         capture(local, frames, target);
+        if (others && target == 0 && local.found) {
+          std::lock_guard<std::mutex> guard(walk_mutex_);
+          read_others(local.others);
+        }
         pause_.record(monotonic_now() - t0);
         g_samplers_holding_gil.fetch_sub(1, std::memory_order_relaxed);
         self = PyEval_SaveThread();
@@ -434,12 +470,73 @@ class PySampler final : public StackSampler {
     if (PyErr_Occurred()) PyErr_Clear();
   }
 
+  // A thread's frames, innermost first, read without touching a reference count or allocating
+  // while the records are read (see compat.h): the names are copied into fixed buffers first and
+  // only turned into strings once the walk is over. Called with walk_mutex_ held, which guards
+  // raw_; with the GIL (sample_all) or without it (read_without_gil).
+  void walk(PyThreadState* tstate, std::size_t depth, std::vector<FrameInfo>& frames) {
+    frames.clear();
+    std::size_t n = 0;
+    compat::InterpreterFrame* frame = compat::unlocked_top_frame(tstate);
+    for (std::size_t seen = 0;
+         compat::plausible(frame) && n < raw_.size() && n < depth && seen < kMaxRecords; ++seen) {
+      PyCodeObject* code = compat::unlocked_code(frame);
+      if (code != nullptr) {
+        RawFrame& raw = raw_[n++];
+        raw.line = compat::unlocked_line(frame);
+        compat::unlocked_text(compat::code_filename(code), raw.filename, sizeof raw.filename);
+        compat::unlocked_text(compat::code_qualname(code), raw.function, sizeof raw.function);
+      }
+      compat::InterpreterFrame* back = compat::unlocked_previous(frame);
+      if (back == frame) break;
+      frame = back;
+    }
+    frames.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      FrameInfo info;
+      info.filename = raw_[i].filename;
+      info.function = raw_[i].function;
+      info.line = raw_[i].line;
+      frames.push_back(std::move(info));
+    }
+  }
+
+  // Every other thread that runs Python, bounded in threads and depth; the sampler threads of
+  // every guard have no Python frame and are left out with the rest of such threads.
+  void read_others(std::vector<ThreadStack>& out) {
+    out.clear();
+    for (PyThreadState* t = PyInterpreterState_ThreadHead(interp_);
+         compat::plausible(t) && out.size() < kMaxOtherThreads; t = PyThreadState_Next(t)) {
+      if (t == loop_) continue;
+      ThreadStack stack;
+      walk(t, kOtherThreadDepth, stack.frames);
+      if (stack.frames.empty()) continue;
+      stack.thread = static_cast<long>(compat::thread_native_id(t));
+      const Culprit culprit = filter_.apply(stack.frames);
+      stack.culprit = culprit.index;
+      stack.culprit_is_library = culprit.library;
+      out.push_back(std::move(stack));
+    }
+  }
+
+  struct RawFrame {
+    char filename[512];
+    char function[256];
+    int line;
+  };
+  static constexpr std::size_t kMaxRecords = 1024;  // records walked per thread, shims included
+  static constexpr std::size_t kMaxOtherThreads = 16;
+  static constexpr std::size_t kOtherThreadDepth = 24;
+
   PyThreadState* const loop_;
+  PyInterpreterState* const interp_;
   PyObject* const request_var_;  // borrowed: PyEngine owns it and outlives this sampler
   const TaskLookup tasks_;       // borrowed, likewise
   const SamplerConfig config_;
   FrameFilter filter_;
   const pid_t pid_;
+  std::mutex walk_mutex_;
+  std::vector<RawFrame> raw_;
   std::uintptr_t id_ = 0;
   LagHistogram pause_;
   std::array<std::atomic<std::uint64_t>, 4> gil_futexes_{};
@@ -453,6 +550,7 @@ class PySampler final : public StackSampler {
   bool stop_ = false;
   State state_ = State::kIdle;
   bool want_frames_ = true;
+  bool want_others_ = false;
   long target_ = 0;
   Sample result_;
   bool result_ok_ = false;
