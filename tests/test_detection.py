@@ -125,6 +125,67 @@ def test_native_code_holding_the_gil(server: Server) -> None:
     assert "kind=native" in server.log()
 
 
+def test_native_hang_names_its_line_while_it_lasts(server: Server) -> None:
+    async def main() -> tuple[httpx.Response, str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            request = asyncio.create_task(
+                client.get("/native-hang", headers={"x-request-id": "native-1"})
+            )
+            first = ""
+            while not request.done() and not first:
+                found = re.search(r"loopguard: event loop blocked for .*", server.log())
+                first = found.group(0) if found else ""
+                await asyncio.sleep(0.01)
+            # Read while the call still holds the GIL: the culprit is known before it returns.
+            assert not request.done(), "the first hang line came only after the call returned"
+            return await request, first
+
+    # A sync endpoint first, so that an idle threadpool worker is there to be listed.
+    assert httpx.get(server.url + "/gil-holder?n=5", timeout=10).status_code == 200
+    response, first = asyncio.run(main())
+    assert response.status_code == 200
+    where = f"culprit={APP_FILE}:{line('native-hang')} in native_hang (read without the GIL)"
+    assert where in first, first
+    assert "; stack=" + f"{APP_FILE}:{line('native-hang')} in native_hang <- " in first, first
+    # The first report lists the Python threads, the loop's first: the GIL was held throughout,
+    # so every thread was frozen and read without it, the idle threadpool worker included.
+    log = server.log()
+    dump = log[log.index("loopguard: Python threads at the first report of this hang:") :]
+    assert "(the event loop), innermost frame first:" in dump
+    assert "in WorkerThread.run" in dump, dump
+    assert log.count("loopguard: Python threads at the first report") == 1
+    event = wait_events(server, 1)[0]
+    assert event["request_id"] == "native-1"
+    assert event["culprit"]["lineno"] == line("native-hang")
+    assert stats(server)["unlocked_stacks"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "wait", "holder", "function"),
+    [
+        ("/lock-held", "lock-wait", "lock-holder", "hold_lock"),
+        ("/future-wait", "future-wait", "future-holder", "fill_future_late"),
+    ],
+)
+def test_lock_wait_names_the_other_threads_line(
+    server: Server, path: str, wait: str, holder: str, function: str
+) -> None:
+    response = httpx.get(server.url + path, headers={"x-request-id": "held-1"}, timeout=30)
+    assert response.status_code == 200
+    events = wait_events(server, 1)
+    assert len(events) == 1, events
+    event = events[0]
+    assert event["kind"] == "lock", event
+    assert event["request_id"] == "held-1"
+    assert event["culprit"]["lineno"] == line(wait)
+    assert event["holder_culprit"] is not None, event
+    assert event["holder_culprit"]["lineno"] == line(holder), event
+    assert event["holder_culprit"]["function"] == function
+    # Innermost last, as in `stack`: the holder's own line, in time.sleep (C, so no frame).
+    assert event["holder_stack"][-1] == event["holder_culprit"]
+    assert event["holder_thread"] > 0
+
+
 def test_loop_starved_of_the_gil_by_a_sync_endpoint(server: Server) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

@@ -653,3 +653,79 @@ def test_interpreter_exit_during_a_sample(loop_name: str) -> None:
                 with lock:
                     failures.append(outcome)
     assert not failures, f"{len(failures)} of {EXIT_RUNS} runs failed, e.g. {failures[:3]}"
+
+
+# ---- exit and fork while a stack is read without the GIL --------------------------------------
+
+UNLOCKED_PROGRAM = textwrap.dedent(
+    """
+    import asyncio, ctypes, os, sys, time
+    from fastapi_loopguard import LoopGuard, LoopGuardConfig
+
+    LOOP, MODE, MICROS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # ctypes keeps the GIL through a PyDLL call: no stack through the GIL, so every hang report
+    # (every 10, 20, 40 ms ...) reads the loop's frames, and the other threads', without it.
+    WITH_GIL = ctypes.PyDLL(None)
+
+
+    async def main():
+        config = LoopGuardConfig(
+            fallback_threshold_ms=5, hang_threshold_ms=10, log_blocking_events=False
+        )
+        guard = LoopGuard(config)
+        guard.start()
+        with guard.label("stuck"):
+            WITH_GIL.usleep(MICROS)
+            # Right as the call returns: the watchdog may be in the middle of such a read.
+            if MODE == "fork":
+                pid = os.fork()
+                if pid == 0:
+                    WITH_GIL.usleep(MICROS)  # the child's engine is abandoned: nothing reads
+                    os._exit(0)
+                os.waitpid(pid, 0)
+            elif MODE == "sys.exit":
+                sys.exit(0)  # unwinds through the loop while the engine still runs
+        # "return": leave without stopping the guard; atexit must.
+
+
+    if LOOP == "uvloop":
+        import uvloop
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+    """
+)
+UNLOCKED_RUNS = 40
+
+
+def test_exit_and_fork_during_a_read_without_the_gil(loop_name: str) -> None:
+    rng = random.Random(20261202)
+    runs = [
+        (rng.choice(["return", "sys.exit", "fork"]), rng.randint(12_000, 90_000))
+        for _ in range(UNLOCKED_RUNS)
+    ]
+
+    def one(run_args: tuple[str, int]) -> tuple[str, int, int | str, str]:
+        mode, micros = run_args
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", UNLOCKED_PROGRAM, loop_name, mode, str(micros)],
+                cwd=ROOT, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return mode, micros, "hung", ""
+        return mode, micros, done.returncode, done.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, runs))
+    failures = [
+        o
+        for o in outcomes
+        if o[2] != 0 or any(bad in o[3] for bad in ("Fatal", "Traceback", "leaked", "Segmentation"))
+    ]
+    assert not failures, f"{len(failures)} of {UNLOCKED_RUNS} runs failed, e.g. {failures[:3]}"
+    # The reads did happen: the hang lines named the call's line, read without the GIL.
+    read = [o for o in outcomes if "(read without the GIL)" in o[3]]
+    assert len(read) >= UNLOCKED_RUNS // 2, outcomes[:3]
+    call = UNLOCKED_PROGRAM.splitlines().index("        WITH_GIL.usleep(MICROS)") + 1
+    assert all(f"<string>:{call} in main" in o[3] for o in read), read[:1]

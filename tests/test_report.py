@@ -287,6 +287,37 @@ def test_report_from_events_in_memory() -> None:
     assert "GET /items/{item_id}" in render(report)
 
 
+def test_a_lock_waits_holder_is_shown_with_its_line_and_escaped(tmp_path: Path) -> None:
+    # The event log's shape of a lock wait whose holder was singled out (asdict of the event).
+    waits = {"filename": "/srv/app/main.py", "lineno": 12, "function": "handler"}
+    holds = {"filename": HOSTILE_FILE, "lineno": 30, "function": HOSTILE_FUNCTION}
+    pool = {"filename": "/usr/lib/python3/threading.py", "lineno": 1002, "function": "_bootstrap"}
+    record = {
+        **event(time.time() - 5, 600.0, "lock", "/lock", waits),
+        "holder_thread": 5151,
+        "holder_stack": [pool, holds],
+        "holder_culprit": holds,
+    }
+    path = tmp_path / "events.jsonl"
+    path.write_text(
+        json.dumps(record) + "\n" + json.dumps(event(time.time(), 90, "sleep", "/x", waits))
+    )
+    report = load_event_log(str(path))
+    held, plain = report.events
+    assert held["holder_thread"] == 5151
+    assert held["holder_stack"] == [pool, holds]
+    assert held["holder_culprit"] == holds
+    assert plain["holder_stack"] == [] and plain["holder_thread"] is None
+    html = render(report)
+    doc = Document(html)
+    text = "".join(doc.text)
+    assert "likely holder: thread 5151" in text
+    assert f"{HOSTILE_FILE}:30 in {HOSTILE_FUNCTION}" in text
+    assert "iframe" not in {t for t, _ in doc.tags}
+    assert not any(name.startswith("on") for _, attrs in doc.tags for name in attrs)
+    assert text.count("likely holder") == 1  # only the lock wait has one
+
+
 def test_library_culprits_are_grouped_as_such(tmp_path: Path) -> None:
     """Events whose stacks held no application code name a library line; the report keeps them
     apart from the app's own lines, which come first however long the library ones took."""

@@ -34,6 +34,11 @@ class BlockingEvent:
     culprit is the innermost library frame instead and ``culprit_is_library`` is true.
     ``victims`` counts the *other* requests in flight while the loop was blocked. ``task`` names
     what ran outside requests (the task's name and its coroutine, or ``(callback)``).
+    For a ``lock`` wait, ``holder_stack`` (outermost frame first, like ``stack``) is the Python
+    stack of the thread most likely holding what the loop waited for, read in the same sample:
+    the only other thread running application code, or failing any the only other thread
+    running Python at all; ``holder_thread`` is its kernel thread id and ``holder_culprit`` its
+    culprit line. They are empty when no thread could be singled out.
     """
 
     duration_ms: float
@@ -54,6 +59,9 @@ class BlockingEvent:
     # callback; None inside a request (the request names it) or when no stack was taken.
     task: str | None = None
     culprit_is_library: bool = False
+    holder_thread: int | None = None
+    holder_stack: tuple[Frame, ...] = ()
+    holder_culprit: Frame | None = None
 
 
 def culprit_text(event: BlockingEvent) -> str:

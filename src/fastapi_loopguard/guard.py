@@ -413,6 +413,7 @@ class LoopGuard:
             "samples": s.samples,
             "stack_timeouts": s.stack_timeouts,
             "late_stacks": s.late_stacks,
+            "unlocked_stacks": s.unlocked_stacks,
             "cumulative_events": s.cumulative_events,
             "hangs": s.hangs,
             "saturation_ms": s.saturated_ns / ms,
@@ -525,6 +526,8 @@ class LoopGuard:
     ) -> BlockingEvent:
         frames = [Frame(f.filename, f.line, f.function) for f in raw.stack]
         culprit = frames[raw.culprit] if 0 <= raw.culprit < len(frames) else None
+        held = [Frame(f.filename, f.line, f.function) for f in raw.holder_stack]
+        holder = held[raw.holder_culprit] if 0 <= raw.holder_culprit < len(held) else None
         return BlockingEvent(
             duration_ms=raw.duration_ns / _NS_PER_MS,
             kind=raw.kind,
@@ -542,6 +545,9 @@ class LoopGuard:
             stack_missing=raw.stack_missing,
             hang=raw.hang,
             task=(raw.task or None) if info is None else None,
+            holder_thread=raw.holder_thread or None,
+            holder_stack=tuple(reversed(held)),
+            holder_culprit=holder,
         )
 
     def _dispatch(self, event: BlockingEvent, info: RequestInfo | None) -> None:
@@ -658,6 +664,9 @@ def format_event(event: BlockingEvent) -> str:
         details.append(f"culprit={escape(culprit_text(event), 400)}")
     elif event.stack_missing:
         details.append("culprit=<stack unavailable>")
+    if event.holder_culprit is not None:
+        details.append(f"holder={escape(str(event.holder_culprit), 400)}")
+        details.append(f"holder_thread={event.holder_thread}")
     details.append(f"victims={event.victims}")
     if event.request_id is not None and event.method is not None:
         details.append(f"request_id={escape(event.request_id)}")

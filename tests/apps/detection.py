@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import dataclasses
 import gc
 import os
@@ -14,6 +15,7 @@ import re
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,6 +130,48 @@ def gil_holder(n: int = 24) -> dict[str, bool]:
     # A sync endpoint: runs in the threadpool, and holds the GIL in native code for a while.
     matched = CATASTROPHIC.match("a" * n + "b")  # culprit:gil
     return {"matched": matched is not None}
+
+
+# The interpreter's own symbols, called through PyDLL: ctypes keeps the GIL for the whole call,
+# as a C extension stuck in a long computation or a deadlock does.
+LIBC_WITH_GIL = ctypes.PyDLL(None)
+
+
+@app.get("/native-hang")
+async def native_hang() -> dict[str, bool]:
+    LIBC_WITH_GIL.usleep(2_500_000)  # culprit:native-hang
+    return {"ok": True}
+
+
+def hold_lock(lock: threading.Lock, held: threading.Event) -> None:
+    with lock:
+        held.set()
+        time.sleep(0.6)  # culprit:lock-holder
+
+
+@app.get("/lock-held")
+async def lock_held() -> dict[str, bool]:
+    # Another thread holds a threading.Lock the loop then waits on: the holder is named.
+    lock = threading.Lock()
+    held = threading.Event()
+    threading.Thread(target=hold_lock, args=(lock, held), daemon=True).start()
+    held.wait()
+    with lock:  # culprit:lock-wait
+        pass
+    return {"ok": True}
+
+
+def fill_future_late() -> int:
+    time.sleep(0.6)  # culprit:future-holder
+    return 1
+
+
+@app.get("/future-wait")
+async def future_wait() -> dict[str, bool]:
+    # The loop waits on a future that a pool thread is to set once its sleep is over.
+    with ThreadPoolExecutor(1, thread_name_prefix="setter") as pool:
+        value = pool.submit(fill_future_late).result()  # culprit:future-wait
+    return {"ok": value == 1}
 
 
 @app.get("/ping")

@@ -357,6 +357,9 @@ def normalize_event(raw: object) -> Event | None:
     if not isinstance(stack_raw, list | tuple):  # tuple: asdict() of a BlockingEvent
         return None
     stack = [f for f in (_frame(x) for x in stack_raw[:_MAX_FRAMES]) if f is not None]
+    holder_raw = raw.get("holder_stack")
+    holder_frames = holder_raw[:_MAX_FRAMES] if isinstance(holder_raw, list | tuple) else ()
+    holder_stack = [f for f in (_frame(x) for x in holder_frames) if f is not None]
     kind = raw.get("kind")
     return {
         "duration_ms": float(duration),
@@ -375,6 +378,9 @@ def normalize_event(raw: object) -> Event | None:
         "stack_missing": raw.get("stack_missing") is True,
         "hang": raw.get("hang") is True,
         "task": _text(raw.get("task")),
+        "holder_thread": _count(raw.get("holder_thread")) or None,
+        "holder_stack": holder_stack,
+        "holder_culprit": _frame(raw.get("holder_culprit")),
         "pid": _count(raw.get("pid")),
         "host": _name(raw.get("host")),
         "worker": _name(raw.get("worker")),

@@ -533,7 +533,22 @@ def event_html(event: Event) -> str:
             f"{_snippet(frame['filename'], frame['lineno']) if is_culprit else ''}</li>"
         )
     stack = f'<ol class="stack">{"".join(frames)}</ol>' if frames else ""
-    return f'<details class="event">{head}<dl>{dl}</dl>{stack}</details>'
+    return f'<details class="event">{head}<dl>{dl}</dl>{stack}{_holder(event)}</details>'
+
+
+def _holder(event: Event) -> str:
+    """A lock wait's likely holder: the other thread's stack, its culprit line marked."""
+    if not event.get("holder_stack"):
+        return ""
+    culprit = event.get("holder_culprit")
+    frames = "".join(
+        f"<li{' class=culprit' if frame == culprit else ''}>"
+        f"<code>{esc(frame['filename'] + ':' + str(frame['lineno']))}</code> in "
+        f"<code>{esc(frame['function'])}</code></li>"
+        for frame in event["holder_stack"]
+    )
+    title = f"likely holder: thread {event['holder_thread']}" if event["holder_thread"] else ""
+    return f'<p class="muted">{esc(title or "likely holder")}</p><ol class="stack">{frames}</ol>'
 
 
 def sections(
