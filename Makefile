@@ -41,8 +41,10 @@ SANITIZE_DIR := build/sanitize
 # keeps the normal build.
 ASAN_VENV := .venv-asan
 # The Python tests that drive the engine hardest (sampler, GIL hand-overs, split stalls, hangs,
-# cumulative steps) on real uvicorn; the rest would add time, not native coverage.
-SANITIZE_PYTEST ?= tests/test_guard.py tests/test_detection.py tests/test_attribution.py
+# cumulative steps, stacks read without the GIL while the process exits or forks) on real uvicorn;
+# the rest would add time, not native coverage.
+SANITIZE_PYTEST ?= tests/test_guard.py tests/test_detection.py tests/test_attribution.py \
+	tests/test_faults.py::test_exit_and_fork_during_a_read_without_the_gil
 
 # Debian packages: compiler + cmake + GoogleTest for the C++ tests; headers and venv support
 # for the system python3 (only needed when it is Debian's own; harmless otherwise).
