@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware, label
+from fastapi_loopguard.guard import format_event
 
 from .conftest import culprit_line
 from .test_loop_unit import client_for
@@ -59,6 +60,16 @@ def make_app(seen: list[BlockingEvent]) -> FastAPI:
             queue.put_nowait(job)
         return {"done": [await done for _, _, done in jobs]}
 
+    @app.post("/fire")
+    async def fire() -> dict[str, bool]:
+        async def later() -> None:
+            await asyncio.sleep(0.05)  # the request is over by then
+            time.sleep(0.12)  # culprit:fired
+
+        # Fire and forget: the task inherits the request's Context, and outlives the request.
+        app.state.fired = asyncio.get_running_loop().create_task(later(), name="fired")
+        return {"ok": True}
+
     app.add_middleware(
         LoopGuardMiddleware,
         config=LoopGuardConfig(on_blocking=seen.append, log_blocking_events=False),
@@ -81,6 +92,26 @@ def test_a_framework_task_s_block_names_the_task(loop_name: str) -> None:
         culprit_line(THIS_FILE, "unlabelled"),
     )
     assert event.victims >= 1  # the request that waits for the job
+    # Where the task came from: it was started during lifespan startup, whose Context it carries.
+    assert event.task_created_by == "lifespan.startup"
+    assert "created_by=lifespan.startup" in format_event(event)
+
+
+def test_a_task_a_request_left_behind_says_which_request_created_it(loop_name: str) -> None:
+    seen: list[BlockingEvent] = []
+    with client_for(make_app(seen), loop_name) as client:
+        response = client.post("/fire", headers={"x-request-id": "fire-1"})
+        assert response.status_code == 200
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(seen) == 1, seen
+    event = seen[0]
+    assert event.request_id is None  # the request had ended: the block is the task's
+    assert event.task is not None and event.task.startswith("fired ("), event.task
+    assert event.task_created_by == "POST /fire request_id=fire-1"
+    assert event.culprit is not None
+    assert event.culprit.lineno == culprit_line(THIS_FILE, "fired")
 
 
 def test_labelled_jobs_run_back_to_back_are_one_event_each(loop_name: str) -> None:

@@ -62,6 +62,7 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
     ev.stack = rep->frames;
     ev.culprit = rep->culprit;
     ev.task = rep->task;
+    if (ev.token == 0) ev.origin = rep->origin;
     ev.culprit_is_library = rep->culprit_is_library;
   } else {
     ev.stack_missing = true;

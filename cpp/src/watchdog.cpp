@@ -799,7 +799,8 @@ void Engine::attribute(Sample& s) const {
   // fire-and-forget task. The request's code had finished; what runs now is that task's, outside
   // any request, and named by it. (A request that ended during the stall is still named: its
   // block and its response often share one loop iteration, and a late stack of it is only
-  // looked at once the stall is over.)
+  // looked at once the stall is over.) That request is who created the task: kept as its origin.
+  s.origin = s.token;
   s.token = 0;
 }
 
@@ -827,6 +828,7 @@ void Engine::fill_late_stack(Nanos until) {
     s.culprit = late.culprit;
     s.culprit_is_library = late.culprit_is_library;
     s.task = late.task;
+    s.origin = late.origin;
     s.has_stack = true;
     used = true;
   }

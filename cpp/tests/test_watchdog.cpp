@@ -1792,6 +1792,7 @@ TEST_F(EngineTest, ATokenWhoseRequestEndedNamesTheTaskInstead) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].token, startup);
   EXPECT_EQ(events[0].task, "");
+  EXPECT_EQ(events[0].origin, 0u);  // a request's own block has no origin: it is the request
 
   engine_->end_request(startup);
   Advance(1 * kMs);
@@ -1801,6 +1802,7 @@ TEST_F(EngineTest, ATokenWhoseRequestEndedNamesTheTaskInstead) {
   EXPECT_EQ(events[0].token, 0u);
   EXPECT_EQ(events[0].task, "queue-worker (worker)");
   EXPECT_EQ(events[0].stack, HandlerStack("worker", 7));
+  EXPECT_EQ(events[0].origin, startup);  // who created the task: the Context it inherited
 
   // A request that ends during the stall (its block, then its response) is still its culprit,
   // even for samples taken after its end.

@@ -101,6 +101,7 @@ NB_MODULE(_core, m) {
       .def_ro("stack_missing", &Event::stack_missing)
       .def_ro("hang", &Event::hang)
       .def_ro("task", &Event::task)
+      .def_ro("origin", &Event::origin)
       .def_prop_ro("holder_thread", [](const Event& e) { return e.holder.thread; })
       .def_prop_ro("holder_stack", [](const Event& e) { return e.holder.frames; })
       .def_prop_ro("holder_culprit", [](const Event& e) { return e.holder.culprit; });

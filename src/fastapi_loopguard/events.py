@@ -33,7 +33,9 @@ class BlockingEvent:
     as the ``loopguard`` console script). When the stack holds no application code at all, the
     culprit is the innermost library frame instead and ``culprit_is_library`` is true.
     ``victims`` counts the *other* requests in flight while the loop was blocked. ``task`` names
-    what ran outside requests (the task's name and its coroutine, or ``(callback)``).
+    what ran outside requests (the task's name and its coroutine, or ``(callback)``), and
+    ``task_created_by`` who created that task, as far as its Context tells: the request
+    (``GET /submit request_id=...``) or labelled unit (``lifespan.startup``) it was started in.
     For a ``lock`` wait, ``holder_stack`` (outermost frame first, like ``stack``) is the Python
     stack of the thread most likely holding what the loop waited for, read in the same sample:
     the only other thread running application code, or failing any the only other thread
@@ -59,6 +61,7 @@ class BlockingEvent:
     # callback; None inside a request (the request names it) or when no stack was taken.
     task: str | None = None
     culprit_is_library: bool = False
+    task_created_by: str | None = None
     holder_thread: int | None = None
     holder_stack: tuple[Frame, ...] = ()
     holder_culprit: Frame | None = None

@@ -156,6 +156,9 @@ class LoopGuard:
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._requests: dict[int, RequestInfo] = {}
         self._recent: OrderedDict[int, RequestInfo] = OrderedDict()
+        # Lifespan startup, once over: tasks it started (queue workers) run for the life of the
+        # app, long after it left _recent, and their events still say it created them.
+        self._startup: RequestInfo | None = None
         self._calibration: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
@@ -301,6 +304,8 @@ class LoopGuard:
         self._recent[info.token] = info
         if len(self._recent) > _RECENT_REQUESTS:
             self._recent.popitem(last=False)
+        if info.method is None and info.request_id == "lifespan.startup":
+            self._startup = info
         # The request's code has just run again, so a stall it was part of is over: the engine
         # finishes it now, and its events are delivered before the request is done (tests that
         # call an app in-process see them when the call returns). The same crossing hands back
@@ -545,10 +550,24 @@ class LoopGuard:
             stack_missing=raw.stack_missing,
             hang=raw.hang,
             task=(raw.task or None) if info is None else None,
+            task_created_by=self._created_by(raw.origin) if info is None else None,
             holder_thread=raw.holder_thread or None,
             holder_stack=tuple(reversed(held)),
             holder_culprit=holder,
         )
+
+    def _created_by(self, origin: int) -> str | None:
+        """The unit a task outside requests inherited its Context from: the one that created it."""
+        if not origin:
+            return None
+        unit = self._recent.get(origin) or self._requests.get(origin)
+        if unit is None and self._startup is not None and self._startup.token == origin:
+            unit = self._startup
+        if unit is None:
+            return None
+        if unit.method is None:
+            return unit.request_id  # a label: lifespan.startup, or the name given to label()
+        return f"{unit.method} {unit.path or '?'} request_id={unit.request_id}"
 
     def _dispatch(self, event: BlockingEvent, info: RequestInfo | None) -> None:
         self.events.append(event)
@@ -655,6 +674,8 @@ def format_event(event: BlockingEvent) -> str:
         head = f"Event loop blocked for {event.duration_ms:.2f}ms (no active request)"
     details = [f"kind={event.kind}"]
     if event.task is not None:
+        if event.task_created_by is not None:
+            details.insert(0, f"created_by={escape(event.task_created_by, 300)}")
         details.insert(0, f"task={escape(event.task, 200)}")
     if event.route is not None:
         details.insert(0, f"route={escape(event.route)}")

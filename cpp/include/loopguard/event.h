@@ -50,6 +50,10 @@ struct Sample {
   // Outside any request: what ran ("name (coroutine)" for a task, "(callback)" for a plain
   // handle); empty inside a request, or without a stack.
   std::string task;
+  // Outside requests: the unit (request, lifespan startup, label) whose Context the task carries,
+  // which had ended before the stall began. A task inherits its creator's Context, so this is
+  // who created it; 0 when unknown.
+  std::uint64_t origin = 0;
   // The other threads' stacks, read in the same capture when the engine asked for them (the loop
   // waits on a lock); the engine keeps only the one it takes for the holder (see holder.h).
   std::vector<ThreadStack> others;
@@ -73,9 +77,10 @@ struct Event {
   std::uint32_t victims = 0;
   std::uint32_t samples = 0;
   bool stack_missing = false;
-  bool hang = false;   // the stall passed the hang threshold (and was reported while ongoing)
-  std::string task;    // see Sample::task
-  ThreadStack holder;  // a lock wait: the thread most likely holding what the loop waited for
+  bool hang = false;         // the stall passed the hang threshold (and was reported while ongoing)
+  std::string task;          // see Sample::task
+  std::uint64_t origin = 0;  // see Sample::origin
+  ThreadStack holder;        // a lock wait: the thread most likely holding what the loop waited for
 };
 
 }  // namespace loopguard
