@@ -107,6 +107,32 @@ def test_hang_is_reported_while_it_lasts(server: Server) -> None:
     assert stats(server)["hangs"] == 1
 
 
+def test_connections_the_server_has_not_taken_up_are_counted(server: Server) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            blocked = asyncio.create_task(client.get("/hang", headers={"x-request-id": "q-1"}))
+            await asyncio.sleep(0.5)  # the loop is in the 2.5 s sleep now
+            # Five more clients: the kernel accepts them, the blocked server cannot.
+            streams = [await asyncio.open_connection(host, int(port)) for _ in range(5)]
+            for _, writer in streams:
+                writer.write(b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
+                await writer.drain()
+            response = await blocked
+            for reader, writer in streams:
+                assert b" 200 " in await reader.readline()  # each was served after the block
+                writer.close()
+            return response
+
+    assert asyncio.run(main()).status_code == 200
+    event = wait_events(server, 1)[0]
+    assert event["request_id"] == "q-1"
+    # Nobody else was in flight as far as the middleware knew, but five clients waited.
+    assert event["victims"] == 0
+    assert event["queued"] == 5, event
+
+
 def test_native_code_holding_the_gil(server: Server) -> None:
     response = httpx.get(server.url + "/native", headers={"x-request-id": "regex-1"}, timeout=30)
     assert response.status_code == 200

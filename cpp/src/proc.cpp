@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "loopguard/connections.h"
+
 #ifdef __linux__
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -220,5 +222,7 @@ Nanos OsThreadProbe::cpu_time() noexcept {
   if (clock_gettime(cpu_clock_, &ts) != 0) return -1;
   return static_cast<Nanos>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
+
+int OsThreadProbe::waiting_connections() noexcept { return loopguard::waiting_connections(); }
 
 }  // namespace loopguard

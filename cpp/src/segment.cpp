@@ -41,6 +41,12 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
     if (const FrameInfo* f = key_frame(*s[i])) ++line_counts[{f->filename, f->line}];
   }
   ev.kind = majority_kind(kinds);
+  // Connections waiting in the kernel: the count grows for as long as the loop stays blocked, so
+  // the run's newest count, else the first one taken after it (they were still waiting then).
+  for (std::size_t i = first; i <= last; ++i) {
+    if (s[i]->queued >= 0) ev.queued = s[i]->queued;
+  }
+  for (std::size_t i = last + 1; i < s.size() && ev.queued < 0; ++i) ev.queued = s[i]->queued;
 
   const Sample* rep = nullptr;
   std::size_t best = 0;

@@ -644,6 +644,8 @@ namespace {
 // CPython's default switch interval (sys.getswitchinterval()): how long a thread running Python
 // keeps the GIL when another asks for it.
 constexpr Nanos kGilSwitchInterval = 5 * kMs;
+// How often a stall counts the connections waiting for the server (see take_sample).
+constexpr Nanos kQueuedEvery = 100 * kMs;
 }  // namespace
 
 void Engine::take_sample() {
@@ -702,7 +704,11 @@ void Engine::take_sample() {
         // sample names no task, as the GIL holder's does not).
         s.task = std::move(held.task);
         s.thread = owner;
-        s.holder = ThreadStack();  // the culprit is the holder's own stack now
+        // Said in the holder fields too, so that the event says whose stack it shows.
+        s.holder.thread = owner;
+        s.holder.frames = s.frames;
+        s.holder.culprit = s.culprit;
+        s.holder.culprit_is_library = s.culprit_is_library;
       }
     }
     if (!ok) {
@@ -748,6 +754,12 @@ void Engine::take_sample() {
   // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to
   // whatever ran after the stall and must not be pinned on it.
   if (pulse_.epoch() != stall_.epoch) return;
+  // Who else waits: connections the server has not even seen yet. Counted at detection, then
+  // at most every kQueuedEvery: a few /proc reads, on this thread, never the loop's.
+  if (probe_ && (stall_.queued_read < 0 || s.t - stall_.queued_read >= kQueuedEvery)) {
+    s.queued = probe_->waiting_connections();
+    stall_.queued_read = s.t;
+  }
   attribute(s);
   stall_.prev_t = s.t;
   stall_.prev_run_delay = os.run_delay;

@@ -33,6 +33,8 @@ struct FakeOs {
   long lock_owner = -1;       // what lock_owner() says of the loop's futex wait
   std::vector<long> last_exclude;
   int running_calls = 0;
+  int queued = -1;  // what waiting_connections() says
+  int queued_reads = 0;
 };
 
 OsState EpollWait() {
@@ -67,6 +69,10 @@ class FakeProbe final : public ThreadProbe {
                                                                                 : -1;
   }
   long tid() const noexcept override { return os_->loop_tid; }
+  int waiting_connections() noexcept override {
+    ++os_->queued_reads;
+    return os_->queued;
+  }
 
  private:
   std::shared_ptr<FakeOs> os_;
@@ -1033,6 +1039,36 @@ TEST_F(EngineTest, OsBusyStartRestartsWhenAnIterationEnds) {
   EXPECT_EQ(events[0].duration, 52 * kMs);
 }
 
+// Connections waiting in the kernel are counted at detection and then every 100 ms of the stall,
+// not at every sample; the event carries the run's newest count.
+TEST_F(EngineTest, AStallCountsTheConnectionsWaitingForTheServer) {
+  py_->token = engine_->begin_request("GET /slow");
+  os_->queued = 2;
+  LoopBusy();
+  Step();  // detection: counted (2)
+  os_->queued = 7;
+  for (int i = 0; i < 25; ++i) {
+    Advance(10 * kMs);
+    Step();
+  }
+  LoopWaits();
+  Step();
+  EXPECT_GE(os_->queued_reads, 2);
+  EXPECT_LE(os_->queued_reads, 4);  // ~250 ms of stall: at detection, then every 100 ms
+  const std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].queued, 7);
+  EXPECT_EQ(events[0].victims, 0u);  // the request table saw nobody else
+
+  // Nothing to read them from: unknown, not zero.
+  os_->queued = -1;
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  const std::vector<Event> unknown = engine_->drain();
+  ASSERT_EQ(unknown.size(), 1u);
+  EXPECT_EQ(unknown[0].queued, -1);
+}
+
 // ---- Hang reports -----------------------------------------------------------------------------
 
 // Past hang_threshold a stall is reported at once, from the watchdog, to hang_fd, naming the
@@ -1760,6 +1796,10 @@ TEST_F(EngineTest, ALockWaitWithNothingToNameSamplesTheMutexOwner) {
   EXPECT_EQ(events[0].token, 0u);  // the owner's Context: a plain pool thread carries none
   EXPECT_EQ(events[0].stack, HandlerStack("execute_fn", 212));
   EXPECT_EQ(events[0].task, "");  // the owner's code, not the loop's callback
+  // The holder fields say whose stack that is.
+  EXPECT_EQ(events[0].holder.thread, 6161);
+  EXPECT_EQ(events[0].holder.frames, HandlerStack("execute_fn", 212));
+  EXPECT_EQ(events[0].holder.culprit, 1);
 
   // The loop's own code waits on the lock: that line is the culprit, the owner is not looked at.
   const std::uint64_t token = engine_->begin_request();

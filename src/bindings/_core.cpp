@@ -97,6 +97,7 @@ NB_MODULE(_core, m) {
       .def_ro("culprit", &Event::culprit)
       .def_ro("culprit_is_library", &Event::culprit_is_library)
       .def_ro("victims", &Event::victims)
+      .def_ro("queued", &Event::queued)
       .def_ro("samples", &Event::samples)
       .def_ro("stack_missing", &Event::stack_missing)
       .def_ro("hang", &Event::hang)

@@ -32,15 +32,20 @@ class BlockingEvent:
     (not the standard library, not site-packages, not this package, never the entry point such
     as the ``loopguard`` console script). When the stack holds no application code at all, the
     culprit is the innermost library frame instead and ``culprit_is_library`` is true.
-    ``victims`` counts the *other* requests in flight while the loop was blocked. ``task`` names
+    ``victims`` counts the *other* requests in flight while the loop was blocked; ``queued`` the
+    client connections the kernel held for the server meanwhile, unread: accepted by the kernel
+    but not yet by the server, or a new request on a kept-alive connection (TCP only, read from
+    /proc on Linux; None when unknown). No request table can see those. ``task`` names
     what ran outside requests (the task's name and its coroutine, or ``(callback)``), and
     ``task_created_by`` who created that task, as far as its Context tells: the request
     (``GET /submit request_id=...``) or labelled unit (``lifespan.startup``) it was started in.
     For a ``lock`` wait, ``holder_stack`` (outermost frame first, like ``stack``) is the Python
     stack of the thread most likely holding what the loop waited for, read in the same sample:
-    the only other thread running application code, or failing any the only other thread
-    running Python at all; ``holder_thread`` is its kernel thread id and ``holder_culprit`` its
-    culprit line. They are empty when no thread could be singled out.
+    the owner of the pthread mutex it waited on, when glibc records one and the loop's own stack
+    names nothing (then ``stack`` is that thread's too); otherwise the only other thread running
+    application code, or failing any the only other thread running Python at all.
+    ``holder_thread`` is its kernel thread id and ``holder_culprit`` its culprit line. They are
+    empty when no thread could be singled out.
     """
 
     duration_ms: float
@@ -62,6 +67,7 @@ class BlockingEvent:
     task: str | None = None
     culprit_is_library: bool = False
     task_created_by: str | None = None
+    queued: int | None = None
     holder_thread: int | None = None
     holder_stack: tuple[Frame, ...] = ()
     holder_culprit: Frame | None = None

@@ -545,6 +545,7 @@ class LoopGuard:
             culprit_is_library=raw.culprit_is_library,
             cpu_ms=raw.cpu_ns / _NS_PER_MS,
             victims=raw.victims,
+            queued=raw.queued if raw.queued >= 0 else None,
             started_at=wall - (now_ns - raw.start_ns) / 1e9,
             samples=raw.samples,
             stack_missing=raw.stack_missing,
@@ -689,6 +690,8 @@ def format_event(event: BlockingEvent) -> str:
         details.append(f"holder={escape(str(event.holder_culprit), 400)}")
         details.append(f"holder_thread={event.holder_thread}")
     details.append(f"victims={event.victims}")
+    if event.queued:
+        details.append(f"queued={event.queued}")
     if event.request_id is not None and event.method is not None:
         details.append(f"request_id={escape(event.request_id)}")
     return f"{head} [{' '.join(details)}]"

@@ -47,6 +47,7 @@ struct Sample {
   int culprit = -1;                 // index into frames of the culprit (see frame_filter.h)
   bool culprit_is_library = false;  // no application frame: the culprit is library code
   std::uint32_t inflight = 0;       // tracked requests in flight at t
+  int queued = -1;  // client connections waiting in the kernel at t, -1: not read this sample
   // Outside any request: what ran ("name (coroutine)" for a task, "(callback)" for a plain
   // handle); empty inside a request, or without a stack.
   std::string task;
@@ -75,6 +76,9 @@ struct Event {
   int culprit = -1;
   bool culprit_is_library = false;
   std::uint32_t victims = 0;
+  // Client connections the kernel held for the server unread during the event, which no
+  // request table sees (accepted by the kernel, not by the server); -1 when unknown.
+  int queued = -1;
   std::uint32_t samples = 0;
   bool stack_missing = false;
   bool hang = false;         // the stall passed the hang threshold (and was reported while ongoing)

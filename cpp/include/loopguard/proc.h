@@ -35,6 +35,9 @@ class ThreadProbe {
   }
   // Kernel id of the watched thread, -1 when unknown.
   virtual long tid() const noexcept { return -1; }
+  // Client connections the kernel holds for this process, not yet taken up by its server (see
+  // connections.h); -1 when unknown.
+  virtual int waiting_connections() noexcept { return -1; }
 };
 
 // Linux: /proc/self/task/<tid>/{syscall,stat} (kept open and re-read with pread, which the proc
@@ -53,6 +56,7 @@ class OsThreadProbe final : public ThreadProbe {
   std::vector<long> running_threads(const std::vector<long>& exclude) override;
   long lock_owner(const OsState& state) noexcept override;
   long tid() const noexcept override { return tid_; }
+  int waiting_connections() noexcept override;
 
  private:
   long tid_ = -1;

@@ -356,6 +356,7 @@ class Engine {
     Nanos hang_every = 0;
     bool hang = false;
     bool os_detected = false;  // noticed by the OS check, not the pulse (see os_busy_since)
+    Nanos queued_read = -1;    // when the waiting connections were last counted
     std::vector<Sample> samples;
   };
 

@@ -373,6 +373,7 @@ def normalize_event(raw: object) -> Event | None:
         "culprit_is_library": raw.get("culprit_is_library") is True,
         "cpu_ms": float(raw["cpu_ms"]) if _number(raw.get("cpu_ms")) else 0.0,
         "victims": _count(raw.get("victims")),
+        "queued": _count(raw.get("queued")),
         "started_at": float(started),
         "samples": _count(raw.get("samples")),
         "stack_missing": raw.get("stack_missing") is True,

@@ -510,6 +510,12 @@ def event_html(event: Event) -> str:
         ("request id", event["request_id"]),
         ("started", _utc(event["started_at"], True)),
         ("victims", f"{event['victims']} other requests in flight"),
+        (
+            "queued",
+            f"{event['queued']} connections waiting, not yet read by the server"
+            if event["queued"]
+            else None,
+        ),
         ("CPU time", charts.fmt_ms(event["cpu_ms"])),
         ("samples", str(event["samples"])),
     ]
