@@ -318,6 +318,19 @@ def test_a_lock_waits_holder_is_shown_with_its_line_and_escaped(tmp_path: Path) 
     assert text.count("likely holder") == 1  # only the lock wait has one
 
 
+def test_one_list_of_kinds_matches_the_engine_and_every_style() -> None:
+    from fastapi_loopguard import _native
+    from fastapi_loopguard.events import KINDS
+    from fastapi_loopguard.hints import ANY, KIND_ONLY
+    from fastapi_loopguard.report import page, terminal
+
+    assert sorted(_native.load().event_kinds()) == sorted(KINDS)
+    assert len(set(KINDS)) == len(KINDS)
+    assert set(page._KIND_COLOURS) == set(KINDS)
+    assert set(terminal._KIND_STYLE) == set(KINDS)
+    assert set(KINDS) == ANY | KIND_ONLY
+
+
 def test_library_culprits_are_grouped_as_such(tmp_path: Path) -> None:
     """Events whose stacks held no application code name a library line; the report keeps them
     apart from the app's own lines, which come first however long the library ones took."""

@@ -87,6 +87,12 @@ NB_MODULE(_core, m) {
       .def_ro("function", &FrameInfo::function)
       .def_ro("line", &FrameInfo::line);
 
+  m.def("event_kinds", [] {
+    std::vector<std::string> names;
+    for (const Kind k : kEventKinds) names.emplace_back(kind_name(k));
+    return names;
+  });
+
   nb::class_<Event>(m, "Event")
       .def_ro("token", &Event::token)
       .def_ro("start_ns", &Event::start)

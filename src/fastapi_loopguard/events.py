@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Every kind an event can have, in the order reports show them: the engine's (classify.h, checked
+# against it by the tests) and ``cumulative``. The report, the hints and the terminal read this.
+KINDS = ("sleep", "io", "cpu", "lock", "gil", "native", "gc", "starved", "cumulative", "unknown")
+
 
 @dataclass(frozen=True)
 class Frame:

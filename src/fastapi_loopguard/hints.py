@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .events import BlockingEvent
+from .events import KINDS, BlockingEvent
 
 # (filename, lineno, function): a frame however it arrived (a Frame, or a dict from a log).
 FrameKey = tuple[str, int, str]
@@ -306,9 +306,9 @@ def module_of(filename: str) -> str | None:
 
 WAITS = frozenset({"sleep", "io", "lock", "unknown", "starved"})
 COMPUTES = frozenset({"cpu", "native", "unknown", "starved"})
-ANY = frozenset({"sleep", "io", "cpu", "lock", "native", "unknown", "starved"})
 # Kinds whose stack does not show the code that blocked the loop.
 KIND_ONLY = frozenset({"gil", "gc", "cumulative"})
+ANY = frozenset(KINDS) - KIND_ONLY
 
 
 @dataclass(frozen=True)

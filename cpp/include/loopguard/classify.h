@@ -34,6 +34,12 @@ enum class Kind : std::uint8_t {
 
 const char* kind_name(Kind kind) noexcept;
 
+// Every kind an event can have (kIdle never makes one), for the Python side to check its one
+// list of kinds against.
+inline constexpr Kind kEventKinds[] = {Kind::kSleep,      Kind::kIo,     Kind::kCpu, Kind::kLock,
+                                       Kind::kGil,        Kind::kNative, Kind::kGc,  Kind::kStarved,
+                                       Kind::kCumulative, Kind::kUnknown};
+
 struct OsState {
   // kKernel: blocked in the kernel but in no system call, which is a page fault in practice.
   enum class Where : std::uint8_t { kUnknown, kRunning, kSyscall, kKernel };

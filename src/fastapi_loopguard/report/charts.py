@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from html import escape
 
 from .._text import visible
-from .model import KINDS, Event, Group, route_label
+from ..events import KINDS
+from .model import Event, Group, route_label
 
 
 def esc(text: str) -> str:

@@ -27,22 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from ..events import BlockingEvent
+from ..events import KINDS, BlockingEvent
 from ..hints import Hint, hint_for_record
-
-# In display order; an unknown kind from a newer engine is drawn like "unknown".
-KINDS = (
-    "sleep",
-    "io",
-    "cpu",
-    "lock",
-    "gil",
-    "native",
-    "gc",
-    "starved",
-    "cumulative",
-    "unknown",
-)
 
 Event = dict[str, Any]
 Stats = dict[str, Any]

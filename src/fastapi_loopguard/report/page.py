@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from .. import __version__
+from ..events import KINDS
 from ..hints import Hint, hint_for_record
 from . import charts, flame
 from .charts import esc
 from .model import (
-    KINDS,
     Event,
     Report,
     by_culprit,
