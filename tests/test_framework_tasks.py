@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware, label
-from fastapi_loopguard.guard import format_event
+from fastapi_loopguard.events import format_event
 
 from .conftest import culprit_line
 from .test_loop_unit import client_for

@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from fastapi_loopguard import LoopGuard, LoopGuardConfig, LoopGuardMiddleware
+from fastapi_loopguard.events import RequestInfo
 from fastapi_loopguard.exporters.base import MAX_ROUTES, OTHER_ROUTE
 from fastapi_loopguard.exporters.prometheus import PrometheusExporter
-from fastapi_loopguard.guard import RequestInfo
 from fastapi_loopguard.report import load_event_log, render
 from fastapi_loopguard.report.model import delay_by_route, percentile
 from fastapi_loopguard.report.terminal import print_report

@@ -19,7 +19,8 @@ from .events import BlockingEvent, culprit_text
 from .hints import hint_for_event
 
 if TYPE_CHECKING:
-    from .guard import LoopGuard, RequestInfo
+    from .events import RequestInfo
+    from .guard import LoopGuard
 
 PENDING = "culprit pending (the event was not delivered in time; see the log)"
 

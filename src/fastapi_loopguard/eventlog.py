@@ -37,7 +37,7 @@ from .events import BlockingEvent
 from .workers import identity
 
 if TYPE_CHECKING:
-    from .guard import RequestInfo
+    from .events import RequestInfo
 
 logger = logging.getLogger("fastapi_loopguard")
 

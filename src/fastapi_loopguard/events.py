@@ -1,8 +1,18 @@
-"""What a blocking event tells the user. Built on the loop thread from the engine's plain data."""
+"""What a blocking event tells the user. Built on the loop thread from the engine's plain data.
+
+Everything downstream of the engine reads this module and nothing upstream of it: the event, the
+request it belongs to, the one list of kinds, the conversion from the engine's event, and the
+original log line.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._text import escape
+
+_NS_PER_MS = 1_000_000
 
 # Every kind an event can have, in the order reports show them: the engine's (classify.h, checked
 # against it by the tests) and ``cumulative``. The report, the hints and the terminal read this.
@@ -82,3 +92,106 @@ def culprit_text(event: BlockingEvent) -> str:
     if event.culprit is None:
         return "<stack unavailable>" if event.stack_missing else "<no culprit>"
     return f"{event.culprit} (library code)" if event.culprit_is_library else str(event.culprit)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What we know of one tracked request (or labelled unit of work)."""
+
+    token: int
+    request_id: str
+    method: str | None
+    path: str | None
+    scope: dict[str, Any] | None = field(default=None, repr=False)
+    # The request's trace span, taken at its start by the OpenTelemetry exporter: its events are
+    # delivered after the stall, when that span is no longer current (or has ended).
+    trace_span: Any = field(default=None, repr=False)
+    # Events drained while the request was in flight (strict/warn modes show their culprits).
+    events: list[BlockingEvent] | None = field(default=None, repr=False)
+    # The route template, kept once the scope is let go (see release_scope).
+    _route: str | None = field(default=None, repr=False)
+
+    @property
+    def route(self) -> str | None:
+        if self.scope is None:
+            return self._route
+        route = self.scope.get("route")
+        template = getattr(route, "path", None)
+        return template if isinstance(template, str) else None
+
+    def release_scope(self) -> None:
+        """Keeps the route template and lets the scope go. Finished requests are kept for a
+        while (an event drained after its request ended still names it), and a scope holds the
+        whole request: thousands of them would cost tens of megabytes."""
+        self._route = self.route
+        self.scope = None
+
+
+def from_native(
+    raw: Any, info: RequestInfo | None, now_ns: int, wall: float, created_by: str | None
+) -> BlockingEvent:
+    """The engine's event as the user sees it; ``info`` is its request (None outside requests),
+    ``now_ns``/``wall`` the engine's clock and the wall clock read together, ``created_by`` who
+    created the task that ran outside requests (see ``LoopGuard``)."""
+    frames = [Frame(f.filename, f.line, f.function) for f in raw.stack]
+    culprit = frames[raw.culprit] if 0 <= raw.culprit < len(frames) else None
+    held = [Frame(f.filename, f.line, f.function) for f in raw.holder_stack]
+    holder = held[raw.holder_culprit] if 0 <= raw.holder_culprit < len(held) else None
+    return BlockingEvent(
+        duration_ms=raw.duration_ns / _NS_PER_MS,
+        kind=raw.kind,
+        request_id=info.request_id if info else None,
+        method=info.method if info else None,
+        path=info.path if info else None,
+        route=info.route if info else None,
+        stack=tuple(reversed(frames)),
+        culprit=culprit,
+        culprit_is_library=raw.culprit_is_library,
+        cpu_ms=raw.cpu_ns / _NS_PER_MS,
+        victims=raw.victims,
+        queued=raw.queued if raw.queued >= 0 else None,
+        started_at=wall - (now_ns - raw.start_ns) / 1e9,
+        samples=raw.samples,
+        stack_missing=raw.stack_missing,
+        hang=raw.hang,
+        task=(raw.task or None) if info is None else None,
+        task_created_by=created_by if info is None else None,
+        holder_thread=raw.holder_thread or None,
+        holder_stack=tuple(reversed(held)),
+        holder_culprit=holder,
+    )
+
+
+def format_event(event: BlockingEvent) -> str:
+    """The original log line, then the details; every untrusted part escaped."""
+    if event.method is not None or event.path is not None:
+        head = (
+            f"Event loop blocked for {event.duration_ms:.2f}ms during "
+            f"{escape(event.method or '?')} {escape(event.path or '?')}"
+        )
+    elif event.request_id is not None:
+        head = f"Event loop blocked for {event.duration_ms:.2f}ms during {escape(event.request_id)}"
+    else:
+        head = f"Event loop blocked for {event.duration_ms:.2f}ms (no active request)"
+    details = [f"kind={event.kind}"]
+    if event.task is not None:
+        if event.task_created_by is not None:
+            details.insert(0, f"created_by={escape(event.task_created_by, 300)}")
+        details.insert(0, f"task={escape(event.task, 200)}")
+    if event.route is not None:
+        details.insert(0, f"route={escape(event.route)}")
+    if event.hang:
+        details.append("hang=true")
+    if event.culprit is not None:
+        details.append(f"culprit={escape(culprit_text(event), 400)}")
+    elif event.stack_missing:
+        details.append("culprit=<stack unavailable>")
+    if event.holder_culprit is not None:
+        details.append(f"holder={escape(str(event.holder_culprit), 400)}")
+        details.append(f"holder_thread={event.holder_thread}")
+    details.append(f"victims={event.victims}")
+    if event.queued:
+        details.append(f"queued={event.queued}")
+    if event.request_id is not None and event.method is not None:
+        details.append(f"request_id={escape(event.request_id)}")
+    return f"{head} [{' '.join(details)}]"

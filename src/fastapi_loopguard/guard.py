@@ -12,28 +12,27 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
-import itertools
 import logging
 import os
-import sys
 import threading
 import time
-import types
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from . import _native
+from . import _native, exporters
 from ._text import escape
 from .config import LoopGuardConfig
 from .eventlog import EventLog
-from .events import BlockingEvent, Frame, culprit_text
+from .events import BlockingEvent, RequestInfo, from_native
 from .exporters.base import Exporter
 from .frames import frame_config, frame_filter
+from .loops import running_asyncio_loop
 from .pulse import LoopHooks
+from .steps import TimedSteps, suspended_stack
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -41,42 +40,7 @@ _NS_PER_MS = 1_000_000
 # Finished requests kept so that an event drained after its request ended still names it.
 _RECENT_REQUESTS = 4096
 _KEPT_EVENTS = 1000
-# Coroutines followed down from a request's own when it is suspended (a cumulative event's stack).
-_MAX_SUSPENDED_DEPTH = 64
 _REPORT = 2  # the engine's StepVerdict::kReport: a cumulative event is ready
-
-
-@dataclass(slots=True)
-class RequestInfo:
-    """What we know of one tracked request (or labelled unit of work)."""
-
-    token: int
-    request_id: str
-    method: str | None
-    path: str | None
-    scope: dict[str, Any] | None = field(default=None, repr=False)
-    # The request's trace span, taken at its start by the OpenTelemetry exporter: its events are
-    # delivered after the stall, when that span is no longer current (or has ended).
-    trace_span: Any = field(default=None, repr=False)
-    # Events drained while the request was in flight (strict/warn modes show their culprits).
-    events: list[BlockingEvent] | None = field(default=None, repr=False)
-    # The route template, kept once the scope is let go (see release_scope).
-    _route: str | None = field(default=None, repr=False)
-
-    @property
-    def route(self) -> str | None:
-        if self.scope is None:
-            return self._route
-        route = self.scope.get("route")
-        template = getattr(route, "path", None)
-        return template if isinstance(template, str) else None
-
-    def release_scope(self) -> None:
-        """Keeps the route template and lets the scope go. Finished requests are kept for a
-        while (an event drained after its request ended still names it), and a scope holds the
-        whole request: thousands of them would cost tens of megabytes."""
-        self._route = self.route
-        self.scope = None
 
 
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
@@ -162,7 +126,7 @@ class LoopGuard:
         self._calibration: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[BlockingEvent], object]] = []
         self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
-        self.exporters: list[Exporter] = _build_exporters(self)
+        self.exporters: list[Exporter] = exporters.build(self.config, self)
         self._request_exporters = [e for e in self.exporters if e.wants_requests]
         self._end_exporters = [e for e in self.exporters if e.wants_request_ends]
         self._event_log: EventLog | None = None
@@ -183,7 +147,7 @@ class LoopGuard:
         runs each request on a new loop in a new thread; pytest-asyncio gives each test its own),
         it lets go of the old one and watches the new one.
         """
-        loop = _running_asyncio_loop()
+        loop = running_asyncio_loop()
         if self._engine is not None:
             if self._loop is loop:
                 return
@@ -226,7 +190,7 @@ class LoopGuard:
             self._calibration = None
         hooks.remove()
         engine.stop()
-        self._drain()
+        self.deliver()
         for exporter in self.exporters:
             try:
                 exporter.flush()
@@ -314,7 +278,7 @@ class LoopGuard:
             return
         ended = self._engine.end_request(info.token)
         if ended.pending:
-            self._drain()
+            self.deliver()
         if self._end_exporters or self._event_log is not None:
             self._ended(info, ended)
 
@@ -344,7 +308,7 @@ class LoopGuard:
         start): the engine finishes the stall at once (the GIL is released meanwhile).
         """
         if self._engine is not None and self._engine.settle():
-            self._drain()
+            self.deliver()
 
     @contextmanager
     def label(self, name: str) -> Iterator[RequestInfo]:
@@ -392,7 +356,7 @@ class LoopGuard:
         deadline = time.monotonic() + timeout
         self.settle()
         while True:
-            self._drain()
+            self.deliver()
             if len(info.events or ()) >= count or time.monotonic() >= deadline:
                 return list(info.events or ())
             await asyncio.sleep(self.config.monitor_interval_ms / 1000)
@@ -449,7 +413,7 @@ class LoopGuard:
         within ``cumulative_window_ms``. Child tasks the request starts run as their own tasks
         and are not counted.
         """
-        return _TimedSteps(coro, self, info)
+        return TimedSteps(coro, self._step, info)
 
     def _step(
         self,
@@ -469,11 +433,11 @@ class LoopGuard:
             if verdict != _REPORT:
                 return bool(verdict)
             raw = engine.take_cumulative()
-            event = self._convert(raw, info, engine.now_ns(), time.time())
+            event = from_native(raw, info, engine.now_ns(), time.time(), None)
             # The steps are over; the one place left to point at is where the request's
             # coroutine waits now, right after the last of them.
             frames = frame_filter(_native.load())
-            stack = _suspended_stack(coro, frames) if coro is not None else ()
+            stack = suspended_stack(coro, frames) if coro is not None else ()
             if stack:
                 index, library = frames.culprit([(f.filename, f.function) for f in stack[::-1]])
                 culprit = stack[-1 - index] if index >= 0 else None
@@ -500,9 +464,10 @@ class LoopGuard:
             # The watchdog pokes the pipe when it sees the loop thread running with the
             # heartbeat off: one beat here proves the loop is iterating, not stuck.
             self._hooks.wake_heartbeat()
-        self._drain()
+        self.deliver()
 
-    def _drain(self) -> None:
+    def deliver(self) -> None:
+        """Delivers, on this (the loop's) thread, every event the engine has finished so far."""
         engine = self._engine
         if engine is None:
             return
@@ -517,7 +482,8 @@ class LoopGuard:
             try:
                 inflight = self._requests.get(raw.token)
                 info = inflight or self._recent.get(raw.token)
-                event = self._convert(raw, info, now_ns, wall)
+                created_by = self._created_by(raw.origin) if info is None else None
+                event = from_native(raw, info, now_ns, wall, created_by)
                 if inflight is not None:
                     if inflight.events is None:
                         inflight.events = []
@@ -525,37 +491,6 @@ class LoopGuard:
                 self._dispatch(event, info)
             except Exception:
                 logger.exception("fastapi_loopguard: handling a blocking event failed")
-
-    def _convert(
-        self, raw: Any, info: RequestInfo | None, now_ns: int, wall: float
-    ) -> BlockingEvent:
-        frames = [Frame(f.filename, f.line, f.function) for f in raw.stack]
-        culprit = frames[raw.culprit] if 0 <= raw.culprit < len(frames) else None
-        held = [Frame(f.filename, f.line, f.function) for f in raw.holder_stack]
-        holder = held[raw.holder_culprit] if 0 <= raw.holder_culprit < len(held) else None
-        return BlockingEvent(
-            duration_ms=raw.duration_ns / _NS_PER_MS,
-            kind=raw.kind,
-            request_id=info.request_id if info else None,
-            method=info.method if info else None,
-            path=info.path if info else None,
-            route=info.route if info else None,
-            stack=tuple(reversed(frames)),
-            culprit=culprit,
-            culprit_is_library=raw.culprit_is_library,
-            cpu_ms=raw.cpu_ns / _NS_PER_MS,
-            victims=raw.victims,
-            queued=raw.queued if raw.queued >= 0 else None,
-            started_at=wall - (now_ns - raw.start_ns) / 1e9,
-            samples=raw.samples,
-            stack_missing=raw.stack_missing,
-            hang=raw.hang,
-            task=(raw.task or None) if info is None else None,
-            task_created_by=self._created_by(raw.origin) if info is None else None,
-            holder_thread=raw.holder_thread or None,
-            holder_stack=tuple(reversed(held)),
-            holder_culprit=holder,
-        )
 
     def _created_by(self, origin: int) -> str | None:
         """The unit a task outside requests inherited its Context from: the one that created it."""
@@ -594,174 +529,6 @@ class LoopGuard:
                     observer(self, event)
                 except Exception:
                     logger.exception("fastapi_loopguard: event observer %r raised", observer)
-
-
-class _TimedSteps:
-    """Drives a coroutine as ``await`` would, and reports how long each step ran on the loop.
-
-    A step runs from the loop resuming the coroutine (``send``/``throw``) until it suspends
-    again or finishes. Its wall time is what the request's code held the loop for, plus any wait
-    for the GIL or for a CPU that other threads caused; so once the engine finds a request
-    suspect it asks for the thread's CPU time of each step too. A step costs two monotonic clock
-    reads and one call into the engine, and two CPU clock reads (system calls) only then.
-    """
-
-    __slots__ = ("_coro", "_guard", "_info")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], guard: LoopGuard, info: RequestInfo) -> None:
-        self._coro = coro
-        self._guard = guard
-        self._info = info
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, guard, info = self._coro, self._guard, self._info
-        clock = time.monotonic_ns  # CLOCK_MONOTONIC, the engine's clock
-        value: Any = None
-        error: BaseException | None = None
-        measure = False
-        while True:
-            start = clock()
-            cpu_start = time.thread_time_ns() if measure else -1
-            try:
-                yielded = coro.send(value) if error is None else coro.throw(error)
-            except StopIteration as stop:
-                guard._step(info, start, cpu_start, None)
-                return stop.value
-            except BaseException:
-                guard._step(info, start, cpu_start, None)
-                raise
-            finally:
-                error = None
-            measure = guard._step(info, start, cpu_start, coro) or measure
-            try:
-                value = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancellation included: handed to the coroutine
-                error, value = exc, None
-
-
-def _suspended_stack(coro: object, frames_filter: Any) -> tuple[Frame, ...]:
-    """Where a suspended coroutine waits, outermost first, following what each one awaits."""
-    frames: list[Frame] = []
-    obj: object = coro
-    while len(frames) < _MAX_SUSPENDED_DEPTH:
-        if isinstance(obj, types.CoroutineType):
-            frame, obj = obj.cr_frame, obj.cr_await
-        elif isinstance(obj, types.GeneratorType):
-            frame, obj = obj.gi_frame, obj.gi_yieldfrom
-        else:
-            break
-        if frame is None:
-            break
-        code = frame.f_code
-        # Spelled as the sampler spells it.
-        filename = frames_filter.normalized(code.co_filename)
-        frames.append(Frame(filename, frame.f_lineno or 0, code.co_qualname))
-    return tuple(frames)
-
-
-def format_event(event: BlockingEvent) -> str:
-    """The seed's log line, then the details; every untrusted part escaped."""
-    if event.method is not None or event.path is not None:
-        head = (
-            f"Event loop blocked for {event.duration_ms:.2f}ms during "
-            f"{escape(event.method or '?')} {escape(event.path or '?')}"
-        )
-    elif event.request_id is not None:
-        head = f"Event loop blocked for {event.duration_ms:.2f}ms during {escape(event.request_id)}"
-    else:
-        head = f"Event loop blocked for {event.duration_ms:.2f}ms (no active request)"
-    details = [f"kind={event.kind}"]
-    if event.task is not None:
-        if event.task_created_by is not None:
-            details.insert(0, f"created_by={escape(event.task_created_by, 300)}")
-        details.insert(0, f"task={escape(event.task, 200)}")
-    if event.route is not None:
-        details.insert(0, f"route={escape(event.route)}")
-    if event.hang:
-        details.append("hang=true")
-    if event.culprit is not None:
-        details.append(f"culprit={escape(culprit_text(event), 400)}")
-    elif event.stack_missing:
-        details.append("culprit=<stack unavailable>")
-    if event.holder_culprit is not None:
-        details.append(f"holder={escape(str(event.holder_culprit), 400)}")
-        details.append(f"holder_thread={event.holder_thread}")
-    details.append(f"victims={event.victims}")
-    if event.queued:
-        details.append(f"queued={event.queued}")
-    if event.request_id is not None and event.method is not None:
-        details.append(f"request_id={escape(event.request_id)}")
-    return f"{head} [{' '.join(details)}]"
-
-
-def _build_exporters(guard: LoopGuard) -> list[Exporter]:
-    """The exporters the config asks for; each optional dependency is imported only if asked."""
-    cfg = guard.config
-    exporters: list[Exporter] = []
-    if cfg.log_blocking_events:
-        from .exporters.logging import LoggingExporter
-
-        exporters.append(LoggingExporter(cfg.log_format, cfg.log_rate_limit_per_minute))
-    if cfg.prometheus_enabled:
-        from .exporters.prometheus import PrometheusExporter
-
-        exporters.append(PrometheusExporter(guard, cfg.prometheus_registry))
-    if cfg.otel_enabled:
-        from .exporters.otel import OTelExporter
-
-        exporters.append(OTelExporter(guard))
-    return exporters
-
-
-_ID_PREFIX = os.urandom(6).hex()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A process-unique id: a random prefix and a counter.
-
-    Cheaper than uuid4 on the per-request path, and it makes no system call: os.urandom releases
-    the GIL, which is where a sampler waiting for the GIL gets in, biasing samples towards it.
-    """
-    return f"{_ID_PREFIX}{next(_id_counter):010x}"
-
-
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop:
-    """The running asyncio (or uvloop) loop, or UnsupportedLoop naming what runs instead."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        raise UnsupportedLoop(_async_library()) from None
-
-
-def _async_library() -> str:
-    """What runs this code when it is not asyncio: trio under anyio, for instance.
-
-    Asked of trio itself, and only when it is already imported (nothing is imported for this):
-    sniffio, which anyio used for the same question, is no longer always installed.
-    """
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token()
-            return "trio"
-        except Exception:  # not inside trio's run
-            pass
-    return "no asyncio event loop"
-
-
-class UnsupportedLoop(RuntimeError):
-    """Raised by ``LoopGuard.start`` off an asyncio loop: the engine watches asyncio and uvloop."""
-
-    def __init__(self, library: str) -> None:
-        super().__init__(
-            f"fastapi_loopguard watches asyncio and uvloop loops; this app runs on {library}, "
-            "so it is served unguarded"
-        )
-        self.library = library
 
 
 def _engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:

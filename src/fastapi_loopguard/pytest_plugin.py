@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     import asyncio
 
     from .config import LoopGuardConfig
-    from .events import BlockingEvent
-    from .guard import LoopGuard, RequestInfo
+    from .events import BlockingEvent, RequestInfo
+    from .guard import LoopGuard
 
 MARKER = "no_blocking"
 ALLOW_MARKER = "allow_blocking"
@@ -257,7 +257,7 @@ class LoopGuardFixture:
     def _catch_up(self) -> None:
         """Has every guard hand over what it holds, as far as that is possible from here."""
         if self.guard is not None and self._frozen is None:
-            self.guard._drain()
+            self.guard.deliver()
         if self._recording and not _in_running_loop():
             _settle_loops(SETTLE_TIMEOUT_S)
 

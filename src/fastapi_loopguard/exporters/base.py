@@ -6,13 +6,12 @@ logged and the others, and the app, carry on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..culprits import module_label
 
 if TYPE_CHECKING:
-    from ..events import BlockingEvent
-    from ..guard import RequestInfo
+    from ..events import BlockingEvent, RequestInfo
 
 # Label values for metrics. Raw paths would explode cardinality (every id a new series), so the
 # route template is used, and everything without one shares a value.
@@ -24,6 +23,14 @@ MAX_CULPRITS = 200
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET"}
 )
+
+
+class StatsSource(Protocol):
+    """Engine totals, read by the metric exporters at scrape time (``LoopGuard`` is one)."""
+
+    def stats(self) -> dict[str, float | int]: ...
+
+    def lag_histogram(self, bounds_s: list[float]) -> tuple[list[int], float]: ...
 
 
 class Exporter:

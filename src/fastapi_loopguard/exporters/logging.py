@@ -17,13 +17,13 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from .._text import MAX_PATH_CHARS, escape
+from ..events import format_event
 from ..hints import hint_for_event
 from ..workers import identity
 from .base import Exporter
 
 if TYPE_CHECKING:
-    from ..events import BlockingEvent
-    from ..guard import RequestInfo
+    from ..events import BlockingEvent, RequestInfo
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -87,8 +87,6 @@ class LoggingExporter(Exporter):
             # ensure_ascii: every control and non-ASCII character leaves as a \u escape.
             text = json.dumps(fields, ensure_ascii=True, default=str)
         else:
-            from ..guard import format_event
-
             # The hint is the last of the line's "[...]" fields.
             text = format_event(event)
             field = f" hint={escape(hint, 400)}"

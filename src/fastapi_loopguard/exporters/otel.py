@@ -25,8 +25,8 @@ from .base import Exporter, RouteLabels
 if TYPE_CHECKING:
     from opentelemetry.util.types import AttributeValue
 
-    from ..events import BlockingEvent
-    from ..guard import LoopGuard, RequestInfo
+    from ..events import BlockingEvent, RequestInfo
+    from .base import StatsSource
 
 SPAN_NAME = "event loop blocked"
 
@@ -36,7 +36,7 @@ class OTelExporter(Exporter):
 
     wants_requests = True
 
-    def __init__(self, guard: LoopGuard) -> None:
+    def __init__(self, guard: StatsSource) -> None:
         from .. import __version__
 
         self.guard = guard

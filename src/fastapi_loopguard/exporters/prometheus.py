@@ -46,8 +46,8 @@ from ..workers import identity
 from .base import CulpritLabels, Exporter, RouteLabels
 
 if TYPE_CHECKING:
-    from ..events import BlockingEvent
-    from ..guard import LoopGuard, RequestInfo
+    from ..events import BlockingEvent, RequestInfo
+    from .base import StatsSource
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LAG_BUCKETS = (
@@ -97,7 +97,7 @@ class _EngineCollector(Collector):
     """Reads engine totals of every guard using this registry, at scrape time (one process)."""
 
     def __init__(self) -> None:
-        self.guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
+        self.guards: weakref.WeakSet[StatsSource] = weakref.WeakSet()
 
     def describe(self) -> Iterable[Metric]:
         # Names only: registering must not read an engine that may not be running yet.
@@ -232,7 +232,7 @@ def _metrics_for(registry: CollectorRegistry) -> _Metrics:
 class PrometheusExporter(Exporter):
     """Feeds the metrics from one guard's events and engine."""
 
-    def __init__(self, guard: LoopGuard, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, guard: StatsSource, registry: CollectorRegistry | None = None) -> None:
         self.guard = guard
         self.registry = registry if registry is not None else REGISTRY
         self.metrics = _metrics_for(self.registry)
