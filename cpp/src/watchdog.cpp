@@ -210,7 +210,7 @@ Engine::Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
       probe_(std::move(probe)),
       sampler_(std::move(sampler)),
       threshold_(threshold),
-      ring_(config.ring_capacity),
+      queue_(config.ring_capacity),
       cumulative_(config.cumulative) {
   int fds[2];
   if (::pipe(fds) == 0) {
@@ -364,11 +364,11 @@ void Engine::run() {
 }
 
 bool Engine::unsettled() const noexcept {
-  return stall_active_.load(std::memory_order_acquire) || ring_.has_items();
+  return stall_active_.load(std::memory_order_acquire) || queue_.has_items();
 }
 
 bool Engine::settle(bool in_select) {
-  if (!stall_active_.load(std::memory_order_acquire)) return ring_.has_items();
+  if (!stall_active_.load(std::memory_order_acquire)) return queue_.has_items();
   const bool heartbeat_mode = heartbeat_mode_.load(std::memory_order_relaxed);
   if (in_select) {
     // wait_begin() ended the busy stretch already.
@@ -395,7 +395,7 @@ bool Engine::settle(bool in_select) {
   }
   lock.unlock();
   if (!in_select && !heartbeat_mode) pulse_.wait_end(clock_->now());  // the app's code again
-  return ring_.has_items();
+  return queue_.has_items();
 }
 
 void Engine::pause() noexcept {
@@ -1015,7 +1015,7 @@ void Engine::finish_stall(Nanos end) {
   saturated_.fetch_add(result.saturated, std::memory_order_relaxed);
   detected_.fetch_add(result.events.size(), std::memory_order_relaxed);
   bool queued = false;
-  for (auto& ev : result.events) queued |= ring_.push(std::move(ev));
+  for (auto& ev : result.events) queued |= queue_.push(std::move(ev));
   stall_ = Stall{};
   stall_active_.store(false, std::memory_order_release);
   if (queued) signal_loop();
@@ -1111,15 +1111,15 @@ std::vector<Event> Engine::drain() {
     while (::read(notify_read_, buf, sizeof buf) > 0) {
     }
   }
-  return ring_.drain();
+  return queue_.drain();
 }
 
 EngineStats Engine::stats() const {
   EngineStats s;
   s.stalls = stalls_.load(std::memory_order_relaxed);
   s.events_detected = detected_.load(std::memory_order_relaxed);
-  s.events_emitted = ring_.pushed();
-  s.events_dropped = ring_.dropped();
+  s.events_emitted = queue_.pushed();
+  s.events_dropped = queue_.dropped();
   s.samples = samples_.load(std::memory_order_relaxed);
   s.stack_timeouts = stack_timeouts_.load(std::memory_order_relaxed);
   s.hangs = hangs_.load(std::memory_order_relaxed);

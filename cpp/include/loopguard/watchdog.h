@@ -26,12 +26,12 @@
 #include <utility>
 #include <vector>
 
+#include "loopguard/bounded_queue.h"
 #include "loopguard/clock.h"
 #include "loopguard/cumulative.h"
 #include "loopguard/event.h"
 #include "loopguard/histogram.h"
 #include "loopguard/proc.h"
-#include "loopguard/ring.h"
 #include "loopguard/segment.h"
 #include "loopguard/thread_stacks.h"
 #include "loopguard/threshold.h"
@@ -315,7 +315,7 @@ class Engine {
     return stall_active_.load(std::memory_order_acquire) && requests_.settles(token);
   }
   // Whether drain() has anything, without taking a lock.
-  bool has_events() const noexcept { return ring_.has_items(); }
+  bool has_events() const noexcept { return queue_.has_items(); }
   // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic),
   // using `cpu` of the thread's CPU clock (-1: not measured). kReport: take_cumulative() returns
   // the event, already credited to the request.
@@ -392,7 +392,7 @@ class Engine {
   LoopPulse pulse_;
   RequestTable requests_;
   LagHistogram lag_;
-  BoundedQueue<Event> ring_;
+  BoundedQueue<Event> queue_;
   CumulativeTracker cumulative_;  // loop thread only, as are the next two members
   std::optional<Event> cumulative_event_;
   // Selector mode: when the current iteration left select (0: in select, or paused). The loop-lag
