@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "loopguard/clock.h"
-#include "loopguard/watchdog.h"
+#include "loopguard/engine.h"
 
 namespace loopguard {
 namespace {
@@ -2074,7 +2074,7 @@ TEST_F(EngineTest, ThinningKeepsTheIdleSampleThatEndsAnOsDetectedStall) {
 
 // ---- Known engine bugs (disabled until fixed; see the notes) ---------------------------------
 
-// BUG (watchdog.cpp, step(): the pre-detection CPU reading is keyed on the pulse epoch only).
+// BUG (engine.cpp, step(): the pre-detection CPU reading is keyed on the pulse epoch only).
 // With a silent pulse (uvloop heartbeat off, or a selector loop that cannot report) the epoch does
 // not move between separate busy stretches the OS sees, so a stall takes the CPU reading of an
 // earlier stretch, seconds old. A single-sample, fully CPU-bound stall then gets the CPU share
@@ -2107,8 +2107,8 @@ TEST_F(EngineTest, OsDetectedStallUsesItsOwnPreDetectionCpuReading) {
   EXPECT_EQ(events[0].cpu, 52 * kMs);  // actual: 284435 ns
 }
 
-// BUG (watchdog.cpp, step() vs report_hang()): with hang_threshold > 0 but hang_fd < 0,
-// report_hang() returns before it sets stall_.hang, so step() keeps returning
+// BUG (engine.cpp, step() vs hang_report.cpp, report_hang()): with hang_threshold > 0 but
+// hang_fd < 0, report_hang() returns before it sets stall_.hang, so step() keeps returning
 // stall_.start + hang_threshold, a time in the past once the stall is older than that: the
 // watchdog thread's wait becomes 0 and it spins at 100% CPU until the stall ends.
 TEST_F(EngineTest, HangThresholdWithoutFdDoesNotSpin) {

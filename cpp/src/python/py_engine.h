@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "loopguard/engine.h"
 #include "loopguard/frame_filter.h"
 #include "loopguard/uv_pulse.h"
-#include "loopguard/watchdog.h"
 
 namespace loopguard {
 
