@@ -319,7 +319,7 @@ Nanos Engine::step(Nanos now) {
   }
   if (busy_since > 0 && now >= busy_since) {
     if (now - busy_since >= threshold) {
-      begin_stall(now, busy_since, epoch);
+      begin_stall(busy_since, epoch);
       return stall_.next_sample;
     }
     // Busy, not yet a stall: note the CPU clock once per busy stretch, so that a stall that

@@ -26,7 +26,7 @@ RequestTable::Spans spans_of(const std::vector<Event>& events) {
 }
 }  // namespace
 
-void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
+void Engine::begin_stall(Nanos busy_since, std::uint64_t epoch) {
   stall_ = Stall{};
   stall_.active = true;
   stall_.epoch = epoch;
@@ -43,7 +43,6 @@ void Engine::begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch) {
   os_busy_since_ = 0;
   pulse_.watch(epoch);
   stalls_.fetch_add(1, std::memory_order_relaxed);
-  (void)now;
   take_sample();
   stall_.next_sample = clock_->now() + config_.confirm_delay;
 }

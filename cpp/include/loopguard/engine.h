@@ -197,7 +197,7 @@ class Engine {
   void note_iteration_rate(Nanos now);
   bool active(Nanos now) const;
   Nanos os_busy_since(Nanos now, std::uint64_t epoch);
-  void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
+  void begin_stall(Nanos busy_since, std::uint64_t epoch);
   void take_sample();
   Evidence evidence(const OsState& os, Nanos t, Nanos cpu) const;
   void fill_late_stack(Nanos until);

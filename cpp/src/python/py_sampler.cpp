@@ -322,7 +322,7 @@ class PySampler final : public StackSampler {
         g_samplers_holding_gil.fetch_add(1, std::memory_order_relaxed);
         phase_.store(Phase::kOther, std::memory_order_release);
         // Read the target only now: while we waited for the GIL the watchdog may have learned
-        // that another thread holds it, and that thread is the one worth seeing (retarget()).
+        // that another thread holds it, and that thread is the one worth seeing (see request()).
         long target = 0;
         {
           std::lock_guard<std::mutex> guard(mutex_);
