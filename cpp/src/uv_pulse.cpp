@@ -11,7 +11,7 @@
 #include <cstring>
 #include <mutex>
 
-#include "loopguard/watchdog.h"
+#include "loopguard/engine.h"
 
 namespace loopguard {
 

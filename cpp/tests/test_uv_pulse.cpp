@@ -8,8 +8,8 @@
 #include <string>
 
 #include "loopguard/clock.h"
+#include "loopguard/engine.h"
 #include "loopguard/uv_pulse.h"
-#include "loopguard/watchdog.h"
 
 namespace loopguard {
 namespace {

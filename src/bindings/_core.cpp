@@ -6,9 +6,9 @@
 #include <nanobind/stl/vector.h>
 
 #include "loopguard/classify.h"
+#include "loopguard/engine.h"
 #include "loopguard/event.h"
 #include "loopguard/frame_filter.h"
-#include "loopguard/watchdog.h"
 #include "py_engine.h"
 
 namespace nb = nanobind;

@@ -11,30 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "loopguard/frame_filter.h"
+#include "loopguard/engine.h"
 #include "loopguard/uv_pulse.h"
-#include "loopguard/watchdog.h"
+#include "py_sampler.h"
 
 namespace loopguard {
-
-struct SamplerConfig {
-  FrameFilterConfig frames;  // which frame of a stack is the culprit
-  std::size_t max_depth = 64;
-  // The loop runs on the main thread (uvicorn, gunicorn workers): CPython runs pending calls
-  // there, which lets the loop thread take a stack itself the moment it gets the GIL back.
-  bool loop_is_main_thread = false;
-};
-
-// The Python objects the sampler reads to name the task outside requests (see compat.h's
-// running_task): the loop, asyncio's current-task dict (3.11 to 3.13), _asyncio's current_task
-// function (3.14), and the exact Task type whose get_name is C code. Any of them may be None; the
-// engine holds strong references.
-struct TaskLookup {
-  PyObject* loop = nullptr;
-  PyObject* current_tasks = nullptr;
-  PyObject* current_task = nullptr;
-  PyObject* task_type = nullptr;
-};
 
 // What a request's end hands back to Python, in one crossing: its final counters, and whether
 // events wait to be drained.

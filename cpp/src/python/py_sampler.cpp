@@ -1,4 +1,4 @@
-// The only engine code that touches CPython: a sampler thread that takes the GIL on request and
+// The engine code that reads CPython's state: a sampler thread that takes the GIL on request and
 // copies the loop thread's stack and request token into plain C++ data.
 //
 // Why a thread of its own: taking the GIL can block for as long as native code holds it, and the
@@ -10,6 +10,8 @@
 // Python-level calls, no attribute lookups, and the cyclic GC is disabled for the few allocations
 // made (frame objects, a UTF-8 cache), because a collection would run __del__ methods on this
 // thread.
+#include "py_sampler.h"
+
 #include <Python.h>
 #include <frameobject.h>
 #include <sys/syscall.h>
@@ -21,14 +23,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
-#include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "compat.h"
 #include "loopguard/proc.h"
-#include "py_engine.h"
 
 namespace loopguard {
 
@@ -322,7 +324,7 @@ class PySampler final : public StackSampler {
         g_samplers_holding_gil.fetch_add(1, std::memory_order_relaxed);
         phase_.store(Phase::kOther, std::memory_order_release);
         // Read the target only now: while we waited for the GIL the watchdog may have learned
-        // that another thread holds it, and that thread is the one worth seeing (retarget()).
+        // that another thread holds it, and that thread is the one worth seeing (see request()).
         long target = 0;
         {
           std::lock_guard<std::mutex> guard(mutex_);
@@ -562,60 +564,9 @@ class PySampler final : public StackSampler {
 
 }  // namespace
 
-PyEngine::PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& threshold,
-                   const SamplerConfig& sampler, PyObject* request_var, TaskLookup tasks)
-    : request_var_(request_var), tasks_(tasks) {
-  Py_INCREF(request_var_);
-  Py_XINCREF(tasks_.loop);
-  Py_XINCREF(tasks_.current_tasks);
-  Py_XINCREF(tasks_.current_task);
-  Py_XINCREF(tasks_.task_type);
-  auto probe = std::make_unique<OsThreadProbe>(current_tid(), pthread_self());
-  // The GIL's futex is learned during the sampler's first wait for the GIL (request()), not
-  // here: learning it now would mean holding the GIL on the loop thread while the new sampler
-  // thread queues for it, a block of our own making at every engine start (on a busy host,
-  // tens of milliseconds for each loop a test suite starts).
-  auto stacks = std::make_unique<PySampler>(PyThreadState_Get(), request_var_, tasks_, sampler);
-  engine_ = std::make_unique<Engine>(watchdog, threshold, std::move(probe), std::move(stacks));
-}
-
-PyEngine::~PyEngine() {
-  stop();
-  if (uv_) uv_->set_engine(nullptr);  // handles the loop still has are inert from here on
-  engine_.reset();
-  Py_DECREF(request_var_);
-  Py_XDECREF(tasks_.loop);
-  Py_XDECREF(tasks_.current_tasks);
-  Py_XDECREF(tasks_.current_task);
-  Py_XDECREF(tasks_.task_type);
-}
-
-std::string PyEngine::attach_uvloop(PyObject* loop, const std::string& library) {
-  if (uv_) return {};
-  std::string why;
-  uv_ = UvPulse::attach(loop, library, why);
-  if (!uv_) return why.empty() ? std::string("unknown reason") : why;
-  uv_->set_engine(&engine());
-  return {};
-}
-
-void PyEngine::stop() {
-  if (!engine_) return;
-  Py_BEGIN_ALLOW_THREADS engine_->stop();
-  Py_END_ALLOW_THREADS
-}
-
-void PyEngine::abandon_after_fork() {
-  if (uv_) uv_->forget_engine();
-  if (!engine_) return;
-  engine_->abandon_after_fork();
-  // Leaked with everything it holds; see Engine::abandon_after_fork.
-  (void)engine_.release();
-}
-
-Engine& PyEngine::engine() {
-  if (!engine_) throw std::runtime_error("loopguard engine was abandoned after fork()");
-  return *engine_;
+std::unique_ptr<StackSampler> make_py_sampler(PyThreadState* loop, PyObject* request_var,
+                                              TaskLookup tasks, SamplerConfig config) {
+  return std::make_unique<PySampler>(loop, request_var, tasks, std::move(config));
 }
 
 }  // namespace loopguard

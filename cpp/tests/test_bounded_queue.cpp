@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "loopguard/ring.h"
+#include "loopguard/bounded_queue.h"
 
 namespace loopguard {
 namespace {

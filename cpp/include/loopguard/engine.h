@@ -12,209 +12,38 @@
 //
 // An engine belongs to one loop on one thread: paused while that loop is not running, silent for
 // good once its thread has exited (see watch_thread_exit()).
+//
+// The pulse is LoopPulse (loop_pulse.h), the table RequestTable (request_table.h). Engine itself is
+// implemented in engine.cpp (life cycle, the watchdog thread's loop), engine_loop.cpp (what the
+// loop thread calls), stall.cpp (sampling a stall, splitting it into events) and hang_report.cpp.
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "loopguard/bounded_queue.h"
 #include "loopguard/clock.h"
 #include "loopguard/cumulative.h"
 #include "loopguard/event.h"
 #include "loopguard/histogram.h"
+#include "loopguard/loop_pulse.h"
 #include "loopguard/proc.h"
-#include "loopguard/ring.h"
+#include "loopguard/request_table.h"
 #include "loopguard/segment.h"
+#include "loopguard/stack_sampler.h"
 #include "loopguard/thread_stacks.h"
 #include "loopguard/threshold.h"
 
 namespace loopguard {
-
-// What the loop thread publishes. busy_since is 0 while the loop waits for I/O; otherwise the
-// monotonic time since which it has not been back. epoch counts busy stretches that ended.
-class LoopPulse {
- public:
-  // Selector mode: the loop is about to wait in select / it came back from select.
-  void wait_begin(Nanos now) noexcept;
-  void wait_end(Nanos now) noexcept { busy_since_.store(now, std::memory_order_release); }
-  // The loop's own code runs again at `now` (selector mode): whatever held it is over, and a new
-  // busy stretch starts.
-  void restart(Nanos now) noexcept;
-  // Heartbeat mode: a beat proves the loop ran now; the next is due at now + interval, so if it
-  // has not come by then the loop has been busy since then.
-  void beat(Nanos now, Nanos interval) noexcept;
-  void heartbeat_off(Nanos now) noexcept;
-
-  Nanos busy_since() const noexcept { return busy_since_.load(std::memory_order_acquire); }
-  std::uint64_t epoch() const noexcept { return epoch_.load(std::memory_order_acquire); }
-
-  // Watchdog: remember when the busy stretch `epoch` ends.
-  void watch(std::uint64_t epoch) noexcept;
-  // When the watched stretch ended, or 0 if that was missed (it ended while watch() was called).
-  Nanos watched_end() const noexcept { return watched_end_.load(std::memory_order_relaxed); }
-
- private:
-  void end_busy(Nanos now) noexcept;
-
-  std::atomic<Nanos> busy_since_{0};
-  std::atomic<std::uint64_t> epoch_{0};
-  std::atomic<std::uint64_t> watched_{~std::uint64_t{0}};
-  std::atomic<Nanos> watched_end_{0};
-};
-
-struct RequestCounters {
-  std::uint32_t count = 0;  // blocking events this request's code caused
-  Nanos total = 0;          // their summed duration (the delay it inflicted)
-  // The delay it suffered: how much of its life fell inside blocking events that other requests'
-  // code, or code outside any request, caused. Stall events only: a cumulative event is many
-  // short steps spread over its window, and no one span of it froze anybody for its duration.
-  Nanos wait = 0;
-};
-
-// Requests in flight, with the blocking they caused and suffered. The watchdog updates the live
-// part while a stall is still going on, because the guilty request often sends its response in
-// the same loop iteration that its block ends in, before any event could be drained.
-//
-// The delay suffered is arithmetic on what the watchdog knows anyway: each event's span, and
-// each request's begin time. A request is frozen by an event for the part of the event after it
-// began (a request can begin in the middle of a busy stretch that holds several events); it is
-// never frozen by its own event. Nothing runs per request for it beyond one clock read at begin.
-class RequestTable {
- public:
-  // `label` names the request in native hang reports ("GET /path id=..."), already escaped.
-  // `now`: when it begins (only blocking after that can freeze it).
-  std::uint64_t begin(std::string label = {}, Nanos now = 0);
-  // True when the request's live event is well sampled (see set_live): it is part of the stall
-  // still going on, for sure. `last`, when given, gets the request's counters as of its end,
-  // the live part of a stall still in progress included (see get()).
-  // `now`: when it ends (see open_since()).
-  bool end(std::uint64_t token, RequestCounters* last = nullptr, Nanos now = 0);
-  // Whether the request's live event is well sampled: what end() would return, without ending.
-  bool settles(std::uint64_t token) const;
-  std::uint32_t inflight() const;
-  // One step of a request's coroutine ran from `start` to `end`: kept for the stalls it may be
-  // part of (see segment.h). False, and nothing kept, when the request is not in flight.
-  bool step(std::uint64_t token, Nanos start, Nanos end);
-  // The most recent steps that ended at or after `since`, oldest first.
-  std::vector<StepSpan> steps_since(Nanos since) const;
-  // Committed counters plus the live events of the stall in progress, each as far as the
-  // watchdog has sampled it: a stall still going on counts up to its last sample, never up to a
-  // moment nobody has looked at.
-  RequestCounters get(std::uint64_t token) const;
-  std::string label(std::uint64_t token) const;
-  // When the request began, if it was in flight at any time since `since`: in flight now, or
-  // among the last kEndLog to end, at or after `since`. Nothing otherwise.
-  std::optional<Nanos> open_since(std::uint64_t token, Nanos since) const;
-
-  // One event of a stall: who caused it (0: no request) and when it held the loop.
-  struct Span {
-    std::uint64_t token = 0;
-    Nanos start = 0;
-    Nanos duration = 0;
-  };
-  using Spans = std::vector<Span>;
-  // `settled`: the tokens among the spans whose event rests on at least kSettleSamples
-  // samples, which a request's end may settle at once (Engine::end_request).
-  void set_live(Spans spans, std::vector<std::uint64_t> settled = {});
-  void commit(const Spans& spans);
-  // One more event for one request, outside any stall (the live spans stay as they are).
-  void credit(std::uint64_t token, Nanos duration);
-
- private:
-  struct Entry {
-    RequestCounters counters;
-    std::string label;
-    Nanos begin = 0;
-  };
-  // Adds the spans to one request's counters: its own as blocks, the others' as waiting.
-  static void add(RequestCounters& out, std::uint64_t token, Nanos begin, const Spans& spans);
-  RequestCounters get_locked(std::uint64_t token) const;
-  bool settles_locked(std::uint64_t token) const;
-
-  mutable std::mutex mutex_;
-  std::uint64_t next_ = 1;
-  std::unordered_map<std::uint64_t, Entry> inflight_;
-  Spans live_;
-  std::vector<std::uint64_t> live_settled_;
-  // The last kStepLog steps, a ring: a saturated stall holds one step per request in it, and a
-  // few hundred requests in one loop iteration is what saturation looks like.
-  static constexpr std::size_t kStepLog = 1024;
-  std::vector<StepSpan> steps_ = std::vector<StepSpan>(kStepLog);
-  std::size_t steps_next_ = 0;
-  // The last kEndLog requests to end, a ring: a stall still names a request that ended during
-  // it (its block, then its response, in one loop iteration).
-  struct Ended {
-    std::uint64_t token = 0;
-    Nanos begin = 0;
-    Nanos end = 0;
-  };
-  static constexpr std::size_t kEndLog = 256;
-  std::vector<Ended> ended_ = std::vector<Ended>(kEndLog);
-  std::size_t ended_next_ = 0;
-};
-
-// Captures the loop thread's Python stack and current request token. Implemented over CPython in
-// the extension; tests use fakes. Must return within `timeout` (false: no stack this time).
-class StackSampler {
- public:
-  virtual ~StackSampler() = default;
-  // Fills out.token, and with `frames` also out.frames/culprit/has_stack.
-  virtual bool sample(Sample& out, Nanos timeout, bool frames) = 0;
-  // The same, and the other threads' stacks too (out.others), read while the GIL is held once:
-  // the loop waits on a lock, and one of them is likely to hold it (see thread_stacks.h).
-  virtual bool sample_all(Sample& out, Nanos timeout) { return sample(out, timeout, true); }
-  // The loop thread's stack read without the GIL (out.frames, culprit, has_stack), and with
-  // `others` the other threads' too, once nobody could get the GIL in time. Only asked when the
-  // evidence says no thread can be moving the frames read: the loop thread holds the GIL in
-  // native code (then every thread is frozen), or, for the loop's stack alone, waits for it.
-  // False when this sampler cannot (or may not, on this Python) read stacks that way.
-  virtual bool read_without_gil(Sample& out, std::vector<ThreadStack>* others) {
-    (void)out, (void)others;
-    return false;
-  }
-  // The same for another thread, by kernel thread id: the one holding the GIL the loop waits for.
-  virtual bool sample_thread(Sample& out, Nanos timeout, bool frames, long tid) {
-    (void)out, (void)timeout, (void)frames, (void)tid;
-    return false;
-  }
-  // A loop-thread sample that completed after sample() gave up on it (native code held the GIL
-  // until then); out.t is when it was taken. At most one is kept.
-  virtual bool take_late(Sample& out) {
-    (void)out;
-    return false;
-  }
-  // Waits up to `timeout` for a request that sample() gave up on to complete; true when a late
-  // sample is ready to take. Returns at once when nothing is pending.
-  virtual bool wait_late(Nanos timeout) {
-    (void)timeout;
-    return false;
-  }
-  // Whether a futex address belongs to the GIL (learned by watching the sampler wait for it).
-  virtual bool is_gil_futex(std::uint64_t address) const {
-    (void)address;
-    return false;
-  }
-  // Whether a sampler of this process (this engine's or another guard's) holds the GIL right now.
-  // A capture holds it for microseconds, so a loop that waits on the GIL meanwhile waits on us,
-  // and only as long as the host keeps that sampler off a CPU.
-  virtual bool sampler_holds_gil() const { return false; }
-  // Whether the GIL's futex address has been learned, so that any other futex is not the GIL.
-  virtual bool knows_gil_futex() const { return false; }
-  // The sampler's own kernel thread id, -1 if it has no thread.
-  virtual long thread_id() const { return -1; }
-  // Stops the sampler's own thread. Called without the GIL.
-  virtual void shutdown() {}
-  // How long each sample held the loop thread off the GIL, if the sampler measures it.
-  virtual const LagHistogram* pause_histogram() const { return nullptr; }
-};
 
 struct WatchdogConfig {
   Nanos interval = 10 * kMs;      // tick while there is work; sampling period during a stall
@@ -315,7 +144,7 @@ class Engine {
     return stall_active_.load(std::memory_order_acquire) && requests_.settles(token);
   }
   // Whether drain() has anything, without taking a lock.
-  bool has_events() const noexcept { return ring_.has_items(); }
+  bool has_events() const noexcept { return queue_.has_items(); }
   // Loop thread: one step of a request's own coroutine ran from `start` to `end` (monotonic),
   // using `cpu` of the thread's CPU clock (-1: not measured). kReport: take_cumulative() returns
   // the event, already credited to the request.
@@ -368,7 +197,7 @@ class Engine {
   void note_iteration_rate(Nanos now);
   bool active(Nanos now) const;
   Nanos os_busy_since(Nanos now, std::uint64_t epoch);
-  void begin_stall(Nanos now, Nanos busy_since, std::uint64_t epoch);
+  void begin_stall(Nanos busy_since, std::uint64_t epoch);
   void take_sample();
   Evidence evidence(const OsState& os, Nanos t, Nanos cpu) const;
   void fill_late_stack(Nanos until);
@@ -392,7 +221,7 @@ class Engine {
   LoopPulse pulse_;
   RequestTable requests_;
   LagHistogram lag_;
-  BoundedQueue<Event> ring_;
+  BoundedQueue<Event> queue_;
   CumulativeTracker cumulative_;  // loop thread only, as are the next two members
   std::optional<Event> cumulative_event_;
   // Selector mode: when the current iteration left select (0: in select, or paused). The loop-lag
