@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testkit.asgi import http_scope
+from testkit.asgi import find_middleware, http_scope
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPS = ("asyncio", "uvloop")
@@ -165,17 +165,6 @@ class Lifespan:
         await self._say("shutdown")
         if self._task is not None:
             await self._task
-
-
-def find_middleware(app: Any) -> Any:
-    """The LoopGuardMiddleware instance Starlette built (at the lifespan's first call), or
-    None for the bare app."""
-    from fastapi_loopguard import LoopGuardMiddleware
-
-    stack = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack
 
 
 def check_response(config: str, sent: list[Message]) -> None:

@@ -26,6 +26,7 @@ from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+from testkit.asgi import add_stats_route
 
 EVENTS: list[BlockingEvent] = []
 CATASTROPHIC = re.compile(r"(a+)+$")
@@ -371,12 +372,7 @@ async def clear_events() -> dict[str, bool]:
     return {"ok": True}
 
 
-@app.get("/_stats")
-async def stats() -> dict[str, Any]:
-    stack: Any = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack.guard.stats() if stack is not None else {}
+add_stats_route(app)
 
 
 # The interpreter's first full collection (tens of ms of real blocking, which the guard rightly

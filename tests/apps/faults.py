@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+from testkit.asgi import add_stats_route
 
 EVENTS: list[BlockingEvent] = []
 INNER_EVENTS: list[BlockingEvent] = []
@@ -120,12 +121,7 @@ async def events() -> list[dict[str, Any]]:
     return [dataclasses.asdict(e) for e in EVENTS]
 
 
-@app.get("/_stats")
-async def stats() -> dict[str, Any]:
-    stack: Any = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack.guard.stats() if stack is not None else {}
+add_stats_route(app)
 
 
 # The interpreter's first full collection (tens of ms of real blocking, which the guard rightly
