@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ctypes
-import dataclasses
 import gc
 import os
 import re
@@ -20,13 +19,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
-from testkit.asgi import add_stats_route
+
+from ._plumbing import add_event_routes, add_stats_route
 
 EVENTS: list[BlockingEvent] = []
 CATASTROPHIC = re.compile(r"(a+)+$")
@@ -361,17 +360,7 @@ async def callback() -> dict[str, bool]:
 # -- test plumbing ------------------------------------------------------------------------------
 
 
-@app.get("/_events")
-async def events() -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
-
-
-@app.delete("/_events")
-async def clear_events() -> dict[str, bool]:
-    EVENTS.clear()
-    return {"ok": True}
-
-
+add_event_routes(app, EVENTS, clear=True)
 add_stats_route(app)
 
 

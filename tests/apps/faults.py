@@ -11,19 +11,18 @@ the environment, because the tests start this app in real uvicorn (and gunicorn)
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
-from testkit.asgi import add_stats_route
+
+from ._plumbing import add_event_routes, add_stats_route
 
 EVENTS: list[BlockingEvent] = []
 INNER_EVENTS: list[BlockingEvent] = []
@@ -105,9 +104,7 @@ async def inner_block() -> dict[str, bool]:
     return {"ok": True}
 
 
-@inner.get("/_events")
-async def inner_events() -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in INNER_EVENTS]
+add_event_routes(inner, INNER_EVENTS)
 
 
 app.mount("/sub", inner)
@@ -116,11 +113,7 @@ app.mount("/sub", inner)
 # -- test plumbing ------------------------------------------------------------------------------
 
 
-@app.get("/_events")
-async def events() -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
-
-
+add_event_routes(app, EVENTS)
 add_stats_route(app)
 
 
