@@ -57,7 +57,7 @@ LINT_PKGS := clang-format
 
 # Python dirs to lint; $(wildcard) drops ones that do not exist (yet), which ruff would report
 # as an error.
-PY_DIRS := $(wildcard src tests benchmarks scripts)
+PY_DIRS := $(wildcard src tests testkit benchmarks scripts)
 # Lazily expanded so `find` only runs for lint/format.
 CPP_SOURCES = $(shell find cpp \( -name '*.h' -o -name '*.cpp' \) -type f | sort) \
 	$(wildcard src/bindings/*.cpp)

@@ -7,12 +7,12 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import LoopGuardConfig, LoopGuardMiddleware
+from testkit.asgi import add_stats_route
 
 
 def make_app(guarded: bool) -> FastAPI:
@@ -143,14 +143,7 @@ def make_soak_app() -> FastAPI:
     async def boom() -> None:
         raise SoakError("deliberate failure of the soak app")
 
-    @app.get("/_stats")
-    async def stats() -> dict[str, Any]:
-        # The middleware instance exists once Starlette built the stack (first request); walk
-        # down to it, as the test apps do.
-        stack: Any = app.middleware_stack
-        while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-            stack = getattr(stack, "app", None)
-        return stack.guard.stats() if stack is not None else {}
+    add_stats_route(app)
 
     config = LoopGuardConfig(
         dev_mode=True,

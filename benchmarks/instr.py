@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testkit.asgi import find_middleware, http_scope
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPS = ("asyncio", "uvloop")
 # The config's ceiling for both: an hour, i.e. never within a run however loaded the machine
@@ -119,22 +121,13 @@ def make_app(config: str) -> Any:
     return app
 
 
-def http_scope() -> dict[str, Any]:
+# The headers of every request the child sends, as a client sends them.
+OK_HEADERS = ((b"host", b"bench"), (b"accept", b"*/*"))
+
+
+def ok_scope() -> dict[str, Any]:
     """A new scope per request, as a server builds one: Starlette writes into it."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/ok",
-        "raw_path": b"/ok",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 80),
-    }
+    return http_scope("/ok", list(OK_HEADERS))
 
 
 async def receive() -> Message:
@@ -174,17 +167,6 @@ class Lifespan:
             await self._task
 
 
-def find_middleware(app: Any) -> Any:
-    """The LoopGuardMiddleware instance Starlette built (at the lifespan's first call), or
-    None for the bare app."""
-    from fastapi_loopguard import LoopGuardMiddleware
-
-    stack = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack
-
-
 def check_response(config: str, sent: list[Message]) -> None:
     """Warm-up requests only: the app answered, and dev mode added its headers."""
     start, body = sent[0], sent[-1]
@@ -216,12 +198,12 @@ async def phases(config: str, requests: int, pieces: bool) -> dict[str, Any]:
         async def keep(message: Message, sent: list[Message] = sent) -> None:
             sent.append(message)
 
-        await loop.create_task(app(http_scope(), receive, keep))
+        await loop.create_task(app(ok_scope(), receive, keep))
         check_response(config, sent)
 
     async def through_app(count: int) -> None:
         for _ in range(count):
-            await loop.create_task(app(http_scope(), receive, discard))
+            await loop.create_task(app(ok_scope(), receive, discard))
 
     measured = piece_pairs(app, middleware) if pieces else [("requests", through_app)]
     # The start-up heap is old and, in a server, rarely collected again. Frozen, it stays out of
@@ -293,7 +275,7 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
     clock = time.monotonic_ns
     loop = asyncio.get_running_loop()
     # As the middleware sees it once Starlette has routed it (end() reads the route template).
-    scope = {**http_scope(), "route": next(r for r in app.routes if r.path == "/ok")}
+    scope = {**ok_scope(), "route": next(r for r in app.routes if r.path == "/ok")}
     path = scope["path"]
     request_id = incoming(scope)
     label = f"GET {path} request_id={request_id}"  # as long as the label begin() builds
@@ -378,7 +360,7 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
 
     def request(app: Any) -> Callable[[], Awaitable[None]]:
         async def one() -> None:
-            await loop.create_task(app(http_scope(), receive, discard))
+            await loop.create_task(app(ok_scope(), receive, discard))
 
         return one
 

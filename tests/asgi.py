@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from testkit.asgi import http_scope
+
+__all__ = ["Message", "call", "headers_of", "http_scope"]
+
 Message = dict[str, Any]
-
-
-def http_scope(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8", "surrogateescape"),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers or [],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
-    }
 
 
 async def call(app: Any, scope: dict[str, Any]) -> list[Message]:

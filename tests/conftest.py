@@ -154,8 +154,9 @@ def wait_events(server: Server, count: int = 1, timeout: float = 5.0) -> list[di
         time.sleep(0.05)
 
 
-def culprit_line(path: Path, name: str) -> int:
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+def culprit_line(path: Path | str, name: str) -> int:
+    """The number of the first line of ``path`` that holds the comment ``# culprit:NAME``."""
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if f"# culprit:{name}" in line:
             return number
     raise LookupError(name)

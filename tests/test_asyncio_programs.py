@@ -16,14 +16,10 @@ from aiohttp import web
 
 from fastapi_loopguard import BlockingEvent, LoopGuard, LoopGuardConfig
 
+from .conftest import culprit_line
 from .test_guard import run
 
 THIS_FILE = str(Path(__file__))
-
-
-def line_of(marker: str) -> int:
-    lines = Path(__file__).read_text().splitlines()
-    return next(n for n, text in enumerate(lines, start=1) if text.endswith(f"# {marker}"))
 
 
 def test_worker_jobs_with_labels_and_stats(loop_name: str) -> None:
@@ -35,7 +31,7 @@ def test_worker_jobs_with_labels_and_stats(loop_name: str) -> None:
                     # The other jobs are still awaiting when job 42 blocks: its victims.
                     await asyncio.sleep(0.02 if n == 42 else 0.3)
                     if n == 42:
-                        time.sleep(0.15)  # marker:job
+                        time.sleep(0.15)  # culprit:job
 
             await asyncio.gather(*(job(n) for n in (41, 42, 43)))
             await asyncio.sleep(0.05)
@@ -46,7 +42,7 @@ def test_worker_jobs_with_labels_and_stats(loop_name: str) -> None:
     assert events[0].culprit is not None
     assert (events[0].culprit.filename, events[0].culprit.lineno) == (
         THIS_FILE,
-        line_of("marker:job"),
+        culprit_line(THIS_FILE, "job"),
     )
     assert events[0].victims == 2
     assert stats["events_emitted"] == 1
@@ -66,19 +62,19 @@ def test_blocks_during_calibration_leave_the_threshold_alone(loop_name: str) -> 
         config = LoopGuardConfig(log_blocking_events=False, on_blocking=seen.append)
         async with LoopGuard(config) as guard:
             for _ in range(8):
-                time.sleep(0.08)  # marker:during-calibration
+                time.sleep(0.08)  # culprit:during-calibration
                 await asyncio.sleep(0.001)
             await asyncio.sleep(0.3)  # calibration's last sleeps are over by now
             stats = guard.stats()
-            time.sleep(0.08)  # marker:after-calibration
+            time.sleep(0.08)  # culprit:after-calibration
             await asyncio.sleep(0.05)
         return seen, stats
 
     seen, stats = run(loop_name, main)
     assert stats["threshold_ms"] == 50.0
     lines = [e.culprit.lineno for e in seen if e.culprit is not None]
-    assert line_of("marker:after-calibration") in lines, seen
-    assert lines.count(line_of("marker:during-calibration")) >= 6, seen
+    assert culprit_line(THIS_FILE, "after-calibration") in lines, seen
+    assert lines.count(culprit_line(THIS_FILE, "during-calibration")) >= 6, seen
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -102,7 +98,7 @@ def guard_middleware(
 
 def test_aiohttp_server(loop_name: str) -> None:
     async def blocking(request: web.Request) -> web.Response:
-        time.sleep(0.15)  # marker:aiohttp
+        time.sleep(0.15)  # culprit:aiohttp
         return web.json_response({"ok": True})
 
     async def innocent(request: web.Request) -> web.Response:
@@ -147,5 +143,8 @@ def test_aiohttp_server(loop_name: str) -> None:
     assert (event.request_id, event.method, event.path) == ("aiohttp-guilty", "GET", "/block")
     assert event.kind == "sleep"
     assert event.culprit is not None
-    assert (event.culprit.filename, event.culprit.lineno) == (THIS_FILE, line_of("marker:aiohttp"))
+    assert (event.culprit.filename, event.culprit.lineno) == (
+        THIS_FILE,
+        culprit_line(THIS_FILE, "aiohttp"),
+    )
     assert event.victims >= 3

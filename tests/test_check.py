@@ -17,6 +17,7 @@ import pytest
 
 from fastapi_loopguard.culprits import culprit_key, function_key
 
+from .conftest import culprit_line
 from .test_cli import loopguard
 from .test_pytest_plugin import CONFTEST
 
@@ -25,11 +26,11 @@ import time
 
 
 async def build_report():
-    time.sleep(0.2)  # m:report
+    time.sleep(0.2)  # culprit:report
 
 
 async def login():
-    total = sum(i * i for i in range(10**7))  # m:login
+    total = sum(i * i for i in range(10**7))  # culprit:login
     return total
 """
 
@@ -41,14 +42,10 @@ def app_file(root: Path, source: str = APP_SOURCE) -> Path:
     return path
 
 
-def line_of(path: Path, marker: str) -> int:
-    return next(n for n, t in enumerate(path.read_text().splitlines(), 1) if marker in t)
-
-
 def record(
     path: Path, marker: str, function: str, kind: str, ms: float, route: str
 ) -> dict[str, Any]:
-    culprit = {"filename": str(path), "lineno": line_of(path, marker), "function": function}
+    culprit = {"filename": str(path), "lineno": culprit_line(path, marker), "function": function}
     return {
         "type": "event",
         "duration_ms": ms,
@@ -80,9 +77,9 @@ def project(tmp_path: Path) -> tuple[Path, Path]:
     log = write_log(
         tmp_path / "events.jsonl",
         [
-            record(app, "m:report", "build_report", "sleep", 200, "/reports"),
-            record(app, "m:report", "build_report", "sleep", 210, "/reports"),
-            record(app, "m:login", "login.<locals>.<genexpr>", "cpu", 120, "/login"),
+            record(app, "report", "build_report", "sleep", 200, "/reports"),
+            record(app, "report", "build_report", "sleep", 210, "/reports"),
+            record(app, "login", "login.<locals>.<genexpr>", "cpu", 120, "/login"),
         ],
     )
     return app, log
@@ -95,7 +92,7 @@ def test_any_event_fails_without_a_budget(project: tuple[Path, Path], tmp_path: 
     out = result.stdout
     assert out.startswith("loopguard check: FAILED (2 over budget): 3 events, 530 ms")
     assert "new culprit app/main.py:build_report: 2 events, 410 ms, sleep" in out
-    assert f"app/main.py:{line_of(app, 'm:report')} (410 ms)  time.sleep(0.2)" in out
+    assert f"app/main.py:{culprit_line(app, 'report')} (410 ms)  time.sleep(0.2)" in out
     assert "fix: await asyncio.sleep(0.2)" in out
     # A comprehension's frame is its function's culprit (3.12 inlines them anyway).
     assert "new culprit app/main.py:login:" in out
@@ -117,18 +114,18 @@ def test_baseline_tolerates_known_culprits_wherever_their_lines_moved(
     moved = app_file(tmp_path, "\n\n\n" + APP_SOURCE)
     later = write_log(
         tmp_path / "later.jsonl",
-        [record(moved, "m:report", "build_report", "sleep", 200, "/reports")],
+        [record(moved, "report", "build_report", "sleep", 200, "/reports")],
     )
     ok = check(str(later), "--root", str(tmp_path), "--baseline", str(baseline))
     assert ok.returncode == 0, ok.stdout
     assert "OK: 1 events, 200 ms" in ok.stdout and "every culprit in the baseline" in ok.stdout
     # A new culprit fails, listed with its line and its fix; known ones are not listed.
-    app_file(tmp_path, APP_SOURCE + "\n\nasync def export():\n    time.sleep(1)  # m:new\n")
+    app_file(tmp_path, APP_SOURCE + "\n\nasync def export():\n    time.sleep(1)  # culprit:new\n")
     new = write_log(
         tmp_path / "new.jsonl",
         [
-            record(moved, "m:report", "build_report", "sleep", 200, "/reports"),
-            record(app, "m:new", "export", "sleep", 1000, "/export"),
+            record(moved, "report", "build_report", "sleep", 200, "/reports"),
+            record(app, "new", "export", "sleep", 1000, "/export"),
         ],
     )
     failed = check(str(new), "--root", str(tmp_path), "--baseline", str(baseline))
@@ -205,7 +202,7 @@ import pytest
 
 
 def helper():
-    time.sleep(0.15)  # the culprit
+    time.sleep(0.15)  # culprit:helper
 
 
 @pytest.mark.asyncio
@@ -230,7 +227,7 @@ def test_a_pytest_run_feeds_the_gate(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--loopguard-events={events}")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) >= 2, outcomes  # test_blocks, on both loops
-    line = next(n for n, t in enumerate(TESTS.splitlines()) if "# the culprit" in t)
+    line = culprit_line(path, "helper")
     # The failure names the fix too.
     assert result.stdout.str().count("fix: await asyncio.sleep(0.15)") >= 2
     written = [json.loads(x) for x in events.read_text().splitlines()]

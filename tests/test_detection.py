@@ -28,10 +28,6 @@ def server(loop_name: str, tmp_path: Path) -> Iterator[Server]:
     stop_server(s)
 
 
-def line(name: str) -> int:
-    return culprit_line(APP_FILE, name)
-
-
 def stats(server: Server) -> dict[str, Any]:
     result: dict[str, Any] = httpx.get(server.url + "/_stats", timeout=5).json()
     return result
@@ -59,9 +55,9 @@ def test_one_stall_three_culprits_three_events(server: Server) -> None:
     events = {e["request_id"]: e for e in wait_events(server, 3)}
     assert set(events) == {"req-sleep", "req-cpu", "req-child"}, events
     expected = {
-        "req-sleep": ("/split/sleep", "sleep", line("split-sleep")),
-        "req-cpu": ("/split/cpu", "cpu", line("burn")),
-        "req-child": ("/split/child", "sleep", line("split-child")),
+        "req-sleep": ("/split/sleep", "sleep", culprit_line(APP_FILE, "split-sleep")),
+        "req-cpu": ("/split/cpu", "cpu", culprit_line(APP_FILE, "burn")),
+        "req-child": ("/split/child", "sleep", culprit_line(APP_FILE, "split-child")),
     }
     total = sum(e["duration_ms"] for e in events.values())
     for rid, (route, kind, lineno) in expected.items():
@@ -99,7 +95,7 @@ def test_hang_is_reported_while_it_lasts(server: Server) -> None:
     assert first_at - sent < 2.3, f"first hang report only after {first_at - sent:.2f} s"
     assert "during GET /hang request_id=hung-1" in first
     assert "kind=sleep" in first
-    assert f"{APP_FILE}:{line('hang')} in hang" in first
+    assert f"{APP_FILE}:{culprit_line(APP_FILE, 'hang')} in hang" in first
     event = wait_events(server, 1)[0]
     assert event["hang"] is True
     assert event["request_id"] == "hung-1"
@@ -142,7 +138,7 @@ def test_native_code_holding_the_gil(server: Server) -> None:
     assert event["kind"] == "native"
     assert event["request_id"] == "regex-1"
     # No sample could take the GIL during the match; the first one after it names the line.
-    assert event["culprit"]["lineno"] == line("native")
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, "native")
     assert event["duration_ms"] >= 300
     s = stats(server)
     assert s["stack_timeouts"] >= 1
@@ -170,9 +166,10 @@ def test_native_hang_names_its_line_while_it_lasts(server: Server) -> None:
     assert httpx.get(server.url + "/gil-holder?n=5", timeout=10).status_code == 200
     response, first = asyncio.run(main())
     assert response.status_code == 200
-    where = f"culprit={APP_FILE}:{line('native-hang')} in native_hang (read without the GIL)"
+    native_hang = culprit_line(APP_FILE, "native-hang")
+    where = f"culprit={APP_FILE}:{native_hang} in native_hang (read without the GIL)"
     assert where in first, first
-    assert "; stack=" + f"{APP_FILE}:{line('native-hang')} in native_hang <- " in first, first
+    assert "; stack=" + f"{APP_FILE}:{native_hang} in native_hang <- " in first, first
     # The first report lists the Python threads, the loop's first: the GIL was held throughout,
     # so every thread was frozen and read without it, the idle threadpool worker included.
     log = server.log()
@@ -182,7 +179,7 @@ def test_native_hang_names_its_line_while_it_lasts(server: Server) -> None:
     assert log.count("loopguard: Python threads at the first report") == 1
     event = wait_events(server, 1)[0]
     assert event["request_id"] == "native-1"
-    assert event["culprit"]["lineno"] == line("native-hang")
+    assert event["culprit"]["lineno"] == native_hang
     assert stats(server)["unlocked_stacks"] >= 1
 
 
@@ -203,9 +200,9 @@ def test_lock_wait_names_the_other_threads_line(
     event = events[0]
     assert event["kind"] == "lock", event
     assert event["request_id"] == "held-1"
-    assert event["culprit"]["lineno"] == line(wait)
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, wait)
     assert event["holder_culprit"] is not None, event
-    assert event["holder_culprit"]["lineno"] == line(holder), event
+    assert event["holder_culprit"]["lineno"] == culprit_line(APP_FILE, holder), event
     assert event["holder_culprit"]["function"] == function
     # Innermost last, as in `stack`: the holder's own line, in time.sleep (C, so no frame).
     assert event["holder_stack"][-1] == event["holder_culprit"]
@@ -236,7 +233,7 @@ def test_loop_starved_of_the_gil_by_a_sync_endpoint(server: Server) -> None:
     # Blamed on the thread that held the GIL, through its request's Context, not on a ping.
     assert event["request_id"] == "sync-holder", [(k, v) for k, v in event.items() if k != "stack"]
     assert event["route"] == "/gil-holder"
-    assert event["culprit"]["lineno"] == line("gil")
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, "gil")
     assert not [e for e in events if (e["request_id"] or "").startswith("ping-")]
 
 
@@ -304,7 +301,7 @@ def test_lock_wait_outside_requests_names_the_mutex_owner(server: Server) -> Non
     assert len(locks) == 1, events
     event = locks[0]
     assert event["culprit"] is not None, event
-    assert event["culprit"]["lineno"] == line("sql-holder")
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, "sql-holder")
     assert event["request_id"] == "lock-1"  # asyncio.to_thread copied the request's Context
     assert event["culprit_is_library"] is False
 
@@ -337,7 +334,7 @@ def test_many_short_blocks_are_cumulative(server: Server) -> None:
     assert 13 <= event["samples"] <= 40, event["samples"]
     assert event["victims"] >= 1
     # Where the request waited right after its last slice.
-    assert event["culprit"]["lineno"] == line("cuts")
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, "cuts")
     assert event["culprit"]["function"] == "cuts"
     assert stats(server)["cumulative_events"] == 1
 
@@ -356,7 +353,7 @@ def test_cumulative_spares_spread_out_work_and_single_blocks(server: Server) -> 
     assert response.status_code == 200
     events = wait_events(server, 1)
     assert [(e["kind"], e["culprit"]["lineno"]) for e in events] == [
-        ("sleep", line("block-once"))
+        ("sleep", culprit_line(APP_FILE, "block-once"))
     ], events
     assert stats(server)["cumulative_events"] == 0
 
@@ -394,7 +391,7 @@ def test_blocking_outside_the_endpoint_body_is_attributed(
     event = events[0]
     assert event["request_id"] == "ctx-1"
     assert event["route"] == route
-    assert event["culprit"]["lineno"] == line(marker)
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, marker)
     if path == "/stream":
         # The block came after the headers left: it is in the event, not in the headers.
         assert response.text == "head,tail"
@@ -417,7 +414,7 @@ def test_callback_without_a_request_names_the_line(server: Server) -> None:
     assert len(events) == 1, events
     event = events[0]
     assert event["request_id"] is None
-    assert event["culprit"]["lineno"] == line("callback")
+    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, "callback")
     assert event["victims"] >= 1  # the /callback request itself was in flight, frozen
 
 
@@ -428,7 +425,7 @@ def test_blocking_during_lifespan_shutdown(loop_name: str, tmp_path: Path) -> No
     # (the process is gone, so its log is all there is) names the line, with no request.
     lines = [x for x in server.log().splitlines() if "Event loop blocked" in x]
     assert len(lines) == 1, server.log()
-    assert f"culprit={APP_FILE}:{line('shutdown')} in lifespan" in lines[0]
+    assert f"culprit={APP_FILE}:{culprit_line(APP_FILE, 'shutdown')} in lifespan" in lines[0]
     assert "kind=sleep" in lines[0]
     assert "during lifespan.shutdown" in lines[0]
 
@@ -440,7 +437,7 @@ def test_blocking_during_lifespan_startup(loop_name: str, tmp_path: Path) -> Non
         assert len(events) == 1, events
         # The startup code runs under a label of its own, as the shutdown code does.
         assert events[0]["request_id"] == "lifespan.startup"
-        assert events[0]["culprit"]["lineno"] == line("startup")
+        assert events[0]["culprit"]["lineno"] == culprit_line(APP_FILE, "startup")
         assert events[0]["kind"] == "sleep"
     finally:
         stop_server(server)

@@ -18,12 +18,8 @@ from fastapi_loopguard.eventlog import EventLog
 from fastapi_loopguard.report import load_event_log
 
 from .asgi import call, http_scope
+from .conftest import culprit_line
 from .test_guard import run
-
-
-def line_of(marker: str) -> int:
-    lines = Path(__file__).read_text().splitlines()
-    return next(n for n, line in enumerate(lines, 1) if marker in line and "line_of(" not in line)
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -39,7 +35,7 @@ def test_every_event_and_the_stats_are_written(loop_name: str, tmp_path: Path) -
             for name in ("first", "second"):
                 with guard.label(name):
                     await asyncio.sleep(0.03)
-                    time.sleep(0.15)  # marker:logged-sleep
+                    time.sleep(0.15)  # culprit:logged-sleep
                 await asyncio.sleep(0.03)
             await asyncio.sleep(0.05)
             return list(guard.events)
@@ -52,7 +48,7 @@ def test_every_event_and_the_stats_are_written(loop_name: str, tmp_path: Path) -
         assert record["request_id"] == event.request_id
         assert record["duration_ms"] == event.duration_ms
         assert record["kind"] == "sleep"
-        assert record["culprit"]["lineno"] == line_of("marker:logged-sleep")
+        assert record["culprit"]["lineno"] == culprit_line(__file__, "logged-sleep")
         assert record["stack"][-1] == record["culprit"]
     assert [r["request_id"] for r in written[:2]] == ["first", "second"]
     stats = written[2]

@@ -16,6 +16,7 @@ import pytest
 from fastapi_loopguard import BlockingEvent, LoopGuard, LoopGuardConfig, LoopGuardMiddleware
 
 from .asgi import call, headers_of, http_scope
+from .conftest import culprit_line
 
 THIS_FILE = __file__
 
@@ -28,14 +29,6 @@ def run(loop_name: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return asyncio.run(main())
 
 
-def line_of(marker: str) -> int:
-    with open(THIS_FILE) as f:
-        for number, line in enumerate(f, start=1):
-            if marker in line and "line_of(" not in line:
-                return number
-    raise LookupError(marker)
-
-
 def test_plain_asyncio_program_with_labels(loop_name: str) -> None:
     async def main() -> tuple[list[BlockingEvent], dict[str, float | int]]:
         async with LoopGuard(LoopGuardConfig(log_blocking_events=False)) as guard:
@@ -43,7 +36,7 @@ def test_plain_asyncio_program_with_labels(loop_name: str) -> None:
             async def job() -> None:
                 with guard.label("job-42"):
                     await asyncio.sleep(0.05)
-                    time.sleep(0.2)  # marker:label-sleep
+                    time.sleep(0.2)  # culprit:label-sleep
 
             async def bystander() -> None:
                 with guard.label("bystander"):
@@ -60,7 +53,7 @@ def test_plain_asyncio_program_with_labels(loop_name: str) -> None:
     assert event.culprit is not None
     assert (event.culprit.filename, event.culprit.lineno) == (
         THIS_FILE,
-        line_of("marker:label-sleep"),
+        culprit_line(THIS_FILE, "label-sleep"),
     )
     assert event.culprit.function.endswith("job")
     assert event.victims == 2
@@ -77,7 +70,7 @@ def test_block_outside_any_request_names_the_culprit(
     loop_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     def callback() -> None:
-        time.sleep(0.15)  # marker:callback
+        time.sleep(0.15)  # culprit:callback
 
     async def main() -> list[BlockingEvent]:
         async with LoopGuard(LoopGuardConfig()) as guard:
@@ -93,7 +86,7 @@ def test_block_outside_any_request_names_the_culprit(
     # attributed to the label; the point here is that the culprit line is named.
     assert len(events) == 1
     assert events[0].culprit is not None
-    assert events[0].culprit.lineno == line_of("marker:callback")
+    assert events[0].culprit.lineno == culprit_line(THIS_FILE, "callback")
     assert "Event loop blocked for" in caplog.text
 
 
@@ -102,7 +95,7 @@ def test_block_with_no_request_at_all(loop_name: str, caplog: pytest.LogCaptureF
         async with LoopGuard(LoopGuardConfig()) as guard:
             await asyncio.sleep(0.05)
             # No request, so the watchdog only looks once a second: block long enough to be seen.
-            time.sleep(1.3)  # marker:no-request
+            time.sleep(1.3)  # culprit:no-request
             await asyncio.sleep(0.05)
             return list(guard.events)
 
@@ -113,7 +106,7 @@ def test_block_with_no_request_at_all(loop_name: str, caplog: pytest.LogCaptureF
     assert event.request_id is None
     assert event.kind == "sleep"
     assert event.culprit is not None
-    assert event.culprit.lineno == line_of("marker:no-request")
+    assert event.culprit.lineno == culprit_line(THIS_FILE, "no-request")
     if loop_name == "asyncio":
         # The selector hook knows when the stretch began.
         assert event.duration_ms >= 1250

@@ -31,14 +31,10 @@ def module(tmp_path: Path, source: str) -> Path:
     return path
 
 
-def line_of(path: Path, marker: str) -> int:
-    return next(n for n, t in enumerate(path.read_text().splitlines(), 1) if marker in t)
-
-
 def event(
     path: Path, marker: str, kind: str, below: list[tuple[str, int, str]] | None = None
 ) -> dict[str, Any]:
-    culprit = {"filename": str(path), "lineno": line_of(path, marker), "function": "handler"}
+    culprit = {"filename": str(path), "lineno": culprit_line(path, marker), "function": "handler"}
     frames = [{"filename": f, "lineno": n, "function": fn} for f, n, fn in below or []]
     loop = [{"filename": f, "lineno": n, "function": fn} for f, n, fn in LOOP]
     return {"kind": kind, "stack": [*loop, culprit, *frames], "culprit": culprit}
@@ -67,68 +63,68 @@ conn = sqlite3.connect("app.db")
 
 
 async def handler(path, data, pattern, text, delay):
-    time.sleep(0.2)  # m:sleep
-    nap(delay)  # m:nap
-    digest = hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 100_000)  # m:pbkdf2
-    with LOCK:  # m:with-lock
+    time.sleep(0.2)  # culprit:sleep
+    nap(delay)  # culprit:nap
+    digest = hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 100_000)  # culprit:pbkdf2
+    with LOCK:  # culprit:with-lock
         pass
-    RLOCK.acquire()  # m:rlock
-    conn.execute("SELECT * FROM t WHERE id = ?", (1,))  # m:sqlite
-    body = json.dumps(data, indent=2)  # m:json
-    m = re.compile(pattern).match(text)  # m:re
-    raw = open(path, "rb").read()  # m:open-rb
-    with open(path) as f:  # m:with-open
+    RLOCK.acquire()  # culprit:rlock
+    conn.execute("SELECT * FROM t WHERE id = ?", (1,))  # culprit:sqlite
+    body = json.dumps(data, indent=2)  # culprit:json
+    m = re.compile(pattern).match(text)  # culprit:re
+    raw = open(path, "rb").read()  # culprit:open-rb
+    with open(path) as f:  # culprit:with-open
         pass
-    os.system("make")  # m:system
-    subprocess.run(["git", "status"], check=True)  # m:run
-    text = Path(path).read_text()  # m:read-text
-    await asyncio.sleep(0)  # m:awaited
-    compute(data)  # m:unknown
-    json.dumps(time.sleep(1))  # m:two
-    payload = requests.get(url, timeout=5, params={"q": 1})  # m:requests
-    done.wait(5)  # m:event
-    server.shutdown()  # m:shutdown
+    os.system("make")  # culprit:system
+    subprocess.run(["git", "status"], check=True)  # culprit:run
+    text = Path(path).read_text()  # culprit:read-text
+    await asyncio.sleep(0)  # culprit:awaited
+    compute(data)  # culprit:unknown
+    json.dumps(time.sleep(1))  # culprit:two
+    payload = requests.get(url, timeout=5, params={"q": 1})  # culprit:requests
+    done.wait(5)  # culprit:event
+    server.shutdown()  # culprit:shutdown
 """
 
 
 @pytest.mark.parametrize(
     ("marker", "kind", "call", "fix"),
     [
-        ("m:sleep", "sleep", "time.sleep", "await asyncio.sleep(0.2)"),
-        ("m:nap", "sleep", "time.sleep", "await asyncio.sleep(delay)"),
+        ("sleep", "sleep", "time.sleep", "await asyncio.sleep(0.2)"),
+        ("nap", "sleep", "time.sleep", "await asyncio.sleep(delay)"),
         (
-            "m:pbkdf2",
+            "pbkdf2",
             "cpu",
             "hashlib.pbkdf2_hmac",
             'await asyncio.to_thread(hashlib.pbkdf2_hmac, "sha256", b"pw", b"salt", 100_000)',
         ),
-        ("m:with-lock", "lock", "threading.Lock", "await asyncio.to_thread(critical_section)"),
-        ("m:rlock", "lock", "threading.RLock.acquire", "await asyncio.to_thread(critical_section)"),
+        ("with-lock", "lock", "threading.Lock", "await asyncio.to_thread(critical_section)"),
+        ("rlock", "lock", "threading.RLock.acquire", "await asyncio.to_thread(critical_section)"),
         (
-            "m:sqlite",
+            "sqlite",
             "io",
             "sqlite3.connect.execute",
             'await conn.execute("SELECT * FROM t WHERE id = ?", (1,))',
         ),
         (
-            "m:json",
+            "json",
             "cpu",
             "json.dumps",
             "await asyncio.get_running_loop().run_in_executor(process_pool, "
             "functools.partial(json.dumps, data, indent=2))",
         ),
         (
-            "m:re",
+            "re",
             "native",
             "re.compile.match",
             "await asyncio.get_running_loop().run_in_executor(process_pool, "
             "re.compile(pattern).match, text)",
         ),
-        ("m:open-rb", "io", "open.read", "await asyncio.to_thread(Path(path).read_bytes)"),
-        ("m:with-open", "io", "open", "await asyncio.to_thread(Path(path).read_text)"),
-        ("m:system", "unknown", "os.system", None),
-        ("m:run", "unknown", "subprocess.run", None),
-        ("m:read-text", "io", "pathlib.Path.read_text", None),
+        ("open-rb", "io", "open.read", "await asyncio.to_thread(Path(path).read_bytes)"),
+        ("with-open", "io", "open", "await asyncio.to_thread(Path(path).read_text)"),
+        ("system", "unknown", "os.system", None),
+        ("run", "unknown", "subprocess.run", None),
+        ("read-text", "io", "pathlib.Path.read_text", None),
     ],
 )
 def test_a_c_call_is_read_from_the_culprit_line(
@@ -144,29 +140,29 @@ def test_a_c_call_is_read_from_the_culprit_line(
 
 def test_subprocess_and_system_rewrites(tmp_path: Path) -> None:
     path = module(tmp_path, SOURCE)
-    run = hint_for_record(event(path, "m:run", "unknown")).fix
+    run = hint_for_record(event(path, "run", "unknown")).fix
     assert run.startswith('proc = await asyncio.create_subprocess_exec("git", "status", ')
-    shell = hint_for_record(event(path, "m:system", "unknown")).fix
+    shell = hint_for_record(event(path, "system", "unknown")).fix
     assert shell.startswith('proc = await asyncio.create_subprocess_shell("make", ')
 
 
 @pytest.mark.parametrize(
     ("marker", "kind", "why"),
     [
-        ("m:sleep", "cpu", "time.sleep cannot make a cpu event: not trusted"),
-        ("m:awaited", "sleep", "an awaited asyncio.sleep is not the blocking call"),
-        ("m:unknown", "io", "a call the table does not know"),
-        ("m:two", "sleep", "json.dumps cannot sleep; time.sleep inside it can"),
-        ("m:sleep", "cumulative", "a cumulative event's line is where it waited afterwards"),
-        ("m:pbkdf2", "gil", "a gil event's stack is another thread's"),
-        ("m:requests", "io", "requests is not imported by this file: the name means nothing"),
-        ("m:event", "lock", "done is not bound by this file to anything known"),
+        ("sleep", "cpu", "time.sleep cannot make a cpu event: not trusted"),
+        ("awaited", "sleep", "an awaited asyncio.sleep is not the blocking call"),
+        ("unknown", "io", "a call the table does not know"),
+        ("two", "sleep", "json.dumps cannot sleep; time.sleep inside it can"),
+        ("sleep", "cumulative", "a cumulative event's line is where it waited afterwards"),
+        ("pbkdf2", "gil", "a gil event's stack is another thread's"),
+        ("requests", "io", "requests is not imported by this file: the name means nothing"),
+        ("event", "lock", "done is not bound by this file to anything known"),
     ],
 )
 def test_otherwise_the_hint_is_by_kind(tmp_path: Path, marker: str, kind: str, why: str) -> None:
     path = module(tmp_path, SOURCE)
     hint = hint_for_record(event(path, marker, kind))
-    if marker == "m:two":
+    if marker == "two":
         assert hint.call == "time.sleep", why  # the one call that can sleep is the one
         return
     assert hint.call is None, why
@@ -182,20 +178,20 @@ def test_frames_below_the_culprit_name_the_call(tmp_path: Path) -> None:
         (f"{SITE}/urllib3/connectionpool.py", 715, "HTTPConnectionPool.urlopen"),
         (f"{STDLIB}/socket.py", 706, "SocketIO.readinto"),
     ]
-    hint = hint_for_record(event(path, "m:requests", "io", requests))
+    hint = hint_for_record(event(path, "requests", "io", requests))
     assert hint.call == "requests.api.get"  # the call written, not the socket far below it
     assert hint.fix == 'await client.get(url, timeout=5, params={"q": 1})'
     assert "httpx.AsyncClient" in hint.note
     # threading.Event.wait: Python frames, linked to the line's call by its name.
     wait = [(f"{STDLIB}/threading.py", 622, "Event.wait"), (f"{STDLIB}/threading.py", 324, "x")]
-    hint = hint_for_record(event(path, "m:event", "lock", wait))
+    hint = hint_for_record(event(path, "event", "lock", wait))
     assert (hint.call, hint.fix) == (
         "threading.Event.wait",
         "await asyncio.to_thread(done.wait, 5)",
     )
     # A library the table does not know, over one it does: the known one, further in.
     wrapped = [(f"{SITE}/somesdk/client.py", 10, "Client.fetch"), *requests[1:]]
-    assert hint_for_record(event(path, "m:unknown", "io", wrapped)).call == (
+    assert hint_for_record(event(path, "unknown", "io", wrapped)).call == (
         "requests.sessions.Session.request"
     )
     # The line's one call led to the frame: a rewrite that runs the call itself runs that one.
@@ -203,13 +199,13 @@ def test_frames_below_the_culprit_name_the_call(tmp_path: Path) -> None:
         (f"{STDLIB}/socketserver.py", 253, "BaseServer.shutdown"),
         (f"{STDLIB}/threading.py", 622, "Event.wait"),
     ]
-    hint = hint_for_record(event(path, "m:shutdown", "lock", shutdown))
+    hint = hint_for_record(event(path, "shutdown", "lock", shutdown))
     assert (hint.call, hint.fix) == (
         "threading.Event.wait",
         "await asyncio.to_thread(server.shutdown)",
     )
     # Frames below the line mean the line's own C calls were not running.
-    assert hint_for_record(event(path, "m:sleep", "sleep", wrapped[:1])).call is None
+    assert hint_for_record(event(path, "sleep", "sleep", wrapped[:1])).call is None
     for below, call in [
         ([(f"{SITE}/psycopg2/extras.py", 236, "RealDictCursor.execute")], "psycopg2"),
         ([(f"{SITE}/pymysql/cursors.py", 153, "Cursor.execute")], "pymysql"),
@@ -217,9 +213,7 @@ def test_frames_below_the_culprit_name_the_call(tmp_path: Path) -> None:
         ([(f"{STDLIB}/subprocess.py", 548, "run")], "subprocess"),
         ([(f"{STDLIB}/json/__init__.py", 231, "dumps")], "json"),
     ]:
-        hint = hint_for_record(
-            event(path, "m:unknown", "cpu" if call != "pymysql" else "io", below)
-        )
+        hint = hint_for_record(event(path, "unknown", "cpu" if call != "pymysql" else "io", below))
         assert hint.call is not None and hint.call.startswith(call), (call, hint)
         assert_valid_python(hint)
 

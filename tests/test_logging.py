@@ -28,11 +28,6 @@ APP_FILE = ROOT / "tests" / "apps" / "integrations.py"
 EVENT_FIELDS = {f.name for f in dataclasses.fields(BlockingEvent)}
 
 
-def line_of(marker: str) -> int:
-    lines = Path(__file__).read_text().splitlines()
-    return next(n for n, text in enumerate(lines, start=1) if text.endswith(f"# {marker}"))
-
-
 def _log_records(server: Server, marker: str, count: int = 1) -> list[str]:
     for _ in range(100):
         records = [r for r in server.log().splitlines() if marker in r]
@@ -107,11 +102,11 @@ def test_json_escapes_control_characters(loop_name: str, caplog: pytest.LogCaptu
 
 
 def _blocker(n: int) -> None:
-    time.sleep(0.08)  # marker:rate-a
+    time.sleep(0.08)  # culprit:rate-a
 
 
 def _other_blocker() -> None:
-    time.sleep(0.08)  # marker:rate-b
+    time.sleep(0.08)  # culprit:rate-b
 
 
 def test_rate_limited_per_culprit_with_suppressed_count(
@@ -142,8 +137,8 @@ def test_rate_limited_per_culprit_with_suppressed_count(
     run(loop_name, main)
     assert len(seen) == 11  # every event is delivered; only the log is limited
     messages = [r.getMessage() for r in caplog.records]
-    a = f"{__file__}:{line_of('marker:rate-a')} in _blocker"
-    b = f"{__file__}:{line_of('marker:rate-b')} in _other_blocker"
+    a = f"{__file__}:{culprit_line(__file__, 'rate-a')} in _blocker"
+    b = f"{__file__}:{culprit_line(__file__, 'rate-b')} in _other_blocker"
     logged_a = [m for m in messages if a in m]
     assert len([m for m in messages if b in m]) == 1
     # Window 1: 2 of 5 logged. Window 2: the first says 3 were suppressed, 1 more logged, then 3

@@ -26,14 +26,10 @@ from starlette.testclient import TestClient
 from fastapi_loopguard import BlockingEvent, LoopGuard, LoopGuardConfig, LoopGuardMiddleware
 
 from .asgi import call, http_scope
+from .conftest import culprit_line
 from .test_guard import run
 
 THIS_FILE = str(Path(__file__))
-
-
-def line_of(marker: str) -> int:
-    lines = Path(__file__).read_text().splitlines()
-    return next(n for n, text in enumerate(lines, start=1) if text.endswith(f"# {marker}"))
 
 
 def native_threads() -> int:
@@ -54,7 +50,7 @@ def make_app(config: LoopGuardConfig) -> FastAPI:
 
     @app.get("/block")
     async def block() -> dict[str, bool]:
-        time.sleep(0.15)  # marker:block
+        time.sleep(0.15)  # culprit:block
         return {"ok": True}
 
     @app.get("/ok")
@@ -90,7 +86,10 @@ def assert_block_event(event: BlockingEvent) -> None:
     assert event.route == "/block"
     assert event.kind == "sleep"
     assert event.culprit is not None
-    assert (event.culprit.filename, event.culprit.lineno) == (THIS_FILE, line_of("marker:block"))
+    assert (event.culprit.filename, event.culprit.lineno) == (
+        THIS_FILE,
+        culprit_line(THIS_FILE, "block"),
+    )
 
 
 @pytest.mark.parametrize("with_block", [False, True], ids=["no-with", "with"])
@@ -181,7 +180,7 @@ def test_sync_code_between_two_runs_of_a_loop_is_not_the_loops_blocking(
 
     try:
         assert loop.run_until_complete(get("/ok")) == 200
-        time.sleep(0.5)  # marker:between-runs (the loop is not running: not its blocking)
+        time.sleep(0.5)  # between the runs: the loop is not running, so not its blocking
         assert loop.run_until_complete(get("/block")) == 200
     finally:
         loop.close()
@@ -249,13 +248,13 @@ def test_a_hundred_dropped_apps_leave_no_engine_behind(
 def test_plain_asyncio_program_without_labels_sees_every_block(loop_name: str) -> None:
     async def main() -> list[BlockingEvent]:
         async with LoopGuard(LoopGuardConfig(log_blocking_events=False)) as guard:
-            time.sleep(0.2)  # marker:main-block
+            time.sleep(0.2)  # culprit:main-block
             await asyncio.sleep(0.05)
 
             async def worker() -> None:
                 for _ in range(3):
                     await asyncio.sleep(0.1)
-                    time.sleep(0.12)  # marker:worker-block
+                    time.sleep(0.12)  # culprit:worker-block
 
             await asyncio.create_task(worker(), name="bg-worker")
             # The promise for blocks outside requests: delivered by the next loop iteration.
@@ -264,7 +263,8 @@ def test_plain_asyncio_program_without_labels_sees_every_block(loop_name: str) -
 
     events = run(loop_name, main)
     lines = [e.culprit.lineno if e.culprit else None for e in events]
-    assert lines == [line_of("marker:main-block")] + [line_of("marker:worker-block")] * 3
+    worker = culprit_line(THIS_FILE, "worker-block")
+    assert lines == [culprit_line(THIS_FILE, "main-block")] + [worker] * 3
     assert all(e.request_id is None and e.kind == "sleep" for e in events)
 
 
@@ -273,12 +273,14 @@ def test_a_block_right_at_start_is_seen(loop_name: str) -> None:
 
     async def main() -> list[BlockingEvent]:
         async with LoopGuard(LoopGuardConfig(log_blocking_events=False)) as guard:
-            time.sleep(0.15)  # marker:at-start
+            time.sleep(0.15)  # culprit:at-start
             await asyncio.sleep(0.05)
             return list(guard.events)
 
     events = run(loop_name, main)
-    assert [e.culprit.lineno if e.culprit else None for e in events] == [line_of("marker:at-start")]
+    assert [e.culprit.lineno if e.culprit else None for e in events] == [
+        culprit_line(THIS_FILE, "at-start")
+    ]
 
 
 def test_trio_is_served_unguarded_with_one_clear_line(
@@ -302,14 +304,14 @@ def test_events_outside_requests_name_what_ran(loop_name: str) -> None:
     seen: list[BlockingEvent] = []
 
     def callback() -> None:
-        time.sleep(0.12)  # marker:plain-callback
+        time.sleep(0.12)  # culprit:plain-callback
 
     async def main() -> None:
         async with LoopGuard(LoopGuardConfig(log_blocking_events=False, on_blocking=seen.append)):
 
             async def named_job() -> None:
                 await asyncio.sleep(0.05)
-                time.sleep(0.12)  # marker:named-task
+                time.sleep(0.12)  # culprit:named-task
 
             await asyncio.create_task(named_job(), name="nightly-report")
             asyncio.get_running_loop().call_soon(callback)
@@ -317,8 +319,8 @@ def test_events_outside_requests_name_what_ran(loop_name: str) -> None:
 
     run(loop_name, main)
     by_line: dict[int, BlockingEvent] = {e.culprit.lineno: e for e in seen if e.culprit}
-    task_event = by_line[line_of("marker:named-task")]
+    task_event = by_line[culprit_line(THIS_FILE, "named-task")]
     assert task_event.task is not None
     assert task_event.task.startswith("nightly-report")
     assert "named_job" in task_event.task
-    assert by_line[line_of("marker:plain-callback")].task == "(callback)"
+    assert by_line[culprit_line(THIS_FILE, "plain-callback")].task == "(callback)"

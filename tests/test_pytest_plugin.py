@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from .conftest import culprit_line
+
 # Both loops for pytest-asyncio (its loop-factory hook) and for anyio (its backend fixture).
 CONFTEST = """
 import asyncio
@@ -39,7 +41,7 @@ import pytest
 
 
 def helper():
-    time.sleep(0.15)  # the culprit
+    time.sleep(0.15)  # culprit:helper
 
 
 @pytest.mark.asyncio
@@ -72,7 +74,7 @@ async def test_anyio_clean():
 @pytest.mark.no_blocking
 async def test_child_task_blocks():
     async def child():
-        time.sleep(0.15)  # in a task the test started
+        time.sleep(0.15)  # culprit:child-task
 
     await asyncio.create_task(child())
 """
@@ -87,15 +89,14 @@ def test_marker_fails_blocking_tests_only(pytester: pytest.Pytester) -> None:
     path = pytester.makepyfile(test_marked=TESTS)
     result = _run(pytester, "-rf")
     result.assert_outcomes(passed=4, failed=6)
-    # TESTS starts with a newline that makepyfile drops: list index == line number.
-    culprit_line = next(n for n, line in enumerate(TESTS.splitlines()) if "# the culprit" in line)
+    helper_line = culprit_line(path, "helper")
     # The failure sections only: some pytest versions repeat the whole message in the summary.
     output = result.stdout.str().split("short test summary info")[0]
     for test in ("test_asyncio_blocks", "test_anyio_blocks"):
         for loop in ("asyncio", "uvloop"):
             assert f"test_marked.py::{test}[{loop}] blocked the event loop 1 time(s)" in output
-    assert output.count(f"ms sleep at {path}:{culprit_line} in helper") == 4
-    child_line = next(n for n, line in enumerate(TESTS.splitlines()) if "# in a task" in line)
+    assert output.count(f"ms sleep at {path}:{helper_line} in helper") == 4
+    child_line = culprit_line(path, "child-task")
     assert output.count(f"ms sleep at {path}:{child_line} in ") == 2
     for line in result.outlines:
         if "ms sleep at" in line:
@@ -239,7 +240,7 @@ from fastapi_loopguard import LoopGuardConfig, LoopGuardMiddleware
 
 
 def slow_helper():
-    time.sleep(0.2)  # the culprit
+    time.sleep(0.2)  # culprit:slow-helper
 
 
 def build(guarded, startup_block=0.0):
@@ -343,7 +344,7 @@ def test_fixture_client_clean(client):
 @pytest.mark.no_blocking
 def test_asyncio_run_blocks():
     async def main():
-        time.sleep(0.2)  # before the first await
+        time.sleep(0.2)  # culprit:before-first-await
 
     asyncio.run(main())
 
@@ -351,16 +352,11 @@ def test_asyncio_run_blocks():
 @pytest.mark.no_blocking
 def test_portal_blocks():
     async def work():
-        time.sleep(0.2)  # on the portal's thread
+        time.sleep(0.2)  # culprit:portal-thread
 
     with anyio.from_thread.start_blocking_portal() as portal:
         portal.call(work)
 """
-
-
-def _line_of(source: str, marker: str) -> int:
-    # makepyfile drops the source's first (empty) line: list index == line number.
-    return next(n for n, line in enumerate(source.splitlines()) if marker in line)
 
 
 def _failures(result: pytest.RunResult) -> list[str]:
@@ -383,14 +379,14 @@ def test_sync_tests_with_testclient(pytester: pytest.Pytester) -> None:
             )
             assert head in lines
     # The app's middleware names the request; the plugin's own guard names the line anyway.
-    culprit = f" ms sleep at {app_path}:{_line_of(APP, '# the culprit')} in slow_helper"
+    culprit = f" ms sleep at {app_path}:{culprit_line(app_path, 'slow-helper')} in slow_helper"
     assert sum(line.endswith(culprit + " (GET /slow)") for line in lines) == 6
     assert sum(line.endswith(culprit) for line in lines) == 6
-    run_line = _line_of(SYNC_TESTS, "# before the first await")
+    run_line = culprit_line(tests_path, "before-first-await")
     assert f"ms sleep at {tests_path}:{run_line} in test_asyncio_run_blocks.<locals>.main" in (
         result.stdout.str()
     )
-    portal_line = _line_of(SYNC_TESTS, "# on the portal's thread")
+    portal_line = culprit_line(tests_path, "portal-thread")
     assert f"ms sleep at {tests_path}:{portal_line} in test_portal_blocks.<locals>.work" in (
         result.stdout.str()
     )
@@ -445,7 +441,7 @@ async def test_blocks_after_the_apps_shutdown():
     selector = getattr(asyncio.get_running_loop(), "_selector", None)
     if selector is not None:
         assert "select" in vars(selector)
-    time.sleep(0.2)  # after the shutdown
+    time.sleep(0.2)  # culprit:after-shutdown
 """
 
 
@@ -462,10 +458,10 @@ def test_async_tests_with_asgi_transport(pytester: pytest.Pytester) -> None:
             test = f"test_async.py::test_asgi_blocks[{loop}-{kind}]"
             assert f"{test} blocked the event loop 1 time(s) (threshold 50 ms):" in lines
     # Both guards saw the block; the app's event is kept, because it names the request.
-    culprit = f" ms sleep at {app_path}:{_line_of(APP, '# the culprit')} in slow_helper"
+    culprit = f" ms sleep at {app_path}:{culprit_line(app_path, 'slow-helper')} in slow_helper"
     assert sum(line.endswith(culprit + " (GET /slow)") for line in lines) == 2
     assert sum(line.endswith(culprit) for line in lines) == 2
-    after = f" ms sleep at {tests_path}:{_line_of(ASYNC_TESTS, '# after the shutdown')} in "
+    after = f" ms sleep at {tests_path}:{culprit_line(tests_path, 'after-shutdown')} in "
     assert sum(after in line for line in lines) == 2
     for line in lines:
         if " ms sleep at " in line:
@@ -527,7 +523,7 @@ def test_sync_blocks():
 
 def test_sync_blocks_longer():
     async def main():
-        time.sleep(0.5)  # the worst
+        time.sleep(0.5)  # culprit:worst
 
     asyncio.run(main())
 
@@ -550,7 +546,7 @@ def test_allowed():
 @pytest.mark.parametrize("how", ["option", "ini"])
 def test_whole_suite_mode(pytester: pytest.Pytester, how: str) -> None:
     pytester.makepyfile(app_under_test=APP)
-    pytester.makepyfile(test_all=WHOLE_SUITE_TESTS)
+    tests_path = pytester.makepyfile(test_all=WHOLE_SUITE_TESTS)
     if how == "ini":
         pytester.makeini("[pytest]\nloopguard_all = true\n")
     result = _run(pytester, "-rf", *(["--loopguard"] if how == "option" else []))
@@ -570,7 +566,7 @@ def test_whole_suite_mode(pytester: pytest.Pytester, how: str) -> None:
         "test_all.py::test_sync_blocks",
         "test_all.py::test_sync_blocks_longer",
     ]
-    line = _line_of(WHOLE_SUITE_TESTS, "# the worst")
+    line = culprit_line(tests_path, "worst")
     assert "test_all.py::test_sync_blocks_longer  (worst: sleep, " in summary
     assert f" ms, test_all.py:{line})" in summary
 

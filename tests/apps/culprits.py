@@ -7,7 +7,6 @@ guard reports are collected through ``on_blocking`` and served at ``/_events``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import os
 import time
@@ -16,6 +15,8 @@ import urllib.request
 from fastapi import FastAPI, WebSocket
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+from ._plumbing import add_event_routes
 
 EVENTS: list[BlockingEvent] = []
 
@@ -92,15 +93,7 @@ async def ws(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-@app.get("/_events")
-async def events() -> list[dict[str, object]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
-
-
-@app.delete("/_events")
-async def clear_events() -> dict[str, bool]:
-    EVENTS.clear()
-    return {"ok": True}
+add_event_routes(app, EVENTS, clear=True)
 
 
 # The interpreter's first full collection (tens of ms of real blocking, which the guard rightly

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ctypes
-import dataclasses
 import gc
 import os
 import re
@@ -20,12 +19,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+from ._plumbing import add_event_routes, add_stats_route
 
 EVENTS: list[BlockingEvent] = []
 CATASTROPHIC = re.compile(r"(a+)+$")
@@ -360,23 +360,8 @@ async def callback() -> dict[str, bool]:
 # -- test plumbing ------------------------------------------------------------------------------
 
 
-@app.get("/_events")
-async def events() -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
-
-
-@app.delete("/_events")
-async def clear_events() -> dict[str, bool]:
-    EVENTS.clear()
-    return {"ok": True}
-
-
-@app.get("/_stats")
-async def stats() -> dict[str, Any]:
-    stack: Any = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack.guard.stats() if stack is not None else {}
+add_event_routes(app, EVENTS, clear=True)
+add_stats_route(app)
 
 
 # The interpreter's first full collection (tens of ms of real blocking, which the guard rightly

@@ -11,18 +11,18 @@ the environment, because the tests start this app in real uvicorn (and gunicorn)
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+from ._plumbing import add_event_routes, add_stats_route
 
 EVENTS: list[BlockingEvent] = []
 INNER_EVENTS: list[BlockingEvent] = []
@@ -104,9 +104,7 @@ async def inner_block() -> dict[str, bool]:
     return {"ok": True}
 
 
-@inner.get("/_events")
-async def inner_events() -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in INNER_EVENTS]
+add_event_routes(inner, INNER_EVENTS)
 
 
 app.mount("/sub", inner)
@@ -115,17 +113,8 @@ app.mount("/sub", inner)
 # -- test plumbing ------------------------------------------------------------------------------
 
 
-@app.get("/_events")
-async def events() -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
-
-
-@app.get("/_stats")
-async def stats() -> dict[str, Any]:
-    stack: Any = app.middleware_stack
-    while stack is not None and not isinstance(stack, LoopGuardMiddleware):
-        stack = getattr(stack, "app", None)
-    return stack.guard.stats() if stack is not None else {}
+add_event_routes(app, EVENTS)
+add_stats_route(app)
 
 
 # The interpreter's first full collection (tens of ms of real blocking, which the guard rightly

@@ -9,7 +9,6 @@ blame lands. Events are served at ``/_events``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -23,6 +22,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+from ._plumbing import add_event_routes
 
 EVENTS: list[BlockingEvent] = []
 LOCK = threading.Lock()
@@ -47,9 +48,7 @@ async def health() -> dict[str, bool]:
     return {"ok": True}
 
 
-@app.get("/_events")
-async def events() -> list[dict[str, object]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
+add_event_routes(app, EVENTS)
 
 
 @app.get("/sleep")

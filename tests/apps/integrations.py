@@ -12,7 +12,6 @@ Lines marked ``# culprit:NAME`` are where the tests expect the blame to land.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import json
 import os
@@ -25,6 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from fastapi_loopguard import BlockingEvent, LoopGuardConfig, LoopGuardMiddleware
+
+from ._plumbing import add_event_routes
 
 EVENTS: list[BlockingEvent] = []
 OPTIONS: dict[str, Any] = json.loads(os.environ.get("LOOPGUARD_TEST_OPTIONS", "{}"))
@@ -99,9 +100,7 @@ async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"detail": "not found"}, status_code=404)
 
 
-@fastapi_app.get("/_events")
-async def events() -> list[dict[str, object]]:
-    return [dataclasses.asdict(e) for e in EVENTS]
+add_event_routes(fastapi_app, EVENTS)
 
 
 app: Any = fastapi_app
