@@ -271,6 +271,7 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
     engine, var = guard._engine, guard._request_var
     guard_module: Any = importlib.import_module("fastapi_loopguard.guard")
     middleware_module: Any = importlib.import_module("fastapi_loopguard.middleware")
+    enforcement: Any = importlib.import_module("fastapi_loopguard.enforcement")
     escape, incoming = guard_module.escape, middleware_module._incoming_request_id
     clock = time.monotonic_ns
     loop = asyncio.get_running_loop()
@@ -382,7 +383,11 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
         ("_step", calls(step), calls(step_without)),
         ("engine.record_step", calls(record_step), calls(record_step_without)),
         ("_checked_send, 2 messages", awaits(checked_send), awaits(checked_send_without)),
-        ("_with_headers", calls(lambda: mw._with_headers(START, in_flight)), calls(nothing)),
+        (
+            "_with_headers",
+            calls(lambda: mw._with_headers(START, in_flight, enforcement.Blocking(0, 0.0))),
+            calls(nothing),
+        ),
     ]
     if isinstance(selector, selectors.BaseSelector) and "select" in vars(selector):
         original = type(selector).select.__get__(selector)
