@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -586,6 +585,24 @@ def test_fork_while_the_engine_runs(loop_name: str) -> None:
     _no_guard_failure(result.stderr)
 
 
+def _run_programs(program: str, runs: list[list[str]]) -> list[tuple[list[str], int | str, str]]:
+    """Runs ``python -c program`` once per argument list, four at a time: each run's arguments,
+    its exit status (or "hung"), and its stderr."""
+
+    def one(args: list[str]) -> tuple[list[str], int | str, str]:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", program, *args],
+                cwd=ROOT, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return args, "hung", ""
+        return args, done.returncode, done.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, runs))
+
+
 # ---- interpreter exit while a sample is in progress ----------------------------------------------
 
 EXIT_PROGRAM = textwrap.dedent(
@@ -633,25 +650,14 @@ def test_interpreter_exit_during_a_sample(loop_name: str) -> None:
         for _ in range(EXIT_RUNS)
     ]
 
-    def one(run_args: tuple[str, float]) -> tuple[str, float, int | str, str]:
-        mode, delay = run_args
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", EXIT_PROGRAM, loop_name, mode, f"{delay:.4f}"],
-                cwd=ROOT, capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return mode, delay, "hung", ""
-        return mode, delay, done.returncode, done.stderr
-
-    lock = threading.Lock()
-    failures: list[tuple[str, float, int | str, str]] = []
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for outcome in pool.map(one, runs):
-            stderr = outcome[3]
-            if outcome[2] != 0 or any(bad in stderr for bad in ("Fatal", "Traceback", "leaked")):
-                with lock:
-                    failures.append(outcome)
+    outcomes = _run_programs(
+        EXIT_PROGRAM, [[loop_name, mode, f"{delay:.4f}"] for mode, delay in runs]
+    )
+    failures = [
+        o
+        for o in outcomes
+        if o[1] != 0 or any(bad in o[2] for bad in ("Fatal", "Traceback", "leaked"))
+    ]
     assert not failures, f"{len(failures)} of {EXIT_RUNS} runs failed, e.g. {failures[:3]}"
 
 
@@ -705,30 +711,20 @@ def test_exit_and_fork_during_a_read_without_the_gil(loop_name: str) -> None:
         for _ in range(UNLOCKED_RUNS)
     ]
 
-    def one(run_args: tuple[str, int]) -> tuple[str, int, int | str, str]:
-        mode, micros = run_args
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", UNLOCKED_PROGRAM, loop_name, mode, str(micros)],
-                cwd=ROOT, capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return mode, micros, "hung", ""
-        return mode, micros, done.returncode, done.stderr
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(one, runs))
+    outcomes = _run_programs(
+        UNLOCKED_PROGRAM, [[loop_name, mode, str(micros)] for mode, micros in runs]
+    )
     failures = [
         o
         for o in outcomes
-        if o[2] != 0
-        or any(bad in o[3] for bad in ("Fatal", "Traceback", "leaked", "Segmentation", "Sanitizer"))
+        if o[1] != 0
+        or any(bad in o[2] for bad in ("Fatal", "Traceback", "leaked", "Segmentation", "Sanitizer"))
     ]
     assert not failures, f"{len(failures)} of {UNLOCKED_RUNS} runs failed, e.g. {failures[:3]}"
     # The reads did happen, so the test is not vacuous: hang lines named the call's line, read
     # without the GIL. Not in every run: on a busy host a starved watchdog or sampler makes the
     # evidence say "starved", and then nothing is read without the GIL, by design.
-    read = [o for o in outcomes if "(read without the GIL)" in o[3]]
+    read = [o for o in outcomes if "(read without the GIL)" in o[2]]
     assert read, outcomes[:3]
     call = UNLOCKED_PROGRAM.splitlines().index("        WITH_GIL.usleep(MICROS)") + 1
-    assert all(f"<string>:{call} in main" in o[3] for o in read), read[:1]
+    assert all(f"<string>:{call} in main" in o[2] for o in read), read[:1]
