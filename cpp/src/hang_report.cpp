@@ -92,7 +92,15 @@ void Engine::report_hang(Nanos now) {
   // while nothing can move them (see frozen_without_gil).
   Sample unlocked;
   bool without_gil = false;
-  const Frozen frozen = latest != nullptr ? frozen_without_gil(*latest) : Frozen::kNothing;
+  Frozen frozen = latest != nullptr ? frozen_without_gil(*latest) : Frozen::kNothing;
+  // The sample may be an interval old: a loop that has just come back from its system call runs
+  // bytecode again and moves its frames. Looked at again right before the read, it must still be
+  // in a system call (a native holder of the GIL cannot be told from Python this way, and is
+  // trusted to the sample).
+  if (frozen != Frozen::kNothing && latest->kind != Kind::kNative && probe_ &&
+      probe_->where().where != OsState::Where::kSyscall) {
+    frozen = Frozen::kNothing;
+  }
   if (named == nullptr && frozen != Frozen::kNothing && sampler_ && config_.capture_stacks) {
     const bool all = first && frozen == Frozen::kEveryThread;
     without_gil =
