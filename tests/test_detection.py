@@ -209,6 +209,32 @@ def test_lock_wait_names_the_other_threads_line(
     assert event["holder_thread"] > 0
 
 
+def test_a_collection_on_another_thread_is_gc_not_the_gil(server: Server) -> None:
+    # The heap is built first, in a request of its own, so that only the collection blocks.
+    built = httpx.get(server.url + "/gc-heap", headers={"x-request-id": "gc-heap"}, timeout=60)
+    assert built.json() == {"objects": 4_000_000}
+    response = httpx.get(
+        server.url + "/gc-elsewhere", headers={"x-request-id": "gc-victim"}, timeout=60
+    )
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        events = wait_events(server, 1)
+        victim = [e for e in events if e["request_id"] == "gc-victim"]
+        if victim or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # Building the heap is CPU work and a collection in the threadpool, which may have kept the
+    # loop from the GIL too, in that request's steps or in the loop's own callbacks meanwhile.
+    assert {e["request_id"] for e in events} <= {"gc-heap", None, "gc-victim"}, events
+    assert [e["kind"] for e in victim] == ["gc"], events
+    event = victim[0]
+    # The collector is named by its thread: not the loop's, and it ran no Python to show.
+    assert event["holder_thread"] > 0, event
+    assert event["holder_stack"] == [], event
+    assert re.search(r"kind=gc .*holder_thread=\d+", server.log()), server.log()
+
+
 def test_loop_starved_of_the_gil_by_a_sync_endpoint(server: Server) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

@@ -196,6 +196,14 @@ Kind classify(const OsState& state) noexcept {
 
 namespace {
 
+// Who the loop waits for when it waits for the GIL: our own sampler is not the app's blocking,
+// and a collection on another thread holds the GIL from start to end, so the collector is what
+// the loop waits for (a threadpool thread's allocations start collections as the loop's do).
+Kind gil_wait(const Evidence& ev) noexcept {
+  if (ev.sampler_has_gil) return Kind::kStarved;
+  return ev.gc_thread != 0 ? Kind::kGc : Kind::kGil;
+}
+
 // Less than a quarter of the time since the last reading on the CPU: native code or a busy
 // Python loop would have used nearly all of it.
 bool little_cpu(const Evidence& ev) noexcept {
@@ -213,7 +221,7 @@ Kind refine(const OsState& state, const Evidence& ev) noexcept {
   // with this process's own threads). Waiting while our own sampler holds it is not the app's
   // blocking: as a starved sample its run counts as saturation, unless the loop itself ran a
   // threshold of CPU.
-  if (kind == Kind::kLock && ev.gil_futex) return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
+  if (kind == Kind::kLock && ev.gil_futex) return gil_wait(ev);
   // Runnable but not running for most of the time since the last look: the thread was starved
   // of CPU (cgroup throttling, an overloaded host), whatever it was doing. Not a thread asleep
   // right now: what it sleeps in is the kind.
@@ -238,15 +246,13 @@ Kind without_stack(Kind refined, const Evidence& ev, const Evidence& during) noe
     if (during.elapsed > 0 && during.cpu >= 0) {
       if (during.cpu * 4 >= during.elapsed * 3) return Kind::kNative;
       if (during.run_delay >= 0 && during.run_delay * 2 > during.elapsed) return Kind::kStarved;
-      return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
+      return gil_wait(ev);
     }
     // Native code holding the GIL uses the CPU all along; a thread that hardly did, with
     // nothing to say why (refine() would have said I/O), is not known to be in native code.
     return little_cpu(ev) ? Kind::kUnknown : Kind::kNative;
   }
-  if (refined == Kind::kLock && !(ev.gil_known && !ev.gil_futex)) {
-    return ev.sampler_has_gil ? Kind::kStarved : Kind::kGil;
-  }
+  if (refined == Kind::kLock && !(ev.gil_known && !ev.gil_futex)) return gil_wait(ev);
   return refined;
 }
 

@@ -76,8 +76,8 @@ Event make_event(const std::vector<const Sample*>& s, std::size_t first, std::si
   // A lock wait names the thread that most likely held the lock: the newest sample's pick that
   // ran the user's code, else the newest pick at all. The last sample of a wait may come after
   // the holder let go (the loop wakes a moment later), when that thread is back in its pool's
-  // library code or gone.
-  if (ev.kind == Kind::kLock) {
+  // library code or gone. A wait for another thread's collection names the collecting thread.
+  if (ev.kind == Kind::kLock || ev.kind == Kind::kGc) {
     const ThreadStack* any = nullptr;
     const ThreadStack* application = nullptr;
     for (std::size_t i = last + 1; i-- > first && application == nullptr;) {
@@ -133,11 +133,12 @@ const StepSpan* step_holding(const StallInput& in, std::uint64_t token, Nanos t)
 // the GIL, so on the same uvicorn or stdlib function each time. Such samples never join up, and
 // runs of them are never events. Two kinds of sample are not that: the loop thread waiting on a
 // futex (a lock, or the GIL), which only happens when another thread holds what it needs, and a
-// GIL holder's stack, which is another thread's. Those stay stalls, with or without a request;
+// GIL holder's stack, which is another thread's (or a wait for another thread's collection).
+// Those stay stalls, with or without a request;
 // otherwise a loop held for a quarter of a second by a SQL thread's lock would vanish.
 bool saturation_like(const Sample& s) noexcept {
   const bool held_by_another_thread =
-      s.kind == Kind::kLock || s.kind == Kind::kGil || s.thread != 0;
+      s.kind == Kind::kLock || s.kind == Kind::kGil || s.thread != 0 || s.holder.thread != 0;
   return s.token == 0 && s.has_stack && !held_by_another_thread && !names_application(s);
 }
 

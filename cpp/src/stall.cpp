@@ -50,6 +50,7 @@ void Engine::begin_stall(Nanos busy_since, std::uint64_t epoch) {
 Evidence Engine::evidence(const OsState& os, Nanos t, Nanos cpu) const {
   Evidence ev;
   ev.in_gc = in_gc_.load(std::memory_order_relaxed);
+  ev.gc_thread = gc_thread_.load(std::memory_order_relaxed);
   if (sampler_) {
     ev.gil_known = sampler_->knows_gil_futex();
     ev.gil_futex = os.where == OsState::Where::kSyscall && sampler_->is_gil_futex(os.arg0);
@@ -168,7 +169,9 @@ void Engine::take_sample() {
           during.run_delay = std::max<Nanos>(later.run_delay - os.run_delay, 0);
         }
       }
-      ev.sampler_has_gil = sampler_->sampler_holds_gil();  // as of now, when it gave up
+      // As of now, when it gave up: who holds the GIL it could not get.
+      ev.sampler_has_gil = sampler_->sampler_holds_gil();
+      if (ev.gc_thread == 0) ev.gc_thread = gc_thread_.load(std::memory_order_relaxed);
       s.kind = without_stack(seen, ev, during);
       if (seen == Kind::kLock && s.kind == Kind::kGil) {
         // The sampler is still waiting for the GIL; point its pending capture at the thread
@@ -184,6 +187,8 @@ void Engine::take_sample() {
       }
     }
   }
+  // A wait for a collection on another thread names that thread, as a lock wait names its holder.
+  if (s.kind == Kind::kGc && ev.gc_thread != 0) s.holder.thread = ev.gc_thread;
   // The loop may have moved on while the sampler waited for the GIL; then the stack belongs to
   // whatever ran after the stall and must not be pinned on it.
   if (pulse_.epoch() != stall_.epoch) return;

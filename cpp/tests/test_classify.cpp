@@ -423,6 +423,30 @@ TEST(Refine, GcAndIdle) {
 #endif
 }
 
+// Another thread inside a collection holds the GIL throughout: a GIL wait meanwhile is the
+// collector's, read from the GIL's futex or, without a stack, from any futex that may be it.
+// Any other reading keeps its kind: the loop is not waiting for the GIL then.
+TEST(Refine, AGilWaitWhileAnotherThreadCollectsIsGc) {
+  Evidence ev;
+  ev.gc_thread = 5151;
+#ifdef SYS_futex
+  OsState futex = InSyscall(SYS_futex);
+  futex.arg0 = 0x1000;
+  ev.gil_known = true;
+  ev.gil_futex = true;
+  EXPECT_EQ(refine(futex, ev), Kind::kGc);
+  ev.gil_futex = false;
+  EXPECT_EQ(refine(futex, ev), Kind::kLock);
+  EXPECT_EQ(without_stack(Kind::kLock, ev), Kind::kLock);  // known to be another futex
+  ev.gil_known = false;
+  EXPECT_EQ(without_stack(Kind::kLock, ev), Kind::kGc);
+  ev.sampler_has_gil = true;  // then it is our own sampler that holds it
+  EXPECT_EQ(without_stack(Kind::kLock, ev), Kind::kStarved);
+  ev.sampler_has_gil = false;
+#endif
+  EXPECT_EQ(refine(Read("running", 'R'), ev), Kind::kCpu);
+}
+
 // A stopped thread (a debugger attached) is blocked outside any syscall too, and is no I/O.
 TEST(Classify, StoppedThreadIsUnknown) {
   EXPECT_EQ(classify(Read("-1 0x7ffd 0x7f12", 'T')), Kind::kUnknown);

@@ -583,6 +583,64 @@ TEST_F(EngineTest, ATokenWhoseRequestEndedNamesTheTaskInstead) {
   EXPECT_EQ(events[0].task, "");
 }
 
+// The loop waits for the GIL while another thread is inside a collection (a threadpool thread's
+// allocations, or a TestClient's test thread, started it): the collector holds the GIL from start
+// to end, so that is a gc wait naming the collecting thread, not a GIL holder to sample. The same
+// wait once the collection is over is a GIL wait again.
+TEST_F(EngineTest, AGilWaitDuringAnotherThreadsCollectionIsGc) {
+  os_->state = FutexWait(kGilAddress);
+  os_->loop_tid = 4242;
+  os_->running = {4242, 5151};
+  py_->gil_futexes = {kGilAddress};
+  py_->token = engine_->begin_request("GET /victim");
+  engine_->gc_elsewhere_begin(5151);
+  Stall(65 * kMs);
+  EXPECT_EQ(py_->thread_calls, 0);  // no GIL holder's Python to sample: it is collecting
+  std::vector<Event> events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGc);
+  EXPECT_EQ(events[0].holder.thread, 5151);
+  EXPECT_TRUE(events[0].holder.frames.empty());
+
+  // The sampler cannot get the GIL either: still the collection's.
+  py_->succeed = false;
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGc);
+  EXPECT_TRUE(events[0].stack_missing);
+
+  // A wait on a futex not known to be the GIL's, the collection starting while the sampler
+  // waits for the GIL it holds: a gc wait too.
+  engine_->gc_elsewhere_end();
+  os_->state = FutexWait(0xbad0);
+  py_->gil_futexes = {};
+  py_->during = [this] { engine_->gc_elsewhere_begin(5151); };
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGc);
+  EXPECT_EQ(events[0].holder.thread, 5151);
+
+  // Collection over: the holder of the GIL is sampled as before.
+  py_->during = nullptr;
+  engine_->gc_elsewhere_end();
+  os_->state = FutexWait(kGilAddress);
+  py_->gil_futexes = {kGilAddress};
+  py_->succeed = true;
+  py_->thread_succeed = true;
+  py_->thread_frames = HandlerStack("sync_handler", 9);
+  py_->thread_culprit = 1;
+  Advance(1 * kMs);
+  Stall(65 * kMs);
+  events = engine_->drain();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, Kind::kGil);
+  EXPECT_EQ(events[0].holder.thread, 0);
+}
+
 // The GIL's address is known and the loop waits on another futex, while other threads keep the
 // GIL so busy that the sampler is late: still a lock. Datasette: a cursor freed on the loop
 // thread waits in sqlite3_reset for the connection's mutex, which a SQL thread holds while it

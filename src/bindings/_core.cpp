@@ -168,6 +168,8 @@ NB_MODULE(_core, m) {
       .def("heartbeat_off", &PyEngine::heartbeat_off)
       .def("gc_begin", &PyEngine::gc_begin)
       .def("gc_end", &PyEngine::gc_end)
+      .def("gc_elsewhere_begin", &PyEngine::gc_elsewhere_begin)
+      .def("gc_elsewhere_end", &PyEngine::gc_elsewhere_end)
       .def("begin_request", &PyEngine::begin_request)
       .def("end_request", &PyEngine::end_request)
       .def("settle", &PyEngine::settle)

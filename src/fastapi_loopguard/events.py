@@ -59,7 +59,9 @@ class BlockingEvent:
     names nothing (then ``stack`` is that thread's too); otherwise the only other thread running
     application code, or failing any the only other thread running Python at all.
     ``holder_thread`` is its kernel thread id and ``holder_culprit`` its culprit line. They are
-    empty when no thread could be singled out.
+    empty when no thread could be singled out. For a ``gc`` wait, ``holder_thread`` is the
+    thread that ran the collection when it was not the loop's (the loop waited for the GIL it
+    held meanwhile), with no stack: a collection runs no Python.
     """
 
     duration_ms: float
@@ -188,6 +190,7 @@ def format_event(event: BlockingEvent) -> str:
         details.append("culprit=<stack unavailable>")
     if event.holder_culprit is not None:
         details.append(f"holder={escape(str(event.holder_culprit), 400)}")
+    if event.holder_thread is not None:
         details.append(f"holder_thread={event.holder_thread}")
     details.append(f"victims={event.victims}")
     if event.queued:

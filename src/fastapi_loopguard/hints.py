@@ -657,8 +657,9 @@ KIND_HINTS: dict[str, Hint] = {
     ),
     "gc": Hint(
         "gc.freeze()",
-        "a garbage collection ran on the loop thread: call gc.freeze() once after start-up so "
-        "long-lived objects are not scanned again, and allocate fewer objects per request",
+        "a garbage collection paused the loop (on the loop thread, or on another thread while "
+        "the loop waited for the GIL): call gc.freeze() once after start-up so long-lived "
+        "objects are not scanned again, and allocate fewer objects per request",
     ),
     "starved": Hint(
         "give the loop thread a CPU",

@@ -12,7 +12,8 @@ The engine learns three things from the loop, each without a timer of its own:
   paused in the engine, because what its thread does between two runs is not the loop's blocking;
   a loop that closes stops the guard, which delivers what it still held. The thread exiting is the
   engine's own business (``watch_thread_exit``), for loops that die without closing;
-- **that a collection runs on its thread** (a ``gc.callbacks`` hook), for the ``gc`` kind.
+- **that a collection runs, and on which thread** (a ``gc.callbacks`` hook), for the ``gc``
+  kind: the loop's own, or another thread's that the loop waits for the GIL behind.
 
 Nothing here holds the guard strongly: the loop keeps its hooks as long as it lives, and a guard
 that is dropped (an app a test suite threw away) must be collectable, so the hooks that need the
@@ -299,13 +300,23 @@ def _first_live(wrapper: Any) -> Any:
 
 
 def _gc_tracker(engine: Any) -> Callable[[str, dict[str, int]], None]:
-    """A gc.callbacks hook telling the engine when the loop thread is inside a collection."""
+    """A gc.callbacks hook telling the engine when a collection runs, and on which thread.
+
+    One on the loop thread is the loop's own pause. One on any other thread (a threadpool
+    thread, a TestClient's test thread) holds the GIL from start to end: a loop that needs the
+    GIL meanwhile waits for that collector, and the engine says so instead of blaming the GIL.
+    """
     loop_thread = threading.get_ident()
     begin, end = engine.gc_begin, engine.gc_end
+    elsewhere_begin, elsewhere_end = engine.gc_elsewhere_begin, engine.gc_elsewhere_end
+    get_ident, native_id = threading.get_ident, threading.get_native_id
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
-        # Collections on other threads are not the loop's stall.
-        if threading.get_ident() == loop_thread:
+        if get_ident() == loop_thread:
             (begin if phase == "start" else end)()
+        elif phase == "start":
+            elsewhere_begin(native_id())
+        else:
+            elsewhere_end()
 
     return on_gc

@@ -161,6 +161,42 @@ async def lock_held() -> dict[str, bool]:
     return {"ok": True}
 
 
+# Enough tracked objects that one full collection of them takes several thresholds of 50 ms
+# (about 110 ms on an idle machine): built once, by /gc-heap, in the threadpool.
+GC_HEAP: list[list[int]] = []
+
+
+@app.get("/gc-heap")
+def gc_heap() -> dict[str, int]:
+    # One collection after building rather than dozens during it, and on this thread: left in
+    # the youngest generation, all of them would be collected by the next allocation, on the
+    # loop thread maybe. Building is CPU work in the threadpool, which may itself keep the loop
+    # from the GIL (its heartbeat, while a request is in flight): reported as its own.
+    gc.disable()
+    try:
+        GC_HEAP[:] = [[] for _ in range(4_000_000)]
+    finally:
+        gc.enable()
+    gc.collect()
+    return {"objects": len(GC_HEAP)}
+
+
+def collect_then_set(done: threading.Event) -> None:
+    gc.collect()  # holds the GIL from start to end: the loop waits for it
+    done.set()
+
+
+@app.get("/gc-elsewhere")
+async def gc_elsewhere() -> dict[str, bool]:
+    # This step lasts until another thread's full collection is over, and all that time the loop
+    # waits for the GIL the collector holds: the collection is the block, not the GIL's holder.
+    done = threading.Event()
+    threading.Thread(target=collect_then_set, args=(done,), daemon=True).start()
+    while not done.is_set():
+        pass
+    return {"ok": True}
+
+
 def fill_future_late() -> int:
     time.sleep(0.6)  # culprit:future-holder
     return 1

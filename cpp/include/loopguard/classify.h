@@ -65,6 +65,9 @@ struct Evidence {
   Nanos run_delay = -1;    // time it was runnable but not running meanwhile, -1: unknown
   long major_faults = -1;  // major page faults meanwhile, -1: unknown
   bool in_gc = false;      // a cyclic collection runs on the loop thread
+  // The kernel thread id of another thread inside a cyclic collection, 0: none. It holds the GIL
+  // throughout, so a loop waiting for the GIL meanwhile waits for the collector.
+  long gc_thread = 0;
   bool gil_known = false;  // the GIL's futex address has been learned
   bool gil_futex = false;  // the futex the thread waits on is the GIL's
   // One of our own samplers (this engine's or another guard's) holds the GIL. A capture holds

@@ -153,6 +153,10 @@ class Engine {
   // Loop thread, from gc.callbacks: a collection started/finished on the loop thread.
   void gc_begin() noexcept { in_gc_.store(true, std::memory_order_relaxed); }
   void gc_end() noexcept { in_gc_.store(false, std::memory_order_relaxed); }
+  // Any other thread, from gc.callbacks: a collection started on thread `tid` (kernel id) or
+  // finished. One collection runs at a time in an interpreter, under the GIL, so one id is all.
+  void gc_elsewhere_begin(long tid) noexcept { gc_thread_.store(tid, std::memory_order_relaxed); }
+  void gc_elsewhere_end() noexcept { gc_thread_.store(0, std::memory_order_relaxed); }
   RequestCounters request_counters(std::uint64_t token) const { return requests_.get(token); }
   std::vector<Event> drain();
   void calibrate(std::vector<Nanos> lags) { threshold_.calibrate(std::move(lags)); }
@@ -247,6 +251,7 @@ class Engine {
   std::atomic<bool> timer_armed_{false};
   std::shared_ptr<ThreadExitHook> exit_hook_;
   std::atomic<bool> in_gc_{false};
+  std::atomic<long> gc_thread_{0};  // another thread inside a collection, 0: none
   long watchdog_tid_ = -1;
   std::atomic<Nanos> last_request_end_{0};
   // A loop iterating faster than kBusyIterations a second with nothing in flight (excluded paths,

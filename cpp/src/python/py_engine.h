@@ -66,6 +66,12 @@ class PyEngine {
   void gc_end() noexcept {
     if (engine_) engine_->gc_end();
   }
+  void gc_elsewhere_begin(long tid) noexcept {
+    if (engine_) engine_->gc_elsewhere_begin(tid);
+  }
+  void gc_elsewhere_end() noexcept {
+    if (engine_) engine_->gc_elsewhere_end();
+  }
   // Ends the request. When its code was part of a stall still in progress, that stall is over
   // (the request's code ran again, to finish), so it is settled now: its events are delivered
   // before the request is done. `pending`: events are ready to drain. One crossing per request
