@@ -52,7 +52,6 @@ import selectors
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -273,7 +272,6 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
     middleware_module: Any = importlib.import_module("fastapi_loopguard.middleware")
     enforcement: Any = importlib.import_module("fastapi_loopguard.enforcement")
     escape, incoming = guard_module.escape, middleware_module._incoming_request_id
-    clock = time.monotonic_ns
     loop = asyncio.get_running_loop()
     # As the middleware sees it once Starlette has routed it (end() reads the route template).
     scope = {**ok_scope(), "route": next(r for r in app.routes if r.path == "/ok")}
@@ -314,27 +312,6 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
 
     def begin_end() -> None:
         info, token = guard.begin(request_id, "GET", path, scope)
-        guard.end(info, token)
-
-    def record_step() -> None:
-        token = engine.begin_request(label)
-        engine.record_step(token, clock(), clock(), -1)
-        engine.end_request(token)
-
-    def record_step_without() -> None:
-        token = engine.begin_request(label)
-        clock()
-        clock()
-        engine.end_request(token)
-
-    def step() -> None:
-        info, token = guard.begin(request_id, "GET", path, scope)
-        guard._step(info, clock(), -1, None)  # the last step of a request passes no coroutine
-        guard.end(info, token)
-
-    def step_without() -> None:
-        info, token = guard.begin(request_id, "GET", path, scope)
-        clock()
         guard.end(info, token)
 
     async def trivial() -> None:
@@ -380,8 +357,6 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
             calls(nothing),
         ),
         ("timed(), one step", awaits(timed), awaits(timed_without)),
-        ("_step", calls(step), calls(step_without)),
-        ("engine.record_step", calls(record_step), calls(record_step_without)),
         ("_checked_send, 2 messages", awaits(checked_send), awaits(checked_send_without)),
         (
             "_with_headers",
@@ -726,8 +701,8 @@ def _piece_rows(results: dict[Run, Result], loop: str, seed: int) -> dict[str, f
         return phases[name].request_driven - phases[f"{name}/without"].request_driven
 
     request = piece("request, defaults")
-    begin_end, timed, step = piece("begin + end"), piece("timed(), one step"), piece("_step")
-    record, checked = piece("engine.record_step"), piece("_checked_send, 2 messages")
+    begin_end, timed = piece("begin + end"), piece("timed(), one step")
+    checked = piece("_checked_send, 2 messages")
     rows = {
         "request through the guard, defaults (a no-op ASGI app)": request,
         "  _incoming_request_id: header scan, new_request_id": piece("_incoming_request_id"),
@@ -743,11 +718,7 @@ def _piece_rows(results: dict[Run, Result], loop: str, seed: int) -> dict[str, f
         - piece("engine.begin_request + end_request")
         - piece("start(), running")
         - piece("RequestInfo + release_scope"),
-        "  timed(), one step": timed,
-        "    _step": step,
-        "      engine.record_step": record,
-        "      the rest of _step, its clock read": step - record,
-        "    the rest: _TimedSteps, __await__, its clock read": timed - step,
+        "  timed(), one step: the native step timer, the engine's record_step": timed,
         "  the rest: __call__ dispatch, _tracked, the ASGI plumbing": request
         - piece("_incoming_request_id")
         - begin_end

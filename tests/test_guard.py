@@ -6,8 +6,10 @@ Each test runs on asyncio and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -370,6 +372,95 @@ def test_timed_steps_are_transparent_to_the_coroutine(loop_name: str) -> None:
             assert guard.stats()["cumulative_events"] == 0
 
     run(loop_name, main)
+
+
+class _Yield:
+    """An awaitable that yields ``value`` to whoever drives the coroutine, and returns what it
+    is sent back: a driver other than asyncio's, as anyio's or a test's may be."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __await__(self) -> Any:
+        return (yield self.value)
+
+
+@pytest.mark.parametrize("result", [None, 7, (1, 2), (), KeyError("a value, not raised")], ids=repr)
+def test_timed_steps_hand_every_value_through(result: object) -> None:
+    """Values yielded, sent, thrown and returned pass through the timer as through ``await``:
+    a tuple or an exception returned is the value, never StopIteration's arguments."""
+
+    async def main() -> None:
+        async with LoopGuard(LoopGuardConfig(log_blocking_events=False)) as guard:
+            info, var_token = guard.begin("values")
+
+            async def request() -> object:
+                sent = await _Yield("first")
+                assert sent == "sent back"
+                try:
+                    await _Yield("second")
+                except ValueError as error:
+                    assert str(error) == "thrown in"
+                    thrown = await _Yield("after the throw")
+                    assert thrown == "again"
+                return result
+
+            async def throws_and_returns() -> str:
+                try:
+                    await _Yield("waiting")
+                except ValueError:
+                    return "returned from the throw"
+                return "not reached"
+
+            # Driven by hand, as a task would drive the coroutine that awaits the timer.
+            steps = guard.timed(request(), info).__await__()
+            assert next(steps) == "first"
+            assert steps.send("sent back") == "second"
+            assert steps.throw(ValueError("thrown in")) == "after the throw"
+            with pytest.raises(StopIteration) as stop:
+                steps.send("again")
+            assert stop.value.value == result
+            assert type(stop.value.value) is type(result)
+
+            other = guard.timed(throws_and_returns(), info).__await__()
+            assert next(other) == "waiting"
+            with pytest.raises(StopIteration) as stop:
+                other.throw(ValueError("caught"))
+            assert stop.value.value == "returned from the throw"
+
+            # Awaited the usual way, each value comes back as the coroutine's result.
+            async def plain() -> object:
+                await asyncio.sleep(0)
+                return result
+
+            assert await guard.timed(plain(), info) == result
+            guard.end(info, var_token)
+
+    asyncio.run(main())
+
+
+def test_a_timer_the_loop_drops_frees_its_coroutine() -> None:
+    """A timer left suspended in a cycle with its coroutine (the coroutine's frame holds the
+    timer) is no leak: the collector sees through the timer and frees both."""
+
+    async def main() -> None:
+        async with LoopGuard(LoopGuardConfig(log_blocking_events=False)) as guard:
+            info, var_token = guard.begin("dropped")
+
+            async def suspended(box: list[Any]) -> None:
+                await _Yield("never resumed")
+
+            box: list[Any] = []
+            coro = suspended(box)
+            freed = weakref.ref(coro)
+            box.append(guard.timed(coro, info))
+            assert next(box[0].__await__()) == "never resumed"
+            del coro, box
+            gc.collect()
+            assert freed() is None
+            guard.end(info, var_token)
+
+    asyncio.run(main())
 
 
 async def _await(awaitable: Any) -> Any:

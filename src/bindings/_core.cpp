@@ -10,6 +10,7 @@
 #include "loopguard/event.h"
 #include "loopguard/frame_filter.h"
 #include "py_engine.h"
+#include "timed_steps.h"
 
 namespace nb = nanobind;
 using namespace loopguard;
@@ -183,7 +184,14 @@ NB_MODULE(_core, m) {
       .def("close_uvloop", &PyEngine::close_uvloop)
       .def("pause", &PyEngine::pause)
       .def("resume", &PyEngine::resume)
-      .def("record_step", &PyEngine::record_step)
+      .def("timed",
+           [](nb::handle self, nb::handle coro, std::uint64_t token, nb::handle report,
+              nb::handle info) {
+             PyObject* timer = make_timed_steps(self.ptr(), nb::inst_ptr<PyEngine>(self),
+                                                coro.ptr(), token, report.ptr(), info.ptr());
+             if (timer == nullptr) throw nb::python_error();
+             return nb::steal(timer);
+           })
       .def("take_cumulative", &PyEngine::take_cumulative)
       .def("request_counters", &PyEngine::request_counters)
       .def("drain", &PyEngine::drain)

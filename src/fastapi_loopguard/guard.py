@@ -32,7 +32,7 @@ from .exporters.base import Exporter
 from .frames import frame_config, frame_filter
 from .loops import running_asyncio_loop
 from .pulse import LoopHooks
-from .steps import TimedSteps, suspended_stack
+from .steps import suspended_stack
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -40,7 +40,6 @@ _NS_PER_MS = 1_000_000
 # Finished requests kept so that an event drained after its request ended still names it.
 _RECENT_REQUESTS = 4096
 _KEPT_EVENTS = 1000
-_REPORT = 2  # the engine's StepVerdict::kReport: a cumulative event is ready
 
 
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
@@ -411,28 +410,24 @@ class LoopGuard:
         The engine adds the steps up per request: many blocks too short to be a stall each are
         reported as cumulative blocking once they reach ``cumulative_blocking_threshold_ms``
         within ``cumulative_window_ms``. Child tasks the request starts run as their own tasks
-        and are not counted.
+        and are not counted. The timer is native (the engine's ``timed``): it is on the path of
+        every step of every request, and calls back into Python only to report an event.
         """
-        return TimedSteps(coro, self._step, info)
-
-    def _step(
-        self,
-        info: RequestInfo,
-        start: int,
-        cpu_start: int,
-        coro: Coroutine[Any, Any, Any] | None,
-    ) -> bool:
-        """Hands one step to the engine; True when it wants the steps' CPU time from now on."""
         engine = self._engine
         if engine is None:
-            return False
+            return coro
+        timer: Awaitable[Any] = engine.timed(coro, info.token, self._cumulative, info)
+        return timer
+
+    def _cumulative(self, info: RequestInfo, coro: Coroutine[Any, Any, Any] | None) -> None:
+        """A step completed a cumulative event: delivers it, pointing at where ``coro`` waits."""
+        engine = self._engine
+        if engine is None:
+            return
         try:
-            end = time.monotonic_ns()
-            cpu = time.thread_time_ns() - cpu_start if cpu_start >= 0 else -1
-            verdict = engine.record_step(info.token, start, end, cpu)
-            if verdict != _REPORT:
-                return bool(verdict)
             raw = engine.take_cumulative()
+            if raw is None:
+                return
             event = from_native(raw, info, engine.now_ns(), time.time(), None)
             # The steps are over; the one place left to point at is where the request's
             # coroutine waits now, right after the last of them.
@@ -453,8 +448,7 @@ class LoopGuard:
             info.events.append(event)
             self._dispatch(event, info)
         except Exception:  # the guard must never break the request it times
-            logger.exception("fastapi_loopguard: timing a request step failed")
-        return True
+            logger.exception("fastapi_loopguard: reporting a request's cumulative blocking failed")
 
     # -- pulse and delivery ---------------------------------------------------------------------
 

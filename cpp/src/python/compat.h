@@ -5,8 +5,9 @@
 // Supported: CPython 3.11, 3.12, 3.13 and 3.14, each built and tested by `make test-matrix` (3.12
 // where the machine has a 3.12 interpreter: no Debian release ships one). Every field and function
 // used below was checked against those four versions' headers; where they agree no branch is
-// needed. Each side of the two branches left is compiled and run by a leg of the matrix:
-// is_finalizing() splits 3.11/3.12 from 3.13/3.14, running_task() 3.11 to 3.13 from 3.14.
+// needed. Each side of the branches left is compiled and run by a leg of the matrix:
+// is_finalizing() splits 3.11/3.12 from 3.13/3.14, running_task() 3.11 to 3.13 from 3.14, and
+// take_error()/restore_error() 3.11 from 3.12 on, and the unlocked frame readers theirs (below).
 //
 // 3.12 needs no branch of its own. Checked against its headers (3.12.1) and the C API part of its
 // "What's New": PyThreadState still has context and native_thread_id (cpython/pystate.h);
@@ -112,6 +113,52 @@ inline PyObject* running_task(PyObject* current_tasks, PyObject* current_task, P
 // Whether a code object is a coroutine's (async def): co_flags has been public, under this name,
 // in every supported version.
 inline bool is_coroutine_code(PyCodeObject* code) { return (code->co_flags & CO_COROUTINE) != 0; }
+
+// ---- The current exception, as one object ----------------------------------------------------
+// The step timer (timed_steps.cpp) sets aside the exception a step raised while it calls back
+// into Python, and takes StopIteration's value when a thrown-into coroutine returns. 3.12 made the
+// raised exception one object (PyErr_GetRaisedException) and deprecated the (type, value,
+// traceback) triple that 3.11 only has; on 3.11 the triple is normalised into that one object.
+
+// The pending exception (a new reference, the error indicator cleared), or NULL when none is set.
+inline PyObject* take_error() {
+#if PY_VERSION_HEX >= 0x030C0000
+  return PyErr_GetRaisedException();
+#else
+  PyObject* type = nullptr;
+  PyObject* value = nullptr;
+  PyObject* traceback = nullptr;
+  PyErr_Fetch(&type, &value, &traceback);
+  if (type == nullptr) return nullptr;
+  PyErr_NormalizeException(&type, &value, &traceback);
+  if (traceback != nullptr && value != nullptr) PyException_SetTraceback(value, traceback);
+  Py_XDECREF(type);
+  Py_XDECREF(traceback);
+  return value;
+#endif
+}
+
+// Sets `error` (stolen; NULL: nothing) as the pending exception again.
+inline void restore_error(PyObject* error) {
+  if (error == nullptr) return;
+#if PY_VERSION_HEX >= 0x030C0000
+  PyErr_SetRaisedException(error);
+#else
+  PyErr_Restore(Py_NewRef(reinterpret_cast<PyObject*>(Py_TYPE(error))), error,
+                PyException_GetTraceback(error));
+#endif
+}
+
+// The value of the pending StopIteration (a new reference), the error indicator cleared. The
+// caller has checked that StopIteration is what is pending.
+inline PyObject* take_stop_iteration_value() {
+  PyObject* stop = take_error();
+  if (stop == nullptr) return Py_NewRef(Py_None);
+  PyObject* value = reinterpret_cast<PyStopIterationObject*>(stop)->value;
+  Py_XINCREF(value);
+  Py_DECREF(stop);
+  return value != nullptr ? value : Py_NewRef(Py_None);
+}
 
 // ---- Reading a stack without the GIL ----------------------------------------------------------
 // When native code holds the GIL for seconds (a C extension in a long computation or a deadlock),

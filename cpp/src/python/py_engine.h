@@ -108,8 +108,15 @@ class PyEngine {
   void resume() noexcept {
     if (engine_) engine_->resume();
   }
-  int record_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) {
-    return static_cast<int>(engine().record_step(token, start, end, cpu));
+  // One step of a request's coroutine, from the step timer (timed_steps.h). Never throws: a
+  // guard that fails must not fail the request; after fork()'s abandonment it records nothing.
+  StepVerdict timed_step(std::uint64_t token, Nanos start, Nanos end, Nanos cpu) noexcept {
+    if (!engine_) return StepVerdict::kNone;
+    try {
+      return engine_->record_step(token, start, end, cpu);
+    } catch (...) {
+      return StepVerdict::kNone;
+    }
   }
   std::optional<Event> take_cumulative() { return engine().take_cumulative(); }
   RequestCounters request_counters(std::uint64_t token) { return engine().request_counters(token); }
