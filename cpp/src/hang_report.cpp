@@ -118,9 +118,19 @@ void Engine::report_hang(Nanos now) {
   const std::uint64_t token =
       named != nullptr && !without_gil ? named->token : (latest ? latest->token : 0);
   const std::string label = token != 0 ? requests_.label(token) : std::string();
+  // No stack through the GIL: whose Context the loop runs in is not known, so with requests in
+  // flight it may be one of them; the line says so rather than "no active request".
+  const bool unknown = (named == nullptr || without_gil) && latest != nullptr && latest->no_gil;
+  const std::uint32_t inflight = label.empty() && unknown ? requests_.inflight() : 0;
   if (!label.empty()) {
     line += " during ";
     append_printable(line, label, 300);
+  } else if (inflight == 1) {
+    line += " (its request unknown without the GIL; the one in flight: ";
+    append_printable(line, requests_.sole_label(), 300);
+    line += ")";
+  } else if (inflight > 1) {
+    line += " (its request unknown without the GIL; " + std::to_string(inflight) + " in flight)";
   } else {
     line += " (no active request)";
   }

@@ -36,6 +36,11 @@ std::string RequestTable::label(std::uint64_t token) const {
   return it == inflight_.end() ? std::string() : it->second.label;
 }
 
+std::string RequestTable::sole_label() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return inflight_.size() == 1 ? inflight_.begin()->second.label : std::string();
+}
+
 std::optional<Nanos> RequestTable::open_since(std::uint64_t token, Nanos since) const {
   std::lock_guard<std::mutex> lock(mutex_);
   if (auto it = inflight_.find(token); it != inflight_.end()) return it->second.begin;

@@ -110,8 +110,9 @@ TEST_F(EngineTest, HangReportReplacesControlCharacters) {
   EXPECT_EQ(events[0].stack[0].filename, "app/ro\tutes.py");
 }
 
-// Without a request or a stack the line still says what is known: the OS kind.
-TEST_F(EngineTest, HangReportWithoutRequestOrStack) {
+// Without a stack the line still says what is known: the OS kind, and the requests in flight that
+// the loop may be running (the Context is not read without the GIL).
+TEST_F(EngineTest, HangReportWithoutAStackNamesWhatIsInFlight) {
   HangPipe pipe;
   ASSERT_TRUE(pipe.ok());
   WatchdogConfig config;
@@ -122,9 +123,18 @@ TEST_F(EngineTest, HangReportWithoutRequestOrStack) {
   py_->succeed = false;                  // native code holds the GIL
   Stall(61 * kMs);
   EXPECT_EQ(pipe.Read(),
-            "loopguard: event loop blocked for 0.06 s and still blocked (no active request); "
-            "kind=native; culprit=<stack unavailable>\n");
+            "loopguard: event loop blocked for 0.06 s and still blocked (its request unknown "
+            "without the GIL; the one in flight: GET /other); kind=native; "
+            "culprit=<stack unavailable>\n");
   EXPECT_EQ(engine_->stats().hangs, 1u);
+
+  // Two in flight: only their number. None: no active request, GIL or not.
+  engine_->begin_request("GET /another");
+  Advance(1 * kMs);
+  Stall(61 * kMs);
+  EXPECT_EQ(pipe.Read(),
+            "loopguard: event loop blocked for 0.06 s and still blocked (its request unknown "
+            "without the GIL; 2 in flight); kind=native; culprit=<stack unavailable>\n");
 }
 
 // Native code holds the GIL: no stack through it, so the loop thread's frames are read without it

@@ -54,6 +54,8 @@ class RequestTable {
   // moment nobody has looked at.
   RequestCounters get(std::uint64_t token) const;
   std::string label(std::uint64_t token) const;
+  // The label of the only request in flight; empty when none is, or several are.
+  std::string sole_label() const;
   // When the request began, if it was in flight at any time since `since`: in flight now, or
   // among the last kEndLog to end, at or after `since`. Nothing otherwise.
   std::optional<Nanos> open_since(std::uint64_t token, Nanos since) const;
