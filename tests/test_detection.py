@@ -421,9 +421,19 @@ def test_blocking_outside_the_endpoint_body_is_attributed(
 ) -> None:
     response = httpx.get(server.url + path, headers={"x-request-id": "ctx-1"}, timeout=10)
     assert response.status_code == 200
-    events = wait_events(server, 1)
-    assert len(events) == 1, events
-    event = events[0]
+    # The app's block, and nothing else of the app's. A fresh server's first request may also
+    # pay for a library's first import on the loop (anyio imports lazily: 65 ms on a busy host),
+    # which is reported too, as library code.
+    deadline = time.monotonic() + 5
+    while True:
+        events = wait_events(server, 1)
+        own = [e for e in events if e["culprit"] and e["culprit"]["filename"] == str(APP_FILE)]
+        if own or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(own) == 1, events
+    assert all(e["culprit_is_library"] for e in events if e not in own), events
+    event = own[0]
     assert event["request_id"] == "ctx-1"
     assert event["route"] == route
     assert event["culprit"]["lineno"] == culprit_line(APP_FILE, marker)
