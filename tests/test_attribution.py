@@ -33,9 +33,10 @@ async def _fire(
 
 
 CASES = [
-    # (name, path template, route, expected kind, culprit marker)
+    # (name, path template, route, expected kind, culprit marker or markers, any one of them)
     ("sleep", "/sleep/300", "/sleep/{ms}", "sleep", "sleep"),
     ("cpu", "/cpu", "/cpu", "cpu", "cpu"),
+    ("loop", "/scan", "/scan", "cpu", ("scan", "scan-body")),
     ("io", "/io?port={port}", "/io", "io", "io"),
     ("child", "/child", "/child", "sleep", "child"),
 ]
@@ -45,7 +46,13 @@ CASES = [
     ("name", "path", "route", "kind", "marker"), CASES, ids=[c[0] for c in CASES]
 )
 def test_exact_request_and_line_blamed(
-    culprit_server: Server, slow_peer: int, name: str, path: str, route: str, kind: str, marker: str
+    culprit_server: Server,
+    slow_peer: int,
+    name: str,
+    path: str,
+    route: str,
+    kind: str,
+    marker: str | tuple[str, ...],
 ) -> None:
     guilty_id = f"guilty-{name}"
     guilty, innocents = asyncio.run(_fire(culprit_server, path.format(port=slow_peer), guilty_id))
@@ -62,10 +69,11 @@ def test_exact_request_and_line_blamed(
     assert event["route"] == route
     assert event["kind"] == kind
     assert event["culprit"]["filename"] == str(APP_FILE)
-    assert event["culprit"]["lineno"] == culprit_line(APP_FILE, marker)
+    markers = (marker,) if isinstance(marker, str) else marker
+    assert event["culprit"]["lineno"] in {culprit_line(APP_FILE, m) for m in markers}
     assert event["victims"] >= INNOCENTS
     assert 200 <= event["duration_ms"] <= 2000
-    assert event["stack"][-1]["lineno"] >= 1  # outermost first, innermost last
+    assert all(frame["lineno"] >= 1 for frame in event["stack"])  # never CPython's -1
 
     # Dev-mode headers: the guilty request learns of its own block, the innocents of none.
     assert guilty.headers["x-request-id"] == guilty_id

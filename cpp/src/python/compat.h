@@ -12,14 +12,15 @@
 // 3.12 needs no branch of its own. Checked against its headers (3.12.1) and the C API part of its
 // "What's New": PyThreadState still has context and native_thread_id (cpython/pystate.h);
 // _Py_IsFinalizing is still the only spelling (cpython/pylifecycle.h); PyCodeObject still has
-// co_filename, co_qualname and co_flags, and CO_COROUTINE is unchanged (cpython/code.h). What
-// py_sampler.cpp calls is all there with the same signatures and reference semantics: the frame
-// accessors (PyThreadState_GetFrame, PyFrame_GetCode, PyFrame_GetBack, PyFrame_GetLineNumber),
-// PyInterpreterState_ThreadHead/PyThreadState_Next, PyGILState_*, PyEval_SaveThread/RestoreThread,
-// PyGC_Disable/Enable and PyUnicode_AsUTF8AndSize. Py_AddPendingCall, whose pending calls 3.12 made
-// per interpreter, still queues for the main thread of the main interpreter, which is where
-// PySampler's loop capture wants to run. Nothing 3.12 removed (the Py_UNICODE APIs, token.h) is
-// used, and immortal objects (PEP 683) only make some of our INCREF/DECREFs no-ops.
+// co_filename, co_qualname, co_flags and co_firstlineno, and CO_COROUTINE is unchanged
+// (cpython/code.h). What py_sampler.cpp calls is all there with the same signatures and reference
+// semantics: the frame accessors (PyThreadState_GetFrame, PyFrame_GetCode, PyFrame_GetBack,
+// PyFrame_GetLasti, PyCode_Addr2Line), PyInterpreterState_ThreadHead/PyThreadState_Next,
+// PyGILState_*, PyEval_SaveThread/RestoreThread, PyGC_Disable/Enable and PyUnicode_AsUTF8AndSize.
+// Py_AddPendingCall, whose pending calls 3.12 made per interpreter, still queues for the main
+// thread of the main interpreter, which is where PySampler's loop capture wants to run.
+// Nothing 3.12 removed (the Py_UNICODE APIs, token.h) is used, and immortal objects (PEP 683) only
+// make some of our INCREF/DECREFs no-ops.
 //
 // Free-threaded builds (Py_GIL_DISABLED) have no GIL to serialise the sampler against the loop
 // thread, so reading that thread's frames would race with it. fastapi_loopguard/_native.py refuses
@@ -43,6 +44,10 @@
 #include <internal/pycore_frame.h>
 #endif
 #undef Py_BUILD_CORE
+#if PY_VERSION_HEX < 0x030C0000
+// The opcode numbers (public in 3.11), for backward_jump_target.
+#include <opcode.h>
+#endif
 
 namespace loopguard::compat {
 
@@ -209,15 +214,67 @@ inline PyCodeObject* unlocked_code(InterpreterFrame* frame) {
   return reinterpret_cast<PyCodeObject*>(executable);
 }
 
-// The line a frame is at, from its instruction pointer and the code's location table: arithmetic
-// on immutable bytes. 3.12 published it as PyUnstable_InterpreterFrame_GetLine; 3.11 spells out the
-// same computation (the last instruction's offset, in bytes, into PyCode_Addr2Line).
-inline int unlocked_line(InterpreterFrame* frame) {
-#if PY_VERSION_HEX >= 0x030C0000
-  return PyUnstable_InterpreterFrame_GetLine(frame);
+// Where the backward jump at byte offset `offset` goes (a byte offset), or -1 if that instruction
+// is no backward jump. Only 3.11 needs it: where a loop body's branches share the jump back, 3.11
+// gives that jump no line, and the eval breaker checks there, so a CPU loop is sampled right on
+// it. The loop's header, its target, is the line that runs. 3.12 gives every jump a line. The
+// words are read as they are: specialisation may have quickened the jump in place (both spellings
+// count), and a word misread as a prefix only names another line of the same function.
+inline int backward_jump_target(PyCodeObject* code, int offset) {
+#if PY_VERSION_HEX < 0x030C0000
+  const _Py_CODEUNIT* words = _PyCode_CODE(code);
+  const Py_ssize_t index = offset / static_cast<int>(sizeof(_Py_CODEUNIT));
+  if (index < 0 || index >= Py_SIZE(code)) return -1;
+  const int op = _Py_OPCODE(words[index]);
+  if (op != JUMP_BACKWARD && op != JUMP_BACKWARD_QUICK && op != JUMP_BACKWARD_NO_INTERRUPT) {
+    return -1;
+  }
+  Py_ssize_t distance = _Py_OPARG(words[index]);
+  for (Py_ssize_t i = index - 1, shift = 8; i >= 0 && shift <= 24; --i, shift += 8) {
+    const int prefix = _Py_OPCODE(words[i]);
+    if (prefix != EXTENDED_ARG && prefix != EXTENDED_ARG_QUICK) break;
+    distance |= static_cast<Py_ssize_t>(_Py_OPARG(words[i])) << shift;
+  }
+  const Py_ssize_t target = index + 1 - distance;
+  return target >= 0 && target < index ? static_cast<int>(target) * 2 : -1;
 #else
-  return PyCode_Addr2Line(
-      frame->f_code, _PyInterpreterFrame_LASTI(frame) * static_cast<int>(sizeof(_Py_CODEUNIT)));
+  (void)code;
+  (void)offset;
+  return -1;
+#endif
+}
+
+// The line of the instruction at byte offset `offset` in `code`, for a sample's frame: arithmetic
+// on the code's immutable bytes, so it is safe without the GIL. Some instructions carry no line:
+// PyCode_Addr2Line answers -1, which is no line to show anyone. A backward jump belongs to its
+// loop's header; any other (exception cleanup, say) to the statement before it. The search back is
+// bounded; past it, or at the code's start, the line is the function's first.
+inline int line_at(PyCodeObject* code, int offset) {
+  const int line = PyCode_Addr2Line(code, offset);
+  if (line >= 0) return line;
+  const int target = backward_jump_target(code, offset);
+  if (target >= 0) {
+    const int header = PyCode_Addr2Line(code, target);
+    if (header >= 0) return header;
+  }
+  constexpr int kMaxStepsBack = 64;
+  offset -= static_cast<int>(sizeof(_Py_CODEUNIT));
+  for (int step = 0; offset >= 0 && step < kMaxStepsBack; ++step) {
+    const int earlier = PyCode_Addr2Line(code, offset);
+    if (earlier >= 0) return earlier;
+    offset -= static_cast<int>(sizeof(_Py_CODEUNIT));
+  }
+  return code->co_firstlineno;
+}
+
+// The byte offset of a frame's last instruction (what PyFrame_GetLasti answers for a frame
+// object). 3.12 published it as PyUnstable_InterpreterFrame_GetLasti; 3.11 spells out the same
+// computation.
+inline int unlocked_offset(InterpreterFrame* frame) {
+#if PY_VERSION_HEX >= 0x030C0000
+  return PyUnstable_InterpreterFrame_GetLasti(frame);
+#else
+  return _PyInterpreterFrame_LASTI(frame) * static_cast<int>(sizeof(_Py_CODEUNIT));
 #endif
 }
 

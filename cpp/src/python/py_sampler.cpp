@@ -447,7 +447,7 @@ class PySampler final : public StackSampler {
       while (frame != nullptr && out.frames.size() < config_.max_depth) {
         PyCodeObject* code = PyFrame_GetCode(frame);
         FrameInfo info;
-        info.line = PyFrame_GetLineNumber(frame);
+        info.line = compat::line_at(code, PyFrame_GetLasti(frame));
         info.filename = utf8_of(compat::code_filename(code));
         info.function = utf8_of(compat::code_qualname(code));
         if (compat::is_coroutine_code(code)) outermost_coroutine = info.function;
@@ -485,7 +485,7 @@ class PySampler final : public StackSampler {
       PyCodeObject* code = compat::unlocked_code(frame);
       if (code != nullptr) {
         RawFrame& raw = raw_[n++];
-        raw.line = compat::unlocked_line(frame);
+        raw.line = compat::line_at(code, compat::unlocked_offset(frame));
         compat::unlocked_text(compat::code_filename(code), raw.filename, sizeof raw.filename);
         compat::unlocked_text(compat::code_qualname(code), raw.function, sizeof raw.function);
       }
