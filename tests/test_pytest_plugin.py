@@ -587,13 +587,13 @@ import sys
 
 
 def pytest_sessionfinish(session):
-    from fastapi_loopguard import guard
+    from fastapi_loopguard import delivery
 
     state = {
         "plugin_loaded": session.config.pluginmanager.has_plugin("loopguard"),
         "core_imported": "fastapi_loopguard._core" in sys.modules,
         "loops_hooked": hasattr(asyncio.BaseEventLoop.run_forever, "__wrapped__"),
-        "observers": len(guard._observers),
+        "observers": len(delivery._observers),
     }
     with open("loopguard-state.json", "w") as f:
         json.dump(state, f)

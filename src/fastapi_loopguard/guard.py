@@ -14,54 +14,32 @@ import atexit
 import contextvars
 import logging
 import os
-import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 from . import _native, exporters
+from ._convert import engine_configs, stats_dict
 from ._text import escape
 from .config import LoopGuardConfig
+from .delivery import Delivery
 from .eventlog import EventLog
 from .events import BlockingEvent, RequestInfo, from_native
 from .exporters.base import Exporter
-from .frames import frame_config, frame_filter
 from .loops import running_asyncio_loop
 from .pulse import LoopHooks
-from .steps import suspended_stack
+from .steps import cumulative_event
 
 logger = logging.getLogger("fastapi_loopguard")
 
 _NS_PER_MS = 1_000_000
 # Finished requests kept so that an event drained after its request ended still names it.
 _RECENT_REQUESTS = 4096
-_KEPT_EVENTS = 1000
-
 
 _live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
-# Called with (guard, event) for every event of every guard in the process, on the loop thread
-# that delivers it: the pytest plugin watches a test through whichever guards its app carries.
-# A tuple, replaced on change, so a dispatching loop thread reads it without a lock; when empty
-# it costs `_dispatch` one falsy check.
-_observers: tuple[Callable[[LoopGuard, BlockingEvent], object], ...] = ()
-_observers_lock = threading.Lock()
-
-
-def add_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> None:
-    """Calls ``observer(guard, event)`` for every event of every guard, until removed."""
-    global _observers
-    with _observers_lock:
-        _observers = (*_observers, observer)
-
-
-def remove_observer(observer: Callable[[LoopGuard, BlockingEvent], object]) -> None:
-    global _observers
-    with _observers_lock:
-        _observers = tuple(o for o in _observers if o is not observer)
 
 
 @contextmanager
@@ -123,11 +101,11 @@ class LoopGuard:
         # app, long after it left _recent, and their events still say it created them.
         self._startup: RequestInfo | None = None
         self._calibration: asyncio.Task[None] | None = None
-        self._listeners: list[Callable[[BlockingEvent], object]] = []
-        self.events: deque[BlockingEvent] = deque(maxlen=_KEPT_EVENTS)
         self.exporters: list[Exporter] = exporters.build(self.config, self)
         self._request_exporters = [e for e in self.exporters if e.wants_requests]
         self._end_exporters = [e for e in self.exporters if e.wants_request_ends]
+        self._delivery = Delivery(self.exporters, self.config.on_blocking)
+        self.events = self._delivery.events
         self._event_log: EventLog | None = None
         if self.config.event_log_path is not None:
             self._event_log = EventLog(self.config.event_log_path)
@@ -138,6 +116,11 @@ class LoopGuard:
     @property
     def running(self) -> bool:
         return self._engine is not None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop this guard watches while it runs."""
+        return self._loop
 
     def start(self) -> None:
         """Starts watching the running loop (idempotent). Call on the loop thread.
@@ -159,7 +142,7 @@ class LoopGuard:
         # which, see compat.h, and calls the function only if it is the C one).
         current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
         engine = core.Engine(
-            *_engine_configs(core, self.config),
+            *engine_configs(core, self.config),
             self._request_var,
             loop,
             current_tasks if isinstance(current_tasks, dict) else None,
@@ -319,11 +302,11 @@ class LoopGuard:
             self.end(info, var_token)
 
     def add_listener(self, listener: Callable[[BlockingEvent], object]) -> None:
-        """Calls ``listener`` on the loop thread for every event (exporters hook in here)."""
-        self._listeners.append(listener)
+        """Calls ``listener`` on the loop thread for every event (the event log, the dashboard)."""
+        self._delivery.add_listener(listener)
 
     def remove_listener(self, listener: Callable[[BlockingEvent], object]) -> None:
-        self._listeners.remove(listener)
+        self._delivery.remove_listener(listener)
 
     def blocking_of(self, info: RequestInfo) -> tuple[int, float]:
         """Blocks this request's own code caused so far: (count, total ms), live during a stall."""
@@ -364,33 +347,7 @@ class LoopGuard:
         """Loop-lag percentiles, threshold, and event counters, from the engine."""
         if self._engine is None:
             return {}
-        s = self._engine.stats()
-        ms = _NS_PER_MS
-        return {
-            "threshold_ms": s.threshold_ns / ms,
-            "baseline_ms": s.baseline_ns / ms,
-            "lag_count": s.lag_count,
-            "lag_p50_ms": s.lag_p50_ns / ms,
-            "lag_p90_ms": s.lag_p90_ns / ms,
-            "lag_p99_ms": s.lag_p99_ns / ms,
-            "lag_max_ms": s.lag_max_ns / ms,
-            "stalls": s.stalls,
-            "events_emitted": s.events_emitted,
-            "events_dropped": s.events_dropped,
-            "events_detected": s.events_detected,
-            "samples": s.samples,
-            "stack_timeouts": s.stack_timeouts,
-            "late_stacks": s.late_stacks,
-            "unlocked_stacks": s.unlocked_stacks,
-            "cumulative_events": s.cumulative_events,
-            "hangs": s.hangs,
-            "saturation_ms": s.saturated_ns / ms,
-            "sample_pause_count": s.pause_count,
-            "sample_pause_p50_us": s.pause_p50_ns / 1000,
-            "sample_pause_p99_us": s.pause_p99_ns / 1000,
-            "sample_pause_max_us": s.pause_max_ns / 1000,
-            "inflight": s.inflight,
-        }
+        return stats_dict(self._engine.stats())
 
     def lag_histogram(self, bounds_s: list[float]) -> tuple[list[int], float]:
         """Loop-lag counts at ``bounds_s`` (cumulative, the total last) and their sum, in seconds.
@@ -425,28 +382,13 @@ class LoopGuard:
         if engine is None:
             return
         try:
-            raw = engine.take_cumulative()
-            if raw is None:
+            event = cumulative_event(engine, info, coro)
+            if event is None:
                 return
-            event = from_native(raw, info, engine.now_ns(), time.time(), None)
-            # The steps are over; the one place left to point at is where the request's
-            # coroutine waits now, right after the last of them.
-            frames = frame_filter(_native.load())
-            stack = suspended_stack(coro, frames) if coro is not None else ()
-            if stack:
-                index, library = frames.culprit([(f.filename, f.function) for f in stack[::-1]])
-                culprit = stack[-1 - index] if index >= 0 else None
-                event = replace(
-                    event,
-                    stack=stack,
-                    culprit=culprit,
-                    culprit_is_library=library,
-                    stack_missing=False,
-                )
             if info.events is None:
                 info.events = []
             info.events.append(event)
-            self._dispatch(event, info)
+            self._delivery.dispatch(self, event, info)
         except Exception:  # the guard must never break the request it times
             logger.exception("fastapi_loopguard: reporting a request's cumulative blocking failed")
 
@@ -482,7 +424,7 @@ class LoopGuard:
                     if inflight.events is None:
                         inflight.events = []
                     inflight.events.append(event)
-                self._dispatch(event, info)
+                self._delivery.dispatch(self, event, info)
             except Exception:
                 logger.exception("fastapi_loopguard: handling a blocking event failed")
 
@@ -498,56 +440,6 @@ class LoopGuard:
         if unit.method is None:
             return unit.request_id  # a label: lifespan.startup, or the name given to label()
         return f"{unit.method} {unit.path or '?'} request_id={unit.request_id}"
-
-    def _dispatch(self, event: BlockingEvent, info: RequestInfo | None) -> None:
-        self.events.append(event)
-        for exporter in self.exporters:
-            try:
-                exporter.export(event, info)
-            except Exception:
-                logger.exception("fastapi_loopguard: exporter %r raised", exporter)
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                logger.exception("fastapi_loopguard: event listener %r raised", listener)
-        callback = self.config.on_blocking
-        if callback is not None:
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("fastapi_loopguard: on_blocking callback raised")
-        if _observers:
-            for observer in _observers:
-                try:
-                    observer(self, event)
-                except Exception:
-                    logger.exception("fastapi_loopguard: event observer %r raised", observer)
-
-
-def _engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
-    """The engine's native configs from the documented options (the binding converts, no more)."""
-    watchdog = core.WatchdogConfig()
-    watchdog.interval_ns = int(cfg.monitor_interval_ms * _NS_PER_MS)
-    watchdog.capture_stacks = cfg.capture_stacks
-    watchdog.hang_threshold_ns = int(cfg.hang_threshold_ms * _NS_PER_MS)
-    cumulative = core.CumulativeConfig()
-    cumulative.enabled = cfg.cumulative_blocking_enabled
-    cumulative.threshold_ns = int(cfg.cumulative_blocking_threshold_ms * _NS_PER_MS)
-    cumulative.window_ns = int(cfg.cumulative_window_ms * _NS_PER_MS)
-    watchdog.cumulative = cumulative
-    threshold = core.ThresholdConfig()
-    threshold.multiplier = float(cfg.threshold_multiplier)
-    threshold.fallback_ns = int(cfg.fallback_threshold_ms * _NS_PER_MS)
-    threshold.adaptive = cfg.adaptive_threshold
-    threshold.window = cfg.adaptive_window_size
-    threshold.percentile = float(cfg.adaptive_percentile)
-    threshold.min_samples = cfg.adaptive_min_samples
-    threshold.update_interval_ns = int(cfg.adaptive_update_interval_ms * _NS_PER_MS)
-    sampler = core.SamplerConfig()
-    sampler.frames = frame_config(core)
-    sampler.loop_is_main_thread = threading.current_thread() is threading.main_thread()
-    return watchdog, threshold, sampler
 
 
 def _release(hooks: LoopHooks, engine: Any) -> None:

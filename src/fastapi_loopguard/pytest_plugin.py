@@ -16,7 +16,7 @@ A watched test's blocks are what these guards report while its body runs:
   attributes blocks to. Work the test spawns inherits the label; other tasks on that loop
   (fixtures, servers) are not blamed on it.
 - **The app's own** ``LoopGuardMiddleware``: every guard in the process hands its events to the
-  plugin (``guard.add_observer``), so a block inside a request names the request. When two
+  plugin (``delivery.add_observer``), so a block inside a request names the request. When two
   guards saw the same block on one loop, the app's event is kept, because it names the request.
 
     @pytest.mark.no_blocking
@@ -202,7 +202,7 @@ class LoopGuardFixture:
 
     def begin(self) -> None:
         """The test body starts: from now on the events of every guard are the test's."""
-        from .guard import add_observer
+        from .delivery import add_observer
 
         self.watch_loops()
         self._since = time.time()
@@ -211,7 +211,7 @@ class LoopGuardFixture:
 
     def end(self) -> _Blocked | None:
         """The test body is over: collects what every guard still held. None if nothing blocked."""
-        from .guard import remove_observer
+        from .delivery import remove_observer
 
         if not self._recording:
             return None
@@ -238,7 +238,7 @@ class LoopGuardFixture:
 
     def _observe(self, guard: LoopGuard, event: BlockingEvent) -> None:
         # On the loop thread that delivers the event.
-        loop = guard._loop
+        loop = guard.loop
         own = guard in _own_guards
         if event.duration_ms < self.threshold_ms:
             return  # an app guard with a lower threshold than the tests'
@@ -343,7 +343,7 @@ class LoopGuardFixture:
         from .guard import LoopGuard
 
         with _own_lock:
-            guard = next((g for g in _own_guards if g._loop is loop), None)
+            guard = next((g for g in _own_guards if g.loop is loop), None)
             if guard is not None:
                 return guard
             guard = LoopGuard(_guard_config(self.threshold_ms))
@@ -452,7 +452,7 @@ def _wrap_run_forever(cls: type[Any]) -> None:
 
 
 def _own_guard_on(loop: asyncio.AbstractEventLoop | None) -> bool:
-    return loop is not None and any(g._loop is loop for g in _own_guards)
+    return loop is not None and any(g.loop is loop for g in _own_guards)
 
 
 def _release_idle_guards() -> None:
@@ -468,10 +468,10 @@ def _release_idle_guards() -> None:
     with _own_lock:
         keep: list[LoopGuard] = []
         for guard in _own_guards:
-            loop = guard._loop
+            loop = guard.loop
             if loop is None:
                 continue  # stopped with its loop
-            shared = any(g is not guard and g._loop is loop for g in _snapshot(_live_guards))
+            shared = any(g is not guard and g.loop is loop for g in _snapshot(_live_guards))
             (keep if loop.is_running() or shared else idle).append(guard)
         _own_guards[:] = keep
     for guard in idle:
@@ -507,7 +507,7 @@ def _settle_loops(timeout: float) -> None:
     here = asyncio._get_running_loop()
     loops: dict[int, asyncio.AbstractEventLoop] = {}
     for guard in _snapshot(_live_guards):
-        loop = guard._loop
+        loop = guard.loop
         if loop is not None and loop is not here and loop.is_running():
             loops[id(loop)] = loop
     waits = []

@@ -1,16 +1,47 @@
-"""Where a suspended request waits, for cumulative-blocking events.
+"""Cumulative-blocking events, and where the suspended request that caused one waits.
 
 The engine's step timer (cpp/src/python/timed_steps.h) times each step a request's coroutine
-runs on the loop; when the steps of one request add up to a cumulative event, the guard asks
-``suspended_stack`` where that request waits now, right after the last of them.
+runs on the loop; when the steps of one request add up to a cumulative event, it calls the guard
+back, which asks ``cumulative_event`` for the event: the engine's, pointing at where that
+request waits now, right after the last of its steps.
 """
 
 from __future__ import annotations
 
+import time
 import types
+from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
-from .events import Frame
+from . import _native
+from .events import BlockingEvent, Frame, RequestInfo, from_native
+from .frames import frame_filter
+
+
+def cumulative_event(
+    engine: Any, info: RequestInfo, coro: Coroutine[Any, Any, Any] | None
+) -> BlockingEvent | None:
+    """The cumulative event the engine just finished for ``info``'s request, if any."""
+    raw = engine.take_cumulative()
+    if raw is None:
+        return None
+    event = from_native(raw, info, engine.now_ns(), time.time(), None)
+    # The steps are over; the one place left to point at is where the request's coroutine
+    # waits now.
+    frames = frame_filter(_native.load())
+    stack = suspended_stack(coro, frames) if coro is not None else ()
+    if not stack:
+        return event
+    index, library = frames.culprit([(f.filename, f.function) for f in stack[::-1]])
+    return replace(
+        event,
+        stack=stack,
+        culprit=stack[-1 - index] if index >= 0 else None,
+        culprit_is_library=library,
+        stack_missing=False,
+    )
+
 
 # Coroutines followed down from a request's own when it is suspended (a cumulative event's stack).
 _MAX_SUSPENDED_DEPTH = 64
