@@ -153,13 +153,16 @@ def test_console_script_names_the_library_frame_never_itself(
     blocked = [r for r in complete_records(events) if r["type"] == "event"]
     encoding = [r for r in blocked if r["route"] == "/rows" and r["culprit"] is not None]
     assert encoding, blocked
-    # FastAPI's encoder, or Starlette's json.dumps of the result: library code either way.
+    # Library code every time. The encoding (hundreds of ms) is named in FastAPI's encoder. The
+    # json.dumps of the result that may follow as an event of its own is C code holding the GIL:
+    # its few samples are read when the loop next lets go of the GIL, up to a switch interval
+    # later, which may already be in Starlette's render or in the server's send.
     library = os.path.join(sysconfig.get_paths()["purelib"], "")
     for event in encoding:
         culprit = event["culprit"]
         assert culprit["filename"].startswith(library), culprit
-        assert culprit["function"] in ("jsonable_encoder", "JSONResponse.render"), culprit
         assert event["culprit_is_library"] is True
+    assert any(e["culprit"]["function"] == "jsonable_encoder" for e in encoding), encoding
     for event in blocked:
         # Every path is spelled once, normalised; the script is on the stack, and never named.
         assert all(f["filename"] == os.path.normpath(f["filename"]) for f in event["stack"])

@@ -66,10 +66,13 @@ def test_one_stall_three_culprits_three_events(server: Server) -> None:
         assert event["route"] == route
         assert event["kind"] == kind
         assert event["culprit"]["lineno"] == lineno
-        # An honest share of the one long stall: about 150 ms each, not all of it. (The CPU
-        # culprit's fixed work takes longer on a busy host, hence a share, not a bound.)
+        # An honest share of the one long stall: about 150 ms each, not all of it. A sleep
+        # lasts its 150 ms on any host, so it never gets most of the stall. The CPU culprit's
+        # fixed work may take many times longer on a busy host, waiting for a CPU: it is held
+        # to its floor only.
         assert event["duration_ms"] >= 100, event["duration_ms"]
-        assert event["duration_ms"] < 0.6 * total, (event["duration_ms"], total)
+        if kind == "sleep":
+            assert event["duration_ms"] < 0.6 * total, (event["duration_ms"], total)
 
 
 def test_hang_is_reported_while_it_lasts(server: Server) -> None:
@@ -390,10 +393,14 @@ def test_cumulative_spares_spread_out_work_and_single_blocks(server: Server) -> 
                 await asyncio.sleep(0.5)
 
     asyncio.run(spread())
+    # A busy host may stretch an 8 ms slice past the threshold, waiting for a CPU: that is a
+    # real stall of its own, an ordinary event of /cuts. Never a cumulative one.
+    spread_events = wait_events(server, 0)
+    assert all(e["path"] == "/cuts" and e["kind"] != "cumulative" for e in spread_events)
     # One 150 ms block and 80 ms of slices: the block is an ordinary event, never counted again.
     response = httpx.get(server.url + "/block-once", timeout=30)
     assert response.status_code == 200
-    events = wait_events(server, 1)
+    events = wait_events(server, len(spread_events) + 1)[len(spread_events) :]
     assert [(e["kind"], e["culprit"]["lineno"]) for e in events] == [
         ("sleep", culprit_line(APP_FILE, "block-once"))
     ], events
