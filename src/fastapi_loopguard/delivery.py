@@ -66,26 +66,25 @@ class Delivery:
         self._callback: tuple[_Entry, ...] = ()
         if on_blocking is not None:
             self._callback = ((_listening(on_blocking), "on_blocking callback", on_blocking),)
-        self._fan = self._exporters + self._callback
 
     def add_listener(self, listener: Callable[[BlockingEvent], object]) -> None:
         self._listeners = (
             *self._listeners,
             (_listening(listener), f"event listener {listener!r}", listener),
         )
-        self._fan = self._exporters + self._listeners + self._callback
 
     def remove_listener(self, listener: Callable[[BlockingEvent], object]) -> None:
         kept = tuple(e for e in self._listeners if e[2] is not listener)
         if len(kept) == len(self._listeners):
             raise ValueError(f"{listener!r} is not a listener of this guard")
         self._listeners = kept
-        self._fan = self._exporters + self._listeners + self._callback
 
     def dispatch(self, guard: Any, event: BlockingEvent, info: RequestInfo | None) -> None:
         """Keeps ``event`` and hands it to every subscriber, on the calling (loop) thread."""
         self.events.append(event)
-        for subscriber, name, _ in self._fan + _observers:
+        # Put together per event (events are rare), so nothing derived is kept to go stale.
+        fan = self._exporters + self._listeners + self._callback + _observers
+        for subscriber, name, _ in fan:
             try:
                 subscriber(guard, event, info)
             except Exception:
