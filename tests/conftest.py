@@ -5,6 +5,7 @@ Every server-backed test runs once per loop, the way uvloop's own suites run twi
 
 from __future__ import annotations
 
+import errno
 import gc
 import http.server
 import json
@@ -44,6 +45,20 @@ class Server:
 
 
 def start_server(app: str, loop: str, tmp_path: Path, env: dict[str, str] | None = None) -> Server:
+    """uvicorn on a free port of loopback, once it answers ``/health``.
+
+    A port that was free when picked can be taken before uvicorn binds it (the clients of other
+    tests take ephemeral ports too); uvicorn then exits with EADDRINUSE having served nothing,
+    and another port is picked.
+    """
+    for _ in range(5):
+        server = _spawn_server(app, loop, tmp_path, env)
+        if server is not None:
+            return server
+    raise RuntimeError("uvicorn found no free port in 5 attempts")
+
+
+def _spawn_server(app: str, loop: str, tmp_path: Path, env: dict[str, str] | None) -> Server | None:
     port = free_port()
     log_path = tmp_path / f"uvicorn-{loop}-{port}.log"
     cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
@@ -56,6 +71,8 @@ def start_server(app: str, loop: str, tmp_path: Path, env: dict[str, str] | None
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if f"[Errno {errno.EADDRINUSE}]" in server.log():
+                return None
             raise RuntimeError(f"uvicorn exited early:\n{server.log()}")
         try:
             httpx.get(server.url + "/health", timeout=0.5)

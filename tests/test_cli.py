@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -422,3 +423,24 @@ def test_demo_end_to_end(loop_name: str, tmp_path: Path) -> None:
     flame = page.split('class="flame fg-wide"')[1].split("</svg>")[0]
     assert "build_report  " in flame and "supplier_price  " in flame  # in the frames' titles
     assert "fix for time.sleep: " in page and "<code>await asyncio.sleep(0.2)</code>" in page
+
+
+def test_demo_picks_another_port_when_its_pick_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's free port can be bound by someone else before uvicorn binds it; it retries."""
+    from fastapi_loopguard.demo import driver
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = int(taken.getsockname()[1])
+        picks = iter([taken_port, free_port()])
+        monkeypatch.setattr(driver, "_free_port", lambda: next(picks))
+        server, url = driver._start_server("asyncio", tmp_path / "e.jsonl", tmp_path / "s.log")
+        try:
+            assert url != f"http://127.0.0.1:{taken_port}"
+            assert httpx.get(url + driver.DASHBOARD + "/data.json", timeout=5).status_code == 200
+        finally:
+            driver._stop(server)
+    assert server.returncode is not None

@@ -9,6 +9,7 @@ network.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from ..report import load_event_log, render
 from ..report.terminal import print_report
 
 DASHBOARD = "/_loopguard"
+_PORT_ATTEMPTS = 5
 
 
 def _free_port() -> int:
@@ -36,17 +38,54 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTaken(Exception):
+    """The free port we picked was taken before uvicorn could bind it."""
+
+
 def _wait_ready(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the demo server exited early; its log:\n{log.read_text()}")
+            text = log.read_text(errors="replace")
+            if f"[Errno {errno.EADDRINUSE}]" in text:
+                raise _PortTaken
+            raise SystemExit(f"the demo server exited early; its log:\n{text}")
         try:
             with urllib.request.urlopen(url + DASHBOARD + "/data.json", timeout=2):
                 return
         except (OSError, urllib.error.URLError):
             time.sleep(0.1)
     raise SystemExit(f"the demo server did not start within 30 s; its log:\n{log.read_text()}")
+
+
+def _start_server(
+    loop: str, events_path: Path, server_log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the shop under ``loopguard run`` and wait until it answers.
+
+    The port is free when we pick it, but another process may bind it before uvicorn does; on a
+    busy machine that happens. Picking again is the cure: the server never bound anything.
+    """
+    for _ in range(_PORT_ATTEMPTS):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [
+            sys.executable, "-m", "fastapi_loopguard", "run", "fastapi_loopguard.demo.app:app",
+            "--host", "127.0.0.1", "--port", str(port), "--loop", loop, "--dev-mode",
+            "--event-log", str(events_path), "--dashboard", DASHBOARD,
+            "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+        with open(server_log, "wb") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(url, server, server_log)
+        except _PortTaken:
+            continue
+        except BaseException:
+            _stop(server)
+            raise
+        return server, url
+    raise SystemExit(f"no free port for the demo server after {_PORT_ATTEMPTS} attempts")
 
 
 def _count_events(path: Path) -> int:
@@ -72,21 +111,12 @@ def demo(duration: float, loop: str, concurrency: int, html_path: str) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="loopguard-demo-"))
     events_path = workdir / "events.jsonl"
     server_log = workdir / "server.log"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     console.print("[bold]fastapi-loopguard demo[/]: a small shop API with blocking culprits")
-    console.print(f"Starting it under [bold]loopguard run[/] on {url} (uvicorn, {loop} loop)")
-    command = [
-        sys.executable, "-m", "fastapi_loopguard", "run", "fastapi_loopguard.demo.app:app",
-        "--host", "127.0.0.1", "--port", str(port), "--loop", loop, "--dev-mode",
-        "--event-log", str(events_path), "--dashboard", DASHBOARD,
-        "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
-    with open(server_log, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    console.print(f"Starting it under [bold]loopguard run[/] (uvicorn, {loop} loop)")
+    server, url = _start_server(loop, events_path, server_log)
     traffic: subprocess.Popen[str] | None = None
     try:
-        _wait_ready(url, server, server_log)
+        console.print(f"Serving on {url}")
         console.print(f"Live page while it runs: [link]{url}{DASHBOARD}/[/]")
         traffic = subprocess.Popen(
             [sys.executable, "-m", "fastapi_loopguard.demo.traffic", url,
