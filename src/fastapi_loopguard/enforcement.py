@@ -2,7 +2,7 @@
 
 ``warn`` logs one prominent record per guilty request naming the culprit line and the fix.
 ``strict`` (development and CI) replaces the guilty request's response with a 503 page that
-teaches the fix: HTML for browsers, JSON for everything else. The fix is ``hints.py``'s, for the
+teaches the fix: HTML for browsers, JSON for everything else. The fix comes from ``hints``, for the
 call that blocked when it is a known one, else for the kind. Everything shown is escaped: the
 path comes from the client, the fix may quote the culprit line's source.
 """

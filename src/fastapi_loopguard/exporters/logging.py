@@ -71,7 +71,7 @@ class LoggingExporter(Exporter):
         suppressed = self._admit(source_of(event), time.monotonic())
         if suppressed is None:
             return
-        # The fix, read from the culprit's source after the stall (hints.py says what it costs).
+        # The fix, read from the culprit's source after the stall (its cost: see hints/).
         hint = hint_for_event(event).fix
         if self.log_format == "json":
             # The process too: workers of one server log to one stream, like the event log.
