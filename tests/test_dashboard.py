@@ -16,7 +16,7 @@ import pytest
 
 from fastapi_loopguard import LoopGuardConfig, LoopGuardMiddleware
 from fastapi_loopguard.report.live import Dashboard
-from fastapi_loopguard.report.page import SECTION_IDS, STATS_SECTIONS
+from fastapi_loopguard.report.sections import SECTION_IDS, STATS_SECTIONS
 
 from .asgi import call, http_scope
 from .test_guard import run

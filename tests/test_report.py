@@ -17,8 +17,9 @@ from rich.console import Console
 
 from fastapi_loopguard import BlockingEvent, Frame
 from fastapi_loopguard.report import from_events, load_event_log, render
+from fastapi_loopguard.report.assets import content_security_policy
 from fastapi_loopguard.report.model import by_culprit, by_route, source_lines
-from fastapi_loopguard.report.page import MAX_LISTED_EVENTS, content_security_policy
+from fastapi_loopguard.report.sections import MAX_LISTED_EVENTS
 from fastapi_loopguard.report.terminal import print_report
 
 HOSTILE_ROUTE = '/x/</code></script><script>alert("route")</script><img src=x onerror=alert(1)>'
@@ -322,11 +323,11 @@ def test_one_list_of_kinds_matches_the_engine_and_every_style() -> None:
     from fastapi_loopguard import _native
     from fastapi_loopguard.events import KINDS
     from fastapi_loopguard.hints import ANY, KIND_ONLY
-    from fastapi_loopguard.report import page, terminal
+    from fastapi_loopguard.report import assets, terminal
 
     assert sorted(_native.load().event_kinds()) == sorted(KINDS)
     assert len(set(KINDS)) == len(KINDS)
-    assert set(page._KIND_COLOURS) == set(KINDS)
+    assert set(assets._KIND_COLOURS) == set(KINDS)
     assert set(terminal._KIND_STYLE) == set(KINDS)
     assert set(KINDS) == ANY | KIND_ONLY
 

@@ -14,9 +14,22 @@ from ._text import escape
 
 _NS_PER_MS = 1_000_000
 
-# Every kind an event can have, in the order reports show them: the engine's (classify.h, checked
-# against it by the tests) and ``cumulative``. The report, the hints and the terminal read this.
-KINDS = ("sleep", "io", "cpu", "lock", "gil", "native", "gc", "starved", "cumulative", "unknown")
+# Every kind an event can have, in the order reports show them, with what it means in a few
+# words: the engine's (classify.h, checked against it by the tests) and ``cumulative``. The
+# report, its legend, the hints and the terminal read this.
+KIND_MEANINGS = {
+    "sleep": "time.sleep and friends",
+    "io": "blocking reads, writes, connects",
+    "cpu": "Python or native work",
+    "lock": "a threading lock",
+    "gil": "waiting for the GIL another thread holds",
+    "native": "native code holding the GIL",
+    "gc": "a garbage collection",
+    "starved": "the OS did not schedule the loop thread",
+    "cumulative": "many short steps of one request that added up",
+    "unknown": "the evidence fits no other kind",
+}
+KINDS = tuple(KIND_MEANINGS)
 
 
 @dataclass(frozen=True)

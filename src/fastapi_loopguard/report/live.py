@@ -32,17 +32,11 @@ from ..config import LoopGuardConfig
 from ..events import BlockingEvent
 from ..guard import LoopGuard
 from ..workers import identity
+from .assets import content_security_policy
 from .model import Event, Report, normalize_event, normalize_stats
-from .page import (
-    EVENT_SECTIONS,
-    MAX_LISTED_EVENTS,
-    STATS_SECTIONS,
-    content_security_policy,
-    event_html,
-    render,
-    sections,
-)
+from .page import render
 from .profile import Node
+from .sections import EVENT_SECTIONS, MAX_LISTED_EVENTS, STATS_SECTIONS, event_html, sections
 
 logger = logging.getLogger("fastapi_loopguard")
 
