@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from fastapi_loopguard.report import load_event_log
-from fastapi_loopguard.report.model import expand_paths, load_event_logs
+from fastapi_loopguard.report.loading import expand_paths, load_event_logs
 from fastapi_loopguard.report.profile import speedscope
 
 from .conftest import complete_records, start_server, stop_server, wait_events

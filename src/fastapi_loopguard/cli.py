@@ -292,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _load(command: str, patterns: list[str]) -> Report | None:
     """The merged report of the logs, or None after saying why they cannot be read."""
-    from .report.model import expand_paths, load_event_logs
+    from .report.loading import expand_paths, load_event_logs
 
     try:
         return load_event_logs(expand_paths(patterns))

@@ -5,7 +5,8 @@
 ``report.terminal`` and needs the ``[cli]`` extra (rich).
 """
 
-from .model import Report, from_events, load_event_log
+from .loading import from_events, load_event_log
+from .model import Report
 from .page import render
 
 __all__ = ["Report", "from_events", "load_event_log", "render"]

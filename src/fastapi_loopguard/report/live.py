@@ -33,7 +33,8 @@ from ..events import BlockingEvent
 from ..guard import LoopGuard
 from ..workers import identity
 from .assets import content_security_policy
-from .model import Event, Report, normalize_event, normalize_stats
+from .loading import normalize_event, normalize_stats
+from .model import Event, Report
 from .page import render
 from .profile import Node
 from .sections import EVENT_SECTIONS, MAX_LISTED_EVENTS, STATS_SECTIONS, event_html, sections
