@@ -215,8 +215,9 @@ soak: install ## 10 min of mixed load + blocking culprits: no crash, flat RSS, n
 # ---- code style --------------------------------------------------------------------------------
 
 # Runs every check even when an earlier one fails, so one CI run reports all problems, then
-# fails if any did.
-lint: lint-deps ## Check style: ruff check + ruff format --check, mypy, clang-format
+# fails if any did. mypy checks the Python side against the engine's stub (_core.pyi), which the
+# build generates from the module itself: hence the install of this tree first.
+lint: lint-deps install ## Check style: ruff check + ruff format --check, mypy, clang-format
 	@status=0; \
 	echo "--- ruff check"; $(VENV)/bin/ruff check $(PY_DIRS) || status=1; \
 	echo "--- ruff format --check"; $(VENV)/bin/ruff format --check $(PY_DIRS) || status=1; \

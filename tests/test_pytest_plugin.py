@@ -202,18 +202,18 @@ def test_inert_unless_used(pytester: pytest.Pytester) -> None:
         import time
 
         import pytest
-        from fastapi_loopguard import guard
+        from fastapi_loopguard import registry
 
 
         def test_sync_blocking_is_nobodys_business():
             time.sleep(0.1)
-            assert not guard._live_guards
+            assert not registry.live()
 
 
         @pytest.mark.asyncio
         async def test_async_unmarked():
             time.sleep(0.1)
-            assert not guard._live_guards
+            assert not registry.live()
 
 
         @pytest.mark.no_blocking

@@ -11,8 +11,9 @@ Quick start::
 
 from .config import LoopGuardConfig
 from .events import BlockingEvent, Frame
-from .guard import LoopGuard, label
+from .guard import LoopGuard
 from .middleware import LoopGuardMiddleware
+from .registry import label
 
 __all__ = [
     "BlockingEvent",

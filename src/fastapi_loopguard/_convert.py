@@ -5,15 +5,20 @@ converts types, field by field)."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import LoopGuardConfig
 from .frames import frame_config
 
+if TYPE_CHECKING:
+    from ._core import EngineStats, SamplerConfig, ThresholdConfig, WatchdogConfig
+
 _NS_PER_MS = 1_000_000
 
 
-def engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
+def engine_configs(
+    core: Any, cfg: LoopGuardConfig
+) -> tuple[WatchdogConfig, ThresholdConfig, SamplerConfig]:
     """The engine's (watchdog, threshold, sampler) configs for ``cfg``. Call on the loop thread:
     the sampler learns whether the loop runs on the main thread."""
     watchdog = core.WatchdogConfig()
@@ -39,7 +44,7 @@ def engine_configs(core: Any, cfg: LoopGuardConfig) -> tuple[Any, Any, Any]:
     return watchdog, threshold, sampler
 
 
-def stats_dict(s: Any) -> dict[str, float | int]:
+def stats_dict(s: EngineStats) -> dict[str, float | int]:
     """The engine's stats as ``LoopGuard.stats()`` documents them: milliseconds, microseconds."""
     ms = _NS_PER_MS
     return {

@@ -8,9 +8,12 @@ original log line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._text import escape
+
+if TYPE_CHECKING:
+    from ._core import Event as NativeEvent
 
 _NS_PER_MS = 1_000_000
 
@@ -143,7 +146,7 @@ class RequestInfo:
 
 
 def from_native(
-    raw: Any, info: RequestInfo | None, now_ns: int, wall: float, created_by: str | None
+    raw: NativeEvent, info: RequestInfo | None, now_ns: int, wall: float, created_by: str | None
 ) -> BlockingEvent:
     """The engine's event as the user sees it; ``info`` is its request (None outside requests),
     ``now_ns``/``wall`` the engine's clock and the wall clock read together, ``created_by`` who

@@ -15,7 +15,10 @@ import os
 import site
 import sys
 import sysconfig
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._core import FrameFilter, FrameFilterConfig
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The functions of asyncio and uvloop that run a loop: asyncio.run, asyncio.Runner.run,
@@ -92,15 +95,16 @@ _LAYOUT = _layout()
 # alive) would outlive the extension, and nanobind reports it as a leak on the app's stderr.
 
 
-def frame_config(core: Any) -> Any:
+def frame_config(core: Any) -> FrameFilterConfig:
     """A ``FrameFilterConfig`` describing this interpreter, from the loaded extension ``core``."""
-    config = core.FrameFilterConfig()
+    config: FrameFilterConfig = core.FrameFilterConfig()
     for name, value in _LAYOUT.items():
         setattr(config, name, value)
     return config
 
 
-def frame_filter(core: Any) -> Any:
+def frame_filter(core: Any) -> FrameFilter:
     """The same rule for stacks read on the Python side (a cumulative event's suspended
     coroutine): a ``FrameFilter`` for one stack, dropped after it."""
-    return core.FrameFilter(frame_config(core))
+    rule: FrameFilter = core.FrameFilter(frame_config(core))
+    return rule

@@ -10,18 +10,15 @@ stall: the watchdog thread never runs Python.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextvars
 import logging
-import os
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import _native, exporters
+from . import _native, exporters, registry
 from ._convert import engine_configs, stats_dict
 from ._text import escape
 from .config import LoopGuardConfig
@@ -32,45 +29,14 @@ from .exporters.base import Exporter
 from .loops import running_asyncio_loop
 from .pulse import LoopHooks
 from .steps import cumulative_event
+from .units import Units
+
+if TYPE_CHECKING:
+    from ._core import Engine, RequestEnd
 
 logger = logging.getLogger("fastapi_loopguard")
 
 _NS_PER_MS = 1_000_000
-# Finished requests kept so that an event drained after its request ended still names it.
-_RECENT_REQUESTS = 4096
-
-_live_guards: weakref.WeakSet[LoopGuard] = weakref.WeakSet()
-
-
-@contextmanager
-def label(name: str) -> Iterator[None]:
-    """Attributes blocking inside the block to ``name``, for every guard on the running loop.
-
-    For your code that a framework runs in tasks of its own, outside any request (Gradio's queue
-    workers, a consumer started at startup): the middleware's guard is out of reach there, and
-    without a label such blocks only name their task. Outside a running loop (a sync handler in
-    a thread pool) it does nothing.
-    """
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
-    entered: list[tuple[LoopGuard, RequestInfo, contextvars.Token[int]]] = []
-    for guard in list(_live_guards) if loop is not None else ():
-        if guard._loop is not loop:
-            continue
-        try:
-            entered.append((guard, *guard.begin(name)))
-        except Exception:  # a broken guard must not break the code it labels
-            logger.exception("fastapi_loopguard: labelling %r failed", name)
-    try:
-        yield
-    finally:
-        for guard, info, var_token in reversed(entered):
-            try:
-                guard.end(info, var_token)
-            except Exception:
-                logger.exception("fastapi_loopguard: ending the label %r failed", name)
 
 
 class LoopGuard:
@@ -89,17 +55,13 @@ class LoopGuard:
         self._request_var: contextvars.ContextVar[int] = contextvars.ContextVar(
             f"loopguard_request_{id(self):x}"
         )
-        self._engine: Any = None
+        self._engine: Engine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hooks: LoopHooks | None = None
         # Stops the engine if this guard is dropped without stop() (an app thrown away while its
         # loop lives on): its threads must not outlive everything that could stop them.
         self._finalizer: weakref.finalize[Any, Any] | None = None
-        self._requests: dict[int, RequestInfo] = {}
-        self._recent: OrderedDict[int, RequestInfo] = OrderedDict()
-        # Lifespan startup, once over: tasks it started (queue workers) run for the life of the
-        # app, long after it left _recent, and their events still say it created them.
-        self._startup: RequestInfo | None = None
+        self._units = Units()
         self._calibration: asyncio.Task[None] | None = None
         self.exporters: list[Exporter] = exporters.build(self.config, self)
         self._request_exporters = [e for e in self.exporters if e.wants_requests]
@@ -157,7 +119,7 @@ class LoopGuard:
         self._finalizer = weakref.finalize(self, _release, hooks, engine)
         if self.config.calibration_iterations > 0:
             self._calibration = loop.create_task(self._calibrate())
-        _live_guards.add(self)
+        registry.add(self)
 
     def stop(self) -> None:
         """Stops the watchdog and delivers what it still held. Safe to call twice."""
@@ -170,8 +132,10 @@ class LoopGuard:
         if self._calibration is not None:
             self._calibration.cancel()
             self._calibration = None
-        hooks.remove()
-        engine.stop()
+        try:
+            hooks.remove()
+        finally:
+            engine.stop()  # whatever else fails, its threads must not outlive the guard
         self.deliver()
         for exporter in self.exporters:
             try:
@@ -183,7 +147,7 @@ class LoopGuard:
         self._engine = None
         self._loop = None
         self._hooks = None
-        _live_guards.discard(self)
+        registry.discard(self)
 
     async def __aenter__(self) -> LoopGuard:
         self.start()
@@ -192,7 +156,8 @@ class LoopGuard:
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
 
-    def _abandon_after_fork(self) -> None:
+    def abandon_after_fork(self) -> None:
+        """In a forked child: forgets the engine, whose threads stayed in the parent."""
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -228,12 +193,13 @@ class LoopGuard:
         """Marks the current Context as belonging to one request until ``end``."""
         self.start()
         engine = self._engine
+        assert engine is not None  # start() raises when it cannot start one
         # The label names the request in the watchdog's native hang reports; it is escaped here
         # because that report is written without Python.
         label = f"{method} {escape(path or '')}" if method else escape(request_id)
         token = engine.begin_request(f"{label} request_id={escape(request_id, 128)}")
         info = RequestInfo(token, request_id, method, path, scope)
-        self._requests[token] = info
+        self._units.inflight[token] = info
         for exporter in self._request_exporters:
             try:
                 exporter.request_started(info)
@@ -245,13 +211,7 @@ class LoopGuard:
 
     def end(self, info: RequestInfo, var_token: contextvars.Token[int]) -> None:
         self._request_var.reset(var_token)
-        self._requests.pop(info.token, None)
-        info.release_scope()
-        self._recent[info.token] = info
-        if len(self._recent) > _RECENT_REQUESTS:
-            self._recent.popitem(last=False)
-        if info.method is None and info.request_id == "lifespan.startup":
-            self._startup = info
+        self._units.finish(info)
         # The request's code has just run again, so a stall it was part of is over: the engine
         # finishes it now, and its events are delivered before the request is done (tests that
         # call an app in-process see them when the call returns). The same crossing hands back
@@ -264,7 +224,7 @@ class LoopGuard:
         if self._end_exporters or self._event_log is not None:
             self._ended(info, ended)
 
-    def _ended(self, info: RequestInfo, ended: Any) -> None:
+    def _ended(self, info: RequestInfo, ended: RequestEnd) -> None:
         """Hands a finished request's delay to the exporters that want it, and to the log."""
         wait_ms = ended.wait_ns / _NS_PER_MS
         block_ms = ended.total_ns / _NS_PER_MS
@@ -373,8 +333,7 @@ class LoopGuard:
         engine = self._engine
         if engine is None:
             return coro
-        timer: Awaitable[Any] = engine.timed(coro, info.token, self._cumulative, info)
-        return timer
+        return engine.timed(coro, info.token, self._cumulative, info)
 
     def _cumulative(self, info: RequestInfo, coro: Coroutine[Any, Any, Any] | None) -> None:
         """A step completed a cumulative event: delivers it, pointing at where ``coro`` waits."""
@@ -416,9 +375,9 @@ class LoopGuard:
             return
         for raw in raw_events:
             try:
-                inflight = self._requests.get(raw.token)
-                info = inflight or self._recent.get(raw.token)
-                created_by = self._created_by(raw.origin) if info is None else None
+                inflight = self._units.inflight.get(raw.token)
+                info = inflight or self._units.find(raw.token)
+                created_by = self._units.created_by(raw.origin) if info is None else None
                 event = from_native(raw, info, now_ns, wall, created_by)
                 if inflight is not None:
                     if inflight.events is None:
@@ -428,21 +387,8 @@ class LoopGuard:
             except Exception:
                 logger.exception("fastapi_loopguard: handling a blocking event failed")
 
-    def _created_by(self, origin: int) -> str | None:
-        """The unit a task outside requests inherited its Context from: the one that created it."""
-        if not origin:
-            return None
-        unit = self._recent.get(origin) or self._requests.get(origin)
-        if unit is None and self._startup is not None and self._startup.token == origin:
-            unit = self._startup
-        if unit is None:
-            return None
-        if unit.method is None:
-            return unit.request_id  # a label: lifespan.startup, or the name given to label()
-        return f"{unit.method} {unit.path or '?'} request_id={unit.request_id}"
 
-
-def _release(hooks: LoopHooks, engine: Any) -> None:
+def _release(hooks: LoopHooks, engine: Engine) -> None:
     """A dropped guard's finalizer: takes its hooks off the loop and stops its engine's threads.
 
     Holds no reference to the guard (that would keep it alive); runs at the guard's collection,
@@ -452,28 +398,3 @@ def _release(hooks: LoopHooks, engine: Any) -> None:
         hooks.remove()
     finally:
         engine.stop()
-
-
-def _stop_all_at_exit() -> None:
-    # Interpreter exit: the sampler thread must not be waiting for the GIL once finalization
-    # starts, so every engine is stopped (GIL released while joining) before that. A full stop
-    # also delivers what the engine still held and lets go of every reference to it (gc hook,
-    # selector hook): an engine still referenced at the very end is reported by nanobind as a
-    # leak, on the stderr of an app that merely never ran its lifespan shutdown.
-    for guard in list(_live_guards):
-        try:
-            guard.stop()
-        except Exception:
-            engine = guard._engine
-            if engine is not None:
-                engine.stop()
-
-
-def _after_fork_in_child() -> None:
-    for guard in list(_live_guards):
-        guard._abandon_after_fork()
-    _live_guards.clear()
-
-
-atexit.register(_stop_all_at_exit)
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._core import Engine
     from .guard import LoopGuard
 
 logger = logging.getLogger("fastapi_loopguard")
@@ -47,7 +48,7 @@ class LoopHooks:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        engine: Any,
+        engine: Engine,
         guard: LoopGuard,
         interval_s: float,
     ) -> None:
@@ -220,7 +221,7 @@ def _own_attr(obj: object, name: str) -> Any:
     return None if value == declared.__get__(obj, type(obj)) else value
 
 
-def _attach_uvloop(loop: asyncio.AbstractEventLoop, engine: Any) -> bool:
+def _attach_uvloop(loop: asyncio.AbstractEventLoop, engine: Engine) -> bool:
     """On uvloop, libuv's prepare/check handles become the pulse; False if that cannot be done."""
     if not type(loop).__module__.startswith("uvloop"):
         return False
@@ -238,7 +239,7 @@ def _attach_uvloop(loop: asyncio.AbstractEventLoop, engine: Any) -> bool:
 
 
 def _install_selector_pulse(
-    loop: asyncio.AbstractEventLoop, engine: Any
+    loop: asyncio.AbstractEventLoop, engine: Engine
 ) -> Callable[[], None] | None:
     """On selector loops, brackets each ``select`` call: exact busy periods, no timer at all.
 
@@ -299,7 +300,7 @@ def _first_live(wrapper: Any) -> Any:
     return wrapper
 
 
-def _gc_tracker(engine: Any) -> Callable[[str, dict[str, int]], None]:
+def _gc_tracker(engine: Engine) -> Callable[[str, dict[str, int]], None]:
     """A gc.callbacks hook telling the engine when a collection runs, and on which thread.
 
     One on the loop thread is the loop's own pause. One on any other thread (a threadpool

@@ -12,15 +12,18 @@ import time
 import types
 from collections.abc import Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _native
 from .events import BlockingEvent, Frame, RequestInfo, from_native
 from .frames import frame_filter
 
+if TYPE_CHECKING:
+    from ._core import Engine, FrameFilter
+
 
 def cumulative_event(
-    engine: Any, info: RequestInfo, coro: Coroutine[Any, Any, Any] | None
+    engine: Engine, info: RequestInfo, coro: Coroutine[Any, Any, Any] | None
 ) -> BlockingEvent | None:
     """The cumulative event the engine just finished for ``info``'s request, if any."""
     raw = engine.take_cumulative()
@@ -47,7 +50,7 @@ def cumulative_event(
 _MAX_SUSPENDED_DEPTH = 64
 
 
-def suspended_stack(coro: object, frames_filter: Any) -> tuple[Frame, ...]:
+def suspended_stack(coro: object, frames_filter: FrameFilter) -> tuple[Frame, ...]:
     """Where a suspended coroutine waits, outermost first, following what each one awaits."""
     frames: list[Frame] = []
     obj: object = coro

@@ -74,7 +74,7 @@ def release_idle_guards() -> None:
     (the next test that runs it gives it a new one). One whose loop another guard also watches
     stays: taking its pulse off that loop could take the other guard's with it.
     """
-    from ..guard import _live_guards
+    from .. import registry
 
     idle: list[LoopGuard] = []
     with own_lock:
@@ -83,20 +83,11 @@ def release_idle_guards() -> None:
             loop = guard.loop
             if loop is None:
                 continue  # stopped with its loop
-            shared = any(g is not guard and g.loop is loop for g in _snapshot(_live_guards))
+            shared = any(g is not guard and g.loop is loop for g in registry.live())
             (keep if loop.is_running() or shared else idle).append(guard)
         own_guards[:] = keep
     for guard in idle:
         guard.stop()
-
-
-def _snapshot(guards: Any) -> list[LoopGuard]:
-    """A copy of a WeakSet of guards that loop threads may change while it is copied."""
-    while True:
-        try:
-            return list(guards)
-        except RuntimeError:  # "set changed size during iteration": just copy it again
-            continue
 
 
 def in_running_loop() -> bool:
@@ -114,11 +105,11 @@ def settle_loops(timeout: float) -> None:
     """
     import asyncio
 
-    from ..guard import _live_guards
+    from .. import registry
 
     here = asyncio._get_running_loop()
     loops: dict[int, asyncio.AbstractEventLoop] = {}
-    for guard in _snapshot(_live_guards):
+    for guard in registry.live():
         loop = guard.loop
         if loop is not None and loop is not here and loop.is_running():
             loops[id(loop)] = loop
