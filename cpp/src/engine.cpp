@@ -54,7 +54,7 @@ Engine::Engine(const WatchdogConfig& config, const ThresholdConfig& threshold,
       probe_(std::move(probe)),
       sampler_(std::move(sampler)),
       threshold_(threshold),
-      queue_(config.ring_capacity),
+      queue_(config.queue_capacity),
       cumulative_(config.cumulative) {
   int fds[2];
   if (::pipe(fds) == 0) {

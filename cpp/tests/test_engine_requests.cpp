@@ -201,7 +201,7 @@ TEST_F(EngineTest, CumulativeStepsAreCreditedToTheRequest) {
   // Many short steps over a second froze nobody for 200 ms in one go: no waiting is made up.
   EXPECT_EQ(engine_->request_counters(other).wait, 0);
   EXPECT_EQ(engine_->stats().cumulative_events, 1u);
-  EXPECT_TRUE(engine_->drain().empty());  // handed back directly, never through the ring
+  EXPECT_TRUE(engine_->drain().empty());  // handed back directly, never through the queue
   engine_->end_request(culprit);
   EXPECT_EQ(engine_->record_step(culprit, t, t + 8 * kMs, 8 * kMs), StepVerdict::kNone);
 }

@@ -32,7 +32,7 @@ NB_MODULE(_core, m) {
       .def_rw("confirm_delay_ns", &WatchdogConfig::confirm_delay)
       .def_rw("stack_timeout_ns", &WatchdogConfig::stack_timeout)
       .def_rw("max_samples", &WatchdogConfig::max_samples)
-      .def_rw("ring_capacity", &WatchdogConfig::ring_capacity)
+      .def_rw("queue_capacity", &WatchdogConfig::queue_capacity)
       .def_rw("settle_timeout_ns", &WatchdogConfig::settle_timeout)
       .def_rw("capture_stacks", &WatchdogConfig::capture_stacks)
       .def_rw("hang_threshold_ns", &WatchdogConfig::hang_threshold)
@@ -184,14 +184,19 @@ NB_MODULE(_core, m) {
       .def("close_uvloop", &PyEngine::close_uvloop)
       .def("pause", &PyEngine::pause)
       .def("resume", &PyEngine::resume)
-      .def("timed",
-           [](nb::handle self, nb::handle coro, std::uint64_t token, nb::handle report,
-              nb::handle info) {
-             PyObject* timer = make_timed_steps(self.ptr(), nb::inst_ptr<PyEngine>(self),
-                                                coro.ptr(), token, report.ptr(), info.ptr());
-             if (timer == nullptr) throw nb::python_error();
-             return nb::steal(timer);
-           })
+      .def(
+          "timed",
+          [](nb::handle self, nb::handle coro, std::uint64_t token, nb::handle report,
+             nb::handle info) {
+            PyObject* timer = make_timed_steps(self.ptr(), nb::inst_ptr<PyEngine>(self), coro.ptr(),
+                                               token, report.ptr(), info.ptr());
+            if (timer == nullptr) throw nb::python_error();
+            return nb::steal(timer);
+          },
+          // The timer is a C type of its own: the signature says what it stands for.
+          nb::sig("def timed(self, coro: collections.abc.Coroutine[typing.Any, typing.Any, "
+                  "typing.Any], token: int, report: collections.abc.Callable[..., None], "
+                  "info: object, /) -> collections.abc.Awaitable[typing.Any]"))
       .def("take_cumulative", &PyEngine::take_cumulative)
       .def("request_counters", &PyEngine::request_counters)
       .def("drain", &PyEngine::drain)

@@ -52,7 +52,7 @@ struct WatchdogConfig {
   Nanos confirm_delay = 2 * kMs;  // second sample right after detection (see segment.h)
   Nanos stack_timeout = 20 * kMs;
   std::size_t max_samples = 256;  // per stall; beyond it samples are thinned and slowed down
-  std::size_t ring_capacity = 1024;
+  std::size_t queue_capacity = 1024;
   // How long settle() waits for the watchdog to finish a stall (a sample in progress and a late
   // stack may each take up to stack_timeout).
   Nanos settle_timeout = 100 * kMs;

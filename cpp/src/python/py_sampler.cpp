@@ -1,19 +1,16 @@
-// The engine code that reads CPython's state: a sampler thread that takes the GIL on request and
-// copies the loop thread's stack and request token into plain C++ data.
+// The sampler thread: it takes the GIL when the watchdog asks, and has the reader (py_reader.h)
+// copy the loop thread's stack and request token into plain C++ data.
 //
 // Why a thread of its own: taking the GIL can block for as long as native code holds it, and the
 // watchdog must never hang. So the watchdog asks, waits with a timeout, and moves on; this thread
 // is the one that waits for the GIL. When it has waited too long, the loop thread itself may take
 // the same capture through a CPython pending call (see queue_loop_capture()).
 //
-// What runs under the GIL here, on either thread, can never call back into user code: no
-// Python-level calls, no attribute lookups, and the cyclic GC is disabled for the few allocations
-// made (frame objects, a UTF-8 cache), because a collection would run __del__ methods on this
-// thread.
+// What runs under the GIL here, on either thread, is the reader's, which never calls back into
+// user code.
 #include "py_sampler.h"
 
 #include <Python.h>
-#include <frameobject.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -31,6 +28,7 @@
 
 #include "compat.h"
 #include "loopguard/proc.h"
+#include "py_reader.h"
 
 namespace loopguard {
 
@@ -39,17 +37,6 @@ namespace {
 // How many sampler threads (of every engine in the process) hold the GIL for a capture right now:
 // the watchdog tells a loop waiting on one of them from a loop waiting on the app's own threads.
 std::atomic<int> g_samplers_holding_gil{0};
-
-std::string utf8_of(PyObject* text) {
-  if (text == nullptr || !PyUnicode_Check(text)) return "?";
-  Py_ssize_t size = 0;
-  const char* data = PyUnicode_AsUTF8AndSize(text, &size);
-  if (data == nullptr) {
-    PyErr_Clear();  // lone surrogates: keep going without the name
-    return "?";
-  }
-  return std::string(data, static_cast<std::size_t>(size));
-}
 
 class PySampler;
 
@@ -68,14 +55,9 @@ std::map<std::uintptr_t, PySampler*>& registry() {
 class PySampler final : public StackSampler {
  public:
   PySampler(PyThreadState* loop, PyObject* request_var, TaskLookup tasks, SamplerConfig config)
-      : loop_(loop),
-        interp_(PyThreadState_GetInterpreter(loop)),
-        request_var_(request_var),
-        tasks_(tasks),
-        config_(std::move(config)),
-        filter_(config_.frames),
-        pid_(::getpid()),
-        raw_(std::max(config_.max_depth, kOtherThreadDepth)) {
+      : config_(std::move(config)),
+        reader_(loop, request_var, tasks, config_.frames, config_.max_depth),
+        pid_(::getpid()) {
     {
       std::lock_guard<std::mutex> guard(registry_mutex());
       static std::uintptr_t next_id = 0;
@@ -121,21 +103,12 @@ class PySampler final : public StackSampler {
   // compat.h). Never during finalization, when thread states are being torn down, nor in a forked
   // child, whose other threads' states describe threads that are gone. The loop thread's state
   // stays valid while the engine runs: the engine is stopped before the loop's thread can end.
-  // The thread list is walked with the same public accessors as find_thread(), plain field reads;
-  // a thread can only leave it while holding the GIL, which the caller knows the loop thread has.
+  // The reader walks the thread list with the same public accessors as under the GIL, plain field
+  // reads; a thread can only leave it while holding the GIL, which the caller knows the loop
+  // thread has.
   bool read_without_gil(Sample& out, std::vector<ThreadStack>* others) override {
     if (pid_ != ::getpid() || compat::is_finalizing()) return false;
-    std::lock_guard<std::mutex> guard(walk_mutex_);
-    out.found = true;
-    out.thread = 0;
-    walk(loop_, config_.max_depth, out.frames);
-    out.has_stack = !out.frames.empty();
-    if (!out.has_stack) return false;
-    const Culprit culprit = filter_.apply(out.frames);
-    out.culprit = culprit.index;
-    out.culprit_is_library = culprit.library;
-    if (others != nullptr) read_others(*others);
-    return true;
+    return reader_.read_without_gil(out, others);
   }
 
   bool take_late(Sample& out) override {
@@ -283,7 +256,7 @@ class PySampler final : public StackSampler {
     }
     Sample local;
     local.t = monotonic_now();
-    capture(local, frames, target);
+    reader_.capture(local, frames, target);
     pause_.record(monotonic_now() - local.t);
     std::lock_guard<std::mutex> guard(mutex_);
     if (state_ != State::kAbandoned || served_ || !local.found || !local.has_stack) return;
@@ -332,11 +305,8 @@ class PySampler final : public StackSampler {
         }
         const Nanos t0 = monotonic_now();
         local.t = t0;
-        capture(local, frames, target);
-        if (others && target == 0 && local.found) {
-          std::lock_guard<std::mutex> guard(walk_mutex_);
-          read_others(local.others);
-        }
+        reader_.capture(local, frames, target);
+        if (others && target == 0 && local.found) reader_.read_others(local.others);
         pause_.record(monotonic_now() - t0);
         g_samplers_holding_gil.fetch_sub(1, std::memory_order_relaxed);
         self = PyEval_SaveThread();
@@ -369,176 +339,9 @@ class PySampler final : public StackSampler {
     PyGILState_Release(gil);
   }
 
-  // The thread state to sample: the loop thread's, or the one whose kernel id is `target`.
-  PyThreadState* find_thread(long target) const {
-    PyInterpreterState* interp = PyThreadState_GetInterpreter(PyThreadState_Get());
-    for (PyThreadState* t = PyInterpreterState_ThreadHead(interp); t != nullptr;
-         t = PyThreadState_Next(t)) {
-      if (target == 0 ? t == loop_
-                      : compat::thread_native_id(t) == static_cast<unsigned long>(target)) {
-        return t;
-      }
-    }
-    return nullptr;  // the loop thread is gone, or the target runs no Python
-  }
-
-  std::uint64_t read_token(PyThreadState* tstate) const {
-    PyObject* ctx = compat::thread_context(tstate);
-    if (ctx == nullptr) return 0;
-    // Context is a mapping; contains + getitem are plain HAMT lookups (a ContextVar's hash is
-    // computed once at creation), so no Python code runs and no KeyError is raised.
-    if (PySequence_Contains(ctx, request_var_) != 1) {
-      PyErr_Clear();
-      return 0;
-    }
-    PyObject* value = PyObject_GetItem(ctx, request_var_);
-    if (value == nullptr) {
-      PyErr_Clear();
-      return 0;
-    }
-    std::uint64_t token = 0;
-    if (PyLong_CheckExact(value)) {
-      token = PyLong_AsUnsignedLongLong(value);
-      if (PyErr_Occurred()) {
-        PyErr_Clear();
-        token = 0;
-      }
-    }
-    Py_DECREF(value);
-    return token;
-  }
-
-  // Outside requests, what ran: "name (coroutine)" for a task whose name can be read, the
-  // coroutine alone otherwise, "(callback)" when no coroutine is on the stack (a plain handle).
-  // The name comes from the exact asyncio Task type's get_name, which is C code; a subclass could
-  // override it in Python, so a subclass is named by its coroutine only.
-  std::string describe_task(const std::string& coroutine) const {
-    if (coroutine.empty()) return "(callback)";
-    PyObject* task = compat::running_task(tasks_.current_tasks, tasks_.current_task, tasks_.loop);
-    if (task == nullptr || tasks_.task_type == nullptr ||
-        Py_TYPE(task) != reinterpret_cast<PyTypeObject*>(tasks_.task_type)) {
-      Py_XDECREF(task);
-      return coroutine;
-    }
-    PyObject* name = PyObject_CallMethod(task, "get_name", nullptr);
-    Py_DECREF(task);
-    if (name == nullptr) {
-      PyErr_Clear();
-      return coroutine;
-    }
-    std::string text = utf8_of(name);
-    Py_DECREF(name);
-    return text + " (" + coroutine + ")";
-  }
-
-  void capture(Sample& out, bool frames, long target) {
-    out.found = false;
-    out.thread = target;
-    PyThreadState* tstate = find_thread(target);
-    if (tstate == nullptr) return;
-    out.found = true;
-    const int gc_was_enabled = PyGC_Disable();
-    out.token = read_token(tstate);
-    if (frames) {
-      // The outermost coroutine frame is the running task's own coroutine: the task step that
-      // drives it is C, so the loop's frames come right below it.
-      std::string outermost_coroutine;
-      PyFrameObject* frame = PyThreadState_GetFrame(tstate);
-      while (frame != nullptr && out.frames.size() < config_.max_depth) {
-        PyCodeObject* code = PyFrame_GetCode(frame);
-        FrameInfo info;
-        info.line = compat::line_at(code, PyFrame_GetLasti(frame));
-        info.filename = utf8_of(compat::code_filename(code));
-        info.function = utf8_of(compat::code_qualname(code));
-        if (compat::is_coroutine_code(code)) outermost_coroutine = info.function;
-        Py_DECREF(code);
-        out.frames.push_back(std::move(info));
-        PyFrameObject* back = PyFrame_GetBack(frame);
-        Py_DECREF(frame);
-        frame = back;
-      }
-      Py_XDECREF(frame);
-      out.has_stack = true;
-      // File names are normalised here, through the filter's cache, so that events, reports and
-      // the culprit rule all see one spelling of each path (never "venv/bin/../lib/...").
-      const Culprit culprit = filter_.apply(out.frames);
-      out.culprit = culprit.index;
-      out.culprit_is_library = culprit.library;
-      // Named even with a request token: the engine keeps the name only if that request has
-      // ended (a task it left behind), and it cannot tell from here.
-      if (target == 0) out.task = describe_task(outermost_coroutine);
-    }
-    if (gc_was_enabled) PyGC_Enable();
-    if (PyErr_Occurred()) PyErr_Clear();
-  }
-
-  // A thread's frames, innermost first, read without touching a reference count or allocating
-  // while the records are read (see compat.h): the names are copied into fixed buffers first and
-  // only turned into strings once the walk is over. Called with walk_mutex_ held, which guards
-  // raw_; with the GIL (sample_all) or without it (read_without_gil).
-  void walk(PyThreadState* tstate, std::size_t depth, std::vector<FrameInfo>& frames) {
-    frames.clear();
-    std::size_t n = 0;
-    compat::InterpreterFrame* frame = compat::unlocked_top_frame(tstate);
-    for (std::size_t seen = 0;
-         compat::plausible(frame) && n < raw_.size() && n < depth && seen < kMaxRecords; ++seen) {
-      PyCodeObject* code = compat::unlocked_code(frame);
-      if (code != nullptr) {
-        RawFrame& raw = raw_[n++];
-        raw.line = compat::line_at(code, compat::unlocked_offset(frame));
-        compat::unlocked_text(compat::code_filename(code), raw.filename, sizeof raw.filename);
-        compat::unlocked_text(compat::code_qualname(code), raw.function, sizeof raw.function);
-      }
-      compat::InterpreterFrame* back = compat::unlocked_previous(frame);
-      if (back == frame) break;
-      frame = back;
-    }
-    frames.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      FrameInfo info;
-      info.filename = raw_[i].filename;
-      info.function = raw_[i].function;
-      info.line = raw_[i].line;
-      frames.push_back(std::move(info));
-    }
-  }
-
-  // Every other thread that runs Python, bounded in threads and depth; the sampler threads of
-  // every guard have no Python frame and are left out with the rest of such threads.
-  void read_others(std::vector<ThreadStack>& out) {
-    out.clear();
-    for (PyThreadState* t = PyInterpreterState_ThreadHead(interp_);
-         compat::plausible(t) && out.size() < kMaxOtherThreads; t = PyThreadState_Next(t)) {
-      if (t == loop_) continue;
-      ThreadStack stack;
-      walk(t, kOtherThreadDepth, stack.frames);
-      if (stack.frames.empty()) continue;
-      stack.thread = static_cast<long>(compat::thread_native_id(t));
-      const Culprit culprit = filter_.apply(stack.frames);
-      stack.culprit = culprit.index;
-      stack.culprit_is_library = culprit.library;
-      out.push_back(std::move(stack));
-    }
-  }
-
-  struct RawFrame {
-    char filename[512];
-    char function[256];
-    int line;
-  };
-  static constexpr std::size_t kMaxRecords = 1024;  // records walked per thread, shims included
-  static constexpr std::size_t kMaxOtherThreads = 16;
-  static constexpr std::size_t kOtherThreadDepth = 24;
-
-  PyThreadState* const loop_;
-  PyInterpreterState* const interp_;
-  PyObject* const request_var_;  // borrowed: PyEngine owns it and outlives this sampler
-  const TaskLookup tasks_;       // borrowed, likewise
   const SamplerConfig config_;
-  FrameFilter filter_;
+  PyReader reader_;
   const pid_t pid_;
-  std::mutex walk_mutex_;
-  std::vector<RawFrame> raw_;
   std::uintptr_t id_ = 0;
   LagHistogram pause_;
   std::array<std::atomic<std::uint64_t>, 4> gil_futexes_{};
