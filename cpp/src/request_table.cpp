@@ -5,6 +5,55 @@
 
 namespace loopguard {
 
+namespace {
+
+// Appends `text`, at most `limit` bytes of it, with control characters shown as '?' and "..." when
+// cut. UTF-8 is kept whole: the cut never splits a character, and a C1 control (U+0080..U+009F,
+// two bytes) is one '?'.
+void append_part(std::string& out, std::string_view text, std::size_t limit) {
+  std::size_t i = 0;
+  while (i < text.size()) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    std::size_t len = 1;
+    if (c >= 0xf0) {
+      len = 4;
+    } else if (c >= 0xe0) {
+      len = 3;
+    } else if (c >= 0xc0) {
+      len = 2;
+    }
+    if (i + len > limit) break;
+    if (c < 0x20 || c == 0x7f) {
+      out.push_back('?');
+    } else if (c == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) < 0xa0) {
+      out.push_back('?');  // a C1 control: 8-bit CSI and friends
+    } else {
+      out.append(text.substr(i, len));
+    }
+    i += len;
+  }
+  if (i < text.size()) out += "...";
+}
+
+}  // namespace
+
+std::string request_label(std::string_view method, std::string_view path,
+                          std::string_view request_id) {
+  std::string out;
+  out.reserve(method.size() + std::min(path.size(), kLabelPathBytes) +
+              std::min(request_id.size(), kLabelIdBytes) + 24);
+  if (method.empty()) {
+    append_part(out, request_id, kLabelPathBytes);
+  } else {
+    append_part(out, method, 16);
+    out.push_back(' ');
+    append_part(out, path, kLabelPathBytes);
+  }
+  out += " request_id=";
+  append_part(out, request_id, kLabelIdBytes);
+  return out;
+}
+
 std::uint64_t RequestTable::begin(std::string label, Nanos now) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::uint64_t token = next_++;

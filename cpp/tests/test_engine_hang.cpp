@@ -218,5 +218,26 @@ TEST_F(EngineTest, HangThresholdZeroWritesNothing) {
   EXPECT_EQ(engine_->stats().hangs, 0u);
 }
 
+// ---- The label a hang report names the request by ---------------------------------------------
+
+// Put together from the request's parts as the client sent them: whatever they hold, no control
+// character reaches the line, and no part is longer than its bound.
+TEST(RequestLabel, NamesTheRequestWithTheControlCharactersShownAsQuestionMarks) {
+  EXPECT_EQ(request_label("GET", "/x", "abc"), "GET /x request_id=abc");
+  EXPECT_EQ(request_label("", "", "lifespan.startup"),
+            "lifespan.startup request_id=lifespan.startup");
+  // CR, LF, ESC, DEL, and the C1 control CSI (U+009B) encoded in UTF-8; U+00E9 is kept.
+  EXPECT_EQ(request_label("GET", "/x\r\n\x1b[31m\x7f\xc2\x9b\xc3\xa9", "a\nb"),
+            "GET /x???[31m??\xc3\xa9 request_id=a?b");
+}
+
+TEST(RequestLabel, LongPartsAreCutOnACharacterBoundary) {
+  const std::string path = "/" + std::string(kLabelPathBytes - 2, 'p') + "\xc3\xa9" + "tail";
+  const std::string label = request_label("GET", path, std::string(500, 'i'));
+  // The two-byte character would cross the bound: the path stops before it.
+  EXPECT_EQ(label, "GET /" + std::string(kLabelPathBytes - 2, 'p') +
+                       "... request_id=" + std::string(kLabelIdBytes, 'i') + "...");
+}
+
 }  // namespace
 }  // namespace loopguard

@@ -171,7 +171,13 @@ NB_MODULE(_core, m) {
       .def("gc_end", &PyEngine::gc_end)
       .def("gc_elsewhere_begin", &PyEngine::gc_elsewhere_begin)
       .def("gc_elsewhere_end", &PyEngine::gc_elsewhere_end)
-      .def("begin_request", &PyEngine::begin_request)
+      .def(
+          "begin_request",
+          [](PyEngine& e, nb::handle method, nb::handle path, nb::handle request_id) {
+            return e.begin_request(method.ptr(), path.ptr(), request_id.ptr());
+          },
+          nb::arg("method").none(), nb::arg("path"), nb::arg("request_id"),
+          nb::sig("def begin_request(self, method: str | None, path: str, request_id: str) -> int"))
       .def("end_request", &PyEngine::end_request)
       .def("settle", &PyEngine::settle)
       .def("watch_thread_exit", &PyEngine::watch_thread_exit)

@@ -1,4 +1,4 @@
-"""LoopGuardConfig: every option of the seed README, with its name and default, validated.
+"""LoopGuardConfig: every documented option, with its name and default, validated.
 
 A wrong value raises ``ValueError`` naming the option and what it accepts, at construction time,
 so a typo fails on deploy rather than silently switching monitoring off.
@@ -40,7 +40,7 @@ def _check_number(
 
 @dataclass(frozen=True)
 class LoopGuardConfig:
-    """Configuration of the guard. Defaults are the seed README's."""
+    """Configuration of the guard. Defaults are the documented ones."""
 
     enabled: bool = True
     monitor_interval_ms: float = 10

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _native, exporters, registry
 from ._convert import engine_configs, stats_dict
-from ._text import escape
 from .config import LoopGuardConfig
 from .delivery import Delivery
 from .eventlog import EventLog
@@ -194,10 +193,8 @@ class LoopGuard:
         self.start()
         engine = self._engine
         assert engine is not None  # start() raises when it cannot start one
-        # The label names the request in the watchdog's native hang reports; it is escaped here
-        # because that report is written without Python.
-        label = f"{method} {escape(path or '')}" if method else escape(request_id)
-        token = engine.begin_request(f"{label} request_id={escape(request_id, 128)}")
+        # The engine keeps what names the request in its hang reports, written without Python.
+        token = engine.begin_request(method, path or "", request_id)
         info = RequestInfo(token, request_id, method, path, scope)
         self._units.inflight[token] = info
         for exporter in self._request_exporters:

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -23,6 +24,16 @@ struct RequestCounters {
   Nanos wait = 0;
 };
 
+// The text that names a request in native hang reports: "GET /path request_id=abc", or for work
+// labelled outside requests (empty method) "name request_id=name". Put together from the parts as
+// the app got them, once per request, in C++: the line is written without Python, for a terminal
+// or a log, so control characters (C0, DEL, C1) become '?' whoever sent them, and each part is
+// bounded (the path to kLabelPathBytes, the id to kLabelIdBytes, cut on a UTF-8 boundary).
+inline constexpr std::size_t kLabelPathBytes = 200;
+inline constexpr std::size_t kLabelIdBytes = 128;
+std::string request_label(std::string_view method, std::string_view path,
+                          std::string_view request_id);
+
 // Requests in flight, with the blocking they caused and suffered. The watchdog updates the live
 // part while a stall is still going on, because the guilty request often sends its response in
 // the same loop iteration that its block ends in, before any event could be drained.
@@ -33,7 +44,7 @@ struct RequestCounters {
 // never frozen by its own event. Nothing runs per request for it beyond one clock read at begin.
 class RequestTable {
  public:
-  // `label` names the request in native hang reports ("GET /path id=..."), already escaped.
+  // `label` names the request in native hang reports (see request_label()).
   // `now`: when it begins (only blocking after that can freeze it).
   std::uint64_t begin(std::string label = {}, Nanos now = 0);
   // True when the request's live event is well sampled (see set_live): it is part of the stall

@@ -10,6 +10,34 @@
 
 namespace loopguard {
 
+namespace {
+
+// A str's UTF-8. A path that held bytes which are not UTF-8 reaches us decoded with
+// surrogateescape, which strict UTF-8 cannot encode: those characters become '?' instead.
+std::string utf8_or_replaced(PyObject* text) {
+  if (text == nullptr || !PyUnicode_Check(text)) return {};
+  Py_ssize_t size = 0;
+  if (const char* data = PyUnicode_AsUTF8AndSize(text, &size); data != nullptr) {
+    return std::string(data, static_cast<std::size_t>(size));
+  }
+  PyErr_Clear();
+  PyObject* bytes = PyUnicode_AsEncodedString(text, "utf-8", "replace");
+  if (bytes == nullptr) {
+    PyErr_Clear();
+    return "?";
+  }
+  std::string out(PyBytes_AS_STRING(bytes), static_cast<std::size_t>(PyBytes_GET_SIZE(bytes)));
+  Py_DECREF(bytes);
+  return out;
+}
+
+}  // namespace
+
+std::uint64_t PyEngine::begin_request(PyObject* method, PyObject* path, PyObject* request_id) {
+  return engine().begin_request(request_label(utf8_or_replaced(method), utf8_or_replaced(path),
+                                              utf8_or_replaced(request_id)));
+}
+
 PyEngine::PyEngine(const WatchdogConfig& watchdog, const ThresholdConfig& threshold,
                    const SamplerConfig& sampler, PyObject* request_var, TaskLookup tasks)
     : request_var_(request_var), tasks_(tasks) {

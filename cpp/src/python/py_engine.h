@@ -57,9 +57,10 @@ class PyEngine {
   void heartbeat_off() noexcept {
     if (engine_) engine_->heartbeat_off();
   }
-  std::uint64_t begin_request(std::string label) {
-    return engine().begin_request(std::move(label));
-  }
+  // A request (or labelled work: `method` None) begins: one crossing, the label put together here
+  // rather than in Python (see request_label()). Each argument is a str, or anything else read
+  // as empty.
+  std::uint64_t begin_request(PyObject* method, PyObject* path, PyObject* request_id);
   void gc_begin() noexcept {
     if (engine_) engine_->gc_begin();
   }

@@ -1,4 +1,4 @@
-"""Log records for blocking events: the seed's text line, or one JSON object per event.
+"""Log records for blocking events: the original text line, or one JSON object per event.
 
 One endpoint that blocks on every request would otherwise write a line per request, so records
 are rate-limited per source (the culprit's file and function): at most ``per_minute`` records per
