@@ -269,15 +269,13 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
     guard: Any = mw.guard
     engine, var = guard._engine, guard._request_var
     guard_module: Any = importlib.import_module("fastapi_loopguard.guard")
-    middleware_module: Any = importlib.import_module("fastapi_loopguard.middleware")
     enforcement: Any = importlib.import_module("fastapi_loopguard.enforcement")
-    escape, incoming = guard_module.escape, middleware_module._incoming_request_id
+    core: Any = importlib.import_module("fastapi_loopguard._core")
     loop = asyncio.get_running_loop()
     # As the middleware sees it once Starlette has routed it (end() reads the route template).
     scope = {**ok_scope(), "route": next(r for r in app.routes if r.path == "/ok")}
     path = scope["path"]
-    request_id = incoming(scope)
-    label = f"GET {path} request_id={request_id}"  # as long as the label begin() builds
+    request_id = core.request_id(scope["headers"])
     # A request in flight for the pieces that need one, begun in a Context of its own: the
     # driver's must not hold the guard's ContextVar, or every set below would replace it.
     in_flight, _ = contextvars.copy_context().run(guard.begin, request_id, "GET", path, scope)
@@ -302,10 +300,6 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
 
     def nothing() -> None:
         pass
-
-    def escape_both() -> None:
-        escape(path)
-        escape(request_id, 128)
 
     def request_info() -> None:
         guard_module.RequestInfo(1, request_id, "GET", path, scope).release_scope()
@@ -345,15 +339,14 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
     pairs: list[tuple[str, Runner, Runner]] = [
         ("request, defaults", awaits(request(plain)), awaits(request(noop_app))),
         ("request, dev_mode", awaits(request(dev)), awaits(request(noop_app))),
-        ("_incoming_request_id", calls(lambda: incoming(scope)), calls(nothing)),
+        ("request_id()", calls(lambda: core.request_id(scope["headers"])), calls(nothing)),
         ("begin + end", calls(begin_end), calls(nothing)),
-        ("escape() x2", calls(escape_both), calls(nothing)),
         ("start(), running", calls(guard.start), calls(nothing)),
         ("RequestInfo + release_scope", calls(request_info), calls(nothing)),
         ("ContextVar set + reset", calls(lambda: var.reset(var.set(0))), calls(nothing)),
         (
             "engine.begin_request + end_request",
-            calls(lambda: engine.end_request(engine.begin_request(label))),
+            calls(lambda: engine.end_request(engine.begin_request("GET", path, request_id))),
             calls(nothing),
         ),
         ("timed(), one step", awaits(timed), awaits(timed_without)),
@@ -705,22 +698,22 @@ def _piece_rows(results: dict[Run, Result], loop: str, seed: int) -> dict[str, f
     checked = piece("_checked_send, 2 messages")
     rows = {
         "request through the guard, defaults (a no-op ASGI app)": request,
-        "  _incoming_request_id: header scan, new_request_id": piece("_incoming_request_id"),
+        "  request_id(): the X-Request-ID scan or a new id, in C++": piece("request_id()"),
         "  begin + end": begin_end,
-        "    escape() x2": piece("escape() x2"),
         "    ContextVar set + reset": piece("ContextVar set + reset"),
-        "    engine.begin_request + end_request": piece("engine.begin_request + end_request"),
+        "    engine.begin_request + end_request (the label, in C++)": piece(
+            "engine.begin_request + end_request"
+        ),
         "    start(), already running": piece("start(), running"),
         "    RequestInfo + release_scope": piece("RequestInfo + release_scope"),
-        "    the rest: label f-strings, dict insert/pop, exporters, recent": begin_end
-        - piece("escape() x2")
+        "    the rest: the units dict, exporters, recent requests": begin_end
         - piece("ContextVar set + reset")
         - piece("engine.begin_request + end_request")
         - piece("start(), running")
         - piece("RequestInfo + release_scope"),
         "  timed(), one step: the native step timer, the engine's record_step": timed,
         "  the rest: __call__ dispatch, _tracked, the ASGI plumbing": request
-        - piece("_incoming_request_id")
+        - piece("request_id()")
         - begin_end
         - timed,
     }
@@ -731,8 +724,10 @@ def _piece_rows(results: dict[Run, Result], loop: str, seed: int) -> dict[str, f
         )
     rows["dev_mode on top (a no-op ASGI app)"] = piece("request, dev_mode") - request
     rows["  _checked_send, 2 messages"] = checked
-    rows["    _with_headers"] = piece("_with_headers")
-    rows["    the rest: the wrapper, its closure, _enforce"] = checked - piece("_with_headers")
+    rows["    _with_headers: the header list, in C++"] = piece("_with_headers")
+    rows["    the rest: the wrapper, its closure, the live counters"] = checked - piece(
+        "_with_headers"
+    )
     bare = results[Run(loop, "bare", seed=seed)].counts
     defaults = results[Run(loop, "defaults", seed=seed)].counts
     dev = results[Run(loop, "dev_mode", seed=seed)].counts

@@ -242,6 +242,26 @@ def test_request_id_reused_only_when_valid(incoming: str, kept: bool) -> None:
     assert headers["x-blocking-detected"] == "false"
 
 
+def test_the_first_request_id_decides_and_malformed_headers_are_still_served() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
+        twice = [(b"x-other", b"1"), (b"x-request-id", b"first"), (b"x-request-id", b"second")]
+        both = await call(middleware, http_scope("/", twice))
+        # Not a list of pairs: the guard cannot read it, and the app answers anyway, unwatched.
+        broken = await call(middleware, http_scope("/", [(b"x-request-id",)]))
+        middleware.guard.stop()
+        return both, broken
+
+    both, broken = asyncio.run(main())
+    assert headers_of(both)["x-request-id"] == "first"
+    assert [m["type"] for m in broken] == ["http.response.start", "http.response.body"]
+    assert "x-request-id" not in headers_of(broken)
+
+
 def test_response_start_keeps_its_other_keys() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -267,3 +268,40 @@ def test_server_timing_only_in_dev_mode_and_beside_the_apps_own(loop_name: str) 
     warn = run(loop_name, lambda: main(replace(quiet, enforcement_mode="warn")))
     assert (b"x-blocking-detected", b"true") in warn
     assert [v for k, v in warn if k == b"server-timing"] == [b"db;dur=3"]
+
+
+def test_the_guards_headers_go_on_a_copy_of_the_apps_own(loop_name: str) -> None:
+    # The app may reuse one header list (or tuple) for every response, or send none: each
+    # response gets the guard's headers once, and the app's own are never changed.
+    shared = [(b"content-type", b"text/plain")]
+    frozen = ((b"x-app", b"1"),)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        start: dict[str, Any] = {"type": "http.response.start", "status": 200}
+        if scope["path"] != "/none":
+            start["headers"] = shared if scope["path"] == "/list" else frozen
+        await send(start)
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> list[list[tuple[bytes, bytes]]]:
+        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
+        starts = []
+        for path in ("/list", "/list", "/tuple", "/none"):
+            messages = await call(middleware, http_scope(path))
+            starts.append(next(m for m in messages if m["type"] == "http.response.start"))
+        middleware.guard.stop()
+        return [list(s["headers"]) for s in starts]
+
+    first, second, from_tuple, from_none = run(loop_name, main)
+    assert shared == [(b"content-type", b"text/plain")] and frozen == ((b"x-app", b"1"),)
+    ours = [b"x-request-id", b"x-blocking-count", b"x-blocking-total-ms", b"x-blocking-detected"]
+    ours.append(b"server-timing")
+    assert [k for k, _ in first] == [b"content-type", *ours]
+    assert [k for k, _ in second] == [b"content-type", *ours]  # once each, not piled up
+    assert [k for k, _ in from_tuple] == [b"x-app", *ours]
+    assert [k for k, _ in from_none] == ours
+    # Values only by their shape: a host busy enough to starve the loop may give it a block.
+    values = dict(from_none)
+    assert re.fullmatch(rb"\d+\.\d\d", values[b"x-blocking-total-ms"]), values
+    timing = rb"loopguard-wait;dur=\d+(\.\d)?, loopguard-block;dur=\d+(\.\d)?"
+    assert re.fullmatch(timing, values[b"server-timing"]), values

@@ -3,6 +3,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include "loopguard/classify.h"
@@ -10,6 +11,7 @@
 #include "loopguard/event.h"
 #include "loopguard/frame_filter.h"
 #include "py_engine.h"
+#include "py_headers.h"
 #include "timed_steps.h"
 
 namespace nb = nanobind;
@@ -94,6 +96,31 @@ NB_MODULE(_core, m) {
     return names;
   });
 
+  m.def(
+      "request_id",
+      [](nb::handle headers) {
+        PyObject* id = request_id_of(headers.ptr());
+        if (id == nullptr) throw nb::python_error();
+        return nb::steal(id);
+      },
+      nb::arg("headers").none(),
+      nb::sig("def request_id(headers: collections.abc.Iterable[tuple[bytes, bytes]] | None, /) "
+              "-> str"));
+  m.def(
+      "with_guard_headers",
+      [](nb::handle headers, nb::handle request_id, std::uint32_t count, double total_ms,
+         std::optional<double> wait_ms) {
+        PyObject* list = with_guard_headers(headers.ptr(), request_id.ptr(), count, total_ms,
+                                            wait_ms.value_or(-1));
+        if (list == nullptr) throw nb::python_error();
+        return nb::steal(list);
+      },
+      nb::arg("headers").none(), nb::arg("request_id"), nb::arg("count"), nb::arg("total_ms"),
+      nb::arg("wait_ms").none(),
+      nb::sig("def with_guard_headers(headers: collections.abc.Iterable[tuple[bytes, bytes]] | "
+              "None, request_id: str, count: int, total_ms: float, wait_ms: float | None) -> "
+              "list[tuple[bytes, bytes]]"));
+
   nb::class_<Event>(m, "Event")
       .def_ro("token", &Event::token)
       .def_ro("start_ns", &Event::start)
@@ -113,13 +140,6 @@ NB_MODULE(_core, m) {
       .def_prop_ro("holder_thread", [](const Event& e) { return e.holder.thread; })
       .def_prop_ro("holder_stack", [](const Event& e) { return e.holder.frames; })
       .def_prop_ro("holder_culprit", [](const Event& e) { return e.holder.culprit; });
-
-  nb::class_<RequestCounters>(m, "RequestCounters")
-      .def_ro("count", &RequestCounters::count)
-      .def_ro("total_ns", &RequestCounters::total)
-      .def_ro("wait_ns", &RequestCounters::wait);
-
-  nb::class_<RequestEnd, RequestCounters>(m, "RequestEnd").def_ro("pending", &RequestEnd::pending);
 
   nb::class_<EngineStats>(m, "EngineStats")
       .def_ro("stalls", &EngineStats::stalls)
@@ -178,7 +198,15 @@ NB_MODULE(_core, m) {
           },
           nb::arg("method").none(), nb::arg("path"), nb::arg("request_id"),
           nb::sig("def begin_request(self, method: str | None, path: str, request_id: str) -> int"))
-      .def("end_request", &PyEngine::end_request)
+      // Both as tuples: an object's fields would each be one more crossing, on every request.
+      .def(
+          "end_request",
+          [](PyEngine& e, std::uint64_t token) {
+            const RequestEnd end = e.end_request(token);
+            return std::make_tuple(end.pending, end.count, end.total, end.wait);
+          },
+          nb::arg("token"),
+          nb::sig("def end_request(self, token: int) -> tuple[bool, int, int, int]"))
       .def("settle", &PyEngine::settle)
       .def("watch_thread_exit", &PyEngine::watch_thread_exit)
       .def(
@@ -204,7 +232,14 @@ NB_MODULE(_core, m) {
                   "typing.Any], token: int, report: collections.abc.Callable[..., None], "
                   "info: object, /) -> collections.abc.Awaitable[typing.Any]"))
       .def("take_cumulative", &PyEngine::take_cumulative)
-      .def("request_counters", &PyEngine::request_counters)
+      .def(
+          "request_counters",
+          [](PyEngine& e, std::uint64_t token) {
+            const RequestCounters counters = e.request_counters(token);
+            return std::make_tuple(counters.count, counters.total, counters.wait);
+          },
+          nb::arg("token"),
+          nb::sig("def request_counters(self, token: int) -> tuple[int, int, int]"))
       .def("drain", &PyEngine::drain)
       .def("calibrate", &PyEngine::calibrate)
       .def("wants_heartbeat", &PyEngine::wants_heartbeat)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
 MAX_PATH_CHARS = 200
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def escape(text: str, limit: int = MAX_PATH_CHARS) -> str:
@@ -44,8 +41,3 @@ def visible(text: str) -> str:
         else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
         for ch in text
     )
-
-
-def valid_request_id(value: str) -> bool:
-    """Whether an incoming X-Request-Id may be reused as it is (asgi-correlation-id's rule)."""
-    return _REQUEST_ID.fullmatch(value) is not None

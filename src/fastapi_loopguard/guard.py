@@ -31,7 +31,7 @@ from .steps import cumulative_event
 from .units import Units
 
 if TYPE_CHECKING:
-    from ._core import Engine, RequestEnd
+    from ._core import Engine
 
 logger = logging.getLogger("fastapi_loopguard")
 
@@ -215,16 +215,16 @@ class LoopGuard:
         # the delay the request suffered and inflicted, already summed up by the engine.
         if self._engine is None:
             return
-        ended = self._engine.end_request(info.token)
-        if ended.pending:
+        pending, count, total_ns, wait_ns = self._engine.end_request(info.token)
+        if pending:
             self.deliver()
         if self._end_exporters or self._event_log is not None:
-            self._ended(info, ended)
+            self._ended(info, count, total_ns, wait_ns)
 
-    def _ended(self, info: RequestInfo, ended: RequestEnd) -> None:
+    def _ended(self, info: RequestInfo, count: int, total_ns: int, wait_ns: int) -> None:
         """Hands a finished request's delay to the exporters that want it, and to the log."""
-        wait_ms = ended.wait_ns / _NS_PER_MS
-        block_ms = ended.total_ns / _NS_PER_MS
+        wait_ms = wait_ns / _NS_PER_MS
+        block_ms = total_ns / _NS_PER_MS
         for exporter in self._end_exporters:
             try:
                 exporter.request_ended(info, wait_ms, block_ms)
@@ -233,12 +233,8 @@ class LoopGuard:
         # Only requests (labelled work is nobody's request to wait for, and its blocks are in
         # its events) that waited or blocked: one record per request would cost every request a
         # write, and the report's percentiles are about the delayed ones (see eventlog.py).
-        if (
-            self._event_log is not None
-            and info.method is not None
-            and (ended.wait_ns or ended.count)
-        ):
-            self._event_log.write_request(info, wait_ms, block_ms, ended.count)
+        if self._event_log is not None and info.method is not None and (wait_ns or count):
+            self._event_log.write_request(info, wait_ms, block_ms, count)
 
     def settle(self) -> None:
         """Delivers now the events of a stall that just ended, without waiting for the watchdog.
@@ -276,8 +272,8 @@ class LoopGuard:
         during a stall, up to the watchdog's last sample of it."""
         if self._engine is None:
             return 0, 0.0, 0.0
-        counters = self._engine.request_counters(info.token)
-        return counters.count, counters.total_ns / _NS_PER_MS, counters.wait_ns / _NS_PER_MS
+        count, total_ns, wait_ns = self._engine.request_counters(info.token)
+        return count, total_ns / _NS_PER_MS, wait_ns / _NS_PER_MS
 
     def events_of(self, info: RequestInfo) -> list[BlockingEvent]:
         """The events of this request drained so far while it was in flight."""

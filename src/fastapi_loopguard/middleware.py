@@ -9,15 +9,12 @@ also answers ``metrics_path`` itself.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from . import _native, enforcement
-from ._text import valid_request_id
 from .config import LoopGuardConfig
 from .events import RequestInfo
 from .guard import LoopGuard
@@ -41,33 +38,11 @@ logger = logging.getLogger("fastapi_loopguard")
 _unsupported_said = False
 
 
-_ID_PREFIX = os.urandom(6).hex()
-_id_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A process-unique id: a random prefix and a counter.
-
-    Cheaper than uuid4 on the per-request path, and it makes no system call: os.urandom releases
-    the GIL, which is where a sampler waiting for the GIL gets in, biasing samples towards it.
-    """
-    return f"{_ID_PREFIX}{next(_id_counter):010x}"
-
-
 def _say_unsupported(error: UnsupportedLoop) -> None:
     global _unsupported_said
     if not _unsupported_said:
         _unsupported_said = True
         logger.warning("%s", error)
-
-
-def _incoming_request_id(scope: Scope) -> str:
-    for name, value in scope.get("headers") or ():
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            # Reused only when harmless; anything else (CRLF, too long, non-ASCII) is replaced.
-            return candidate if valid_request_id(candidate) else new_request_id()
-    return new_request_id()
 
 
 class LoopGuardMiddleware:
@@ -78,11 +53,19 @@ class LoopGuardMiddleware:
         self.config = config if config is not None else LoopGuardConfig()
         # Without its engine the guard can only get in the way: say so once, loudly, and pass
         # every request straight through.
-        self._available = _native.load() is not None
+        self._core = _native.load()
+        self._available = self._core is not None
         if not self._available and self.config.enabled:
             logger.error("%s", _native.load_error())
         self.guard = LoopGuard(self.config)
         self._warned = False
+        # How long a response start waits for its request's events (enforcement.settled). Bounded:
+        # the watchdog hands an event over one tick after the loop came back. Strict and warn mode
+        # must name the culprit, and may wait for it; dev headers alone wait a few ticks at most,
+        # then show the live counters.
+        interval = self.config.monitor_interval_ms / 1000
+        naming = self.config.enforcement_mode != "log"
+        self._settle_timeout = max(0.5, 10 * interval) if naming else 3 * interval
         self._prometheus: PrometheusExporter | None = None
         if self.config.prometheus_enabled:
             from .exporters.prometheus import PrometheusExporter
@@ -133,7 +116,11 @@ class LoopGuardMiddleware:
         try:
             method = "WEBSOCKET" if scope["type"] == "websocket" else scope.get("method", "?")
             info, var_token = self.guard.begin(
-                _incoming_request_id(scope), method, scope.get("path"), dict_scope(scope)
+                # The incoming X-Request-ID when harmless, else a new id (http_headers.h).
+                self._core.request_id(scope.get("headers")),
+                method,
+                scope.get("path"),
+                dict_scope(scope),
             )
         except UnsupportedLoop as error:
             _say_unsupported(error)
@@ -171,16 +158,14 @@ class LoopGuardMiddleware:
             if message["type"] == "http.response.start":
                 body = None
                 try:
-                    # Bounded: the watchdog hands the event over one tick after the loop came
-                    # back. Strict and warn mode must name the culprit, and may wait for it; dev
-                    # headers alone wait a few ticks at most, then show the live counters.
-                    interval = self.config.monitor_interval_ms / 1000
-                    naming = self.config.enforcement_mode != "log"
-                    timeout = max(0.5, 10 * interval) if naming else 3 * interval
-                    blocking = await enforcement.settled(self.guard, info, timeout)
-                    replacement = self._enforce(scope, info, blocking)
-                    if replacement is not None:
-                        message, body = replacement
+                    blocking = enforcement.so_far(self.guard, info)
+                    if blocking.count:  # a request that blocked: its events are waited for
+                        blocking = await enforcement.settled(
+                            self.guard, info, blocking, self._settle_timeout
+                        )
+                        replacement = self._enforce(scope, info, blocking)
+                        if replacement is not None:
+                            message, body = replacement
                     message = self._with_headers(message, info, blocking)
                 except Exception:
                     self._failed("checking the response start")
@@ -230,21 +215,15 @@ class LoopGuardMiddleware:
     ) -> Message:
         # The same numbers as the events and the page (enforcement.settled): the block this
         # request caused usually ended in this very loop iteration, and its event is waited for.
-        headers = list(message.get("headers") or ())
-        headers += [
-            (b"x-request-id", info.request_id.encode("ascii")),
-            (b"x-blocking-count", str(blocking.count).encode("ascii")),
-            (b"x-blocking-total-ms", f"{blocking.total_ms:.2f}".encode("ascii")),
-            (b"x-blocking-detected", b"true" if blocking.count else b"false"),
-        ]
-        if self.config.dev_mode:
-            # Browsers' devtools show Server-Timing next to the request: the time it was frozen
-            # by others' blocks so far, and the time its own code blocked the loop. A header of
-            # its own, so an app's Server-Timing is left as it is (the values list up).
-            wait_ms = self.guard.delay_of(info)[2]
-            block_ms = blocking.total_ms
-            timing = f"loopguard-wait;dur={_dur(wait_ms)}, loopguard-block;dur={_dur(block_ms)}"
-            headers.append((b"server-timing", timing.encode("ascii")))
+        # In dev mode a Server-Timing header too, which browsers' devtools show next to the
+        # request: the time it was frozen by others' blocks, and the time its own code blocked
+        # the loop. A header of its own, so an app's Server-Timing is left as it is (the values
+        # list up). The list is built natively: every such response pays for it (see
+        # http_headers.h).
+        wait_ms = blocking.wait_ms if self.config.dev_mode else None
+        headers = self._core.with_guard_headers(
+            message.get("headers"), info.request_id, blocking.count, blocking.total_ms, wait_ms
+        )
         return {**message, "headers": headers}
 
     async def _serve_metrics(self, scope: Scope, send: Send) -> None:
@@ -301,11 +280,6 @@ class LoopGuardMiddleware:
                     self._failed("stopping the engine")
 
         await self.app(scope, receive_and_start, send_and_stop)
-
-
-def _dur(ms: float) -> str:
-    """A Server-Timing duration: milliseconds to a tenth, without a trailing ``.0``."""
-    return f"{ms:.1f}".removesuffix(".0")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
