@@ -269,7 +269,6 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
     guard: Any = mw.guard
     engine, var = guard._engine, guard._request_var
     guard_module: Any = importlib.import_module("fastapi_loopguard.guard")
-    enforcement: Any = importlib.import_module("fastapi_loopguard.enforcement")
     core: Any = importlib.import_module("fastapi_loopguard._core")
     loop = asyncio.get_running_loop()
     # As the middleware sees it once Starlette has routed it (end() reads the route template).
@@ -353,7 +352,7 @@ def piece_pairs(app: Any, mw: Any) -> list[tuple[str, Runner]]:
         ("_checked_send, 2 messages", awaits(checked_send), awaits(checked_send_without)),
         (
             "_with_headers",
-            calls(lambda: mw._with_headers(START, in_flight, enforcement.Blocking(0, 0.0))),
+            calls(lambda: mw._with_headers(START, in_flight, 0, 0.0, 0.0)),
             calls(nothing),
         ),
     ]

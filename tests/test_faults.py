@@ -176,6 +176,39 @@ def test_two_guards_on_one_loop_stop_in_either_order(loop_name: str) -> None:
         assert restored
 
 
+def test_the_select_pulse_passes_results_and_errors_through_and_lets_go_when_released() -> None:
+    # The native pulse in select's place (select_pulse.h), called here as the loop calls it.
+    async def main() -> None:
+        guard = fastapi_loopguard.LoopGuard(LoopGuardConfig(log_blocking_events=False))
+        guard.start()
+        engine = guard._engine
+        calls: list[float | None] = []
+
+        def select(timeout: float | None = None) -> list[Any]:
+            calls.append(timeout)
+            if timeout == -1:
+                raise InterruptedError("select was interrupted")
+            return [("key", 1)]
+
+        pulse = engine.select_pulse(select)
+        assert any(r is engine for r in gc.get_referents(pulse))
+        assert pulse(0.5) == [("key", 1)] and pulse(timeout=None) == [("key", 1)]
+        with pytest.raises(InterruptedError, match="interrupted"):
+            pulse(-1)
+        assert calls == [0.5, None, -1]
+        assert pulse._loopguard_below is None and not pulse._loopguard_inert
+        pulse._loopguard_below = select
+        assert pulse._loopguard_below is select
+        pulse.release()
+        assert pulse._loopguard_inert and pulse(0) == [("key", 1)]  # a pass-through now
+        # Released, it holds no engine: the engine goes with its guard, wherever the pulse stays.
+        assert not any(r is engine for r in gc.get_referents(pulse))
+        guard.stop()
+        assert pulse(0) == [("key", 1)]
+
+    asyncio.run(main())
+
+
 def test_a_guard_with_nothing_in_flight_ignores_a_busy_loop(loop_name: str) -> None:
     """One guard's requests keep the loop busy for 1.5 s, in short iterations; the others have
     nothing in flight (one tracked a request before, one never did). On uvloop they have no

@@ -12,6 +12,7 @@
 #include "loopguard/frame_filter.h"
 #include "py_engine.h"
 #include "py_headers.h"
+#include "select_pulse.h"
 #include "timed_steps.h"
 
 namespace nb = nanobind;
@@ -218,6 +219,17 @@ NB_MODULE(_core, m) {
       .def("close_uvloop", &PyEngine::close_uvloop)
       .def("pause", &PyEngine::pause)
       .def("resume", &PyEngine::resume)
+      .def(
+          "select_pulse",
+          [](nb::handle self, nb::handle original) {
+            PyObject* pulse =
+                make_select_pulse(self.ptr(), nb::inst_ptr<PyEngine>(self), original.ptr());
+            if (pulse == nullptr) throw nb::python_error();
+            return nb::steal(pulse);
+          },
+          // A C type of its own, as the step timer: the signature says what it stands for.
+          nb::sig("def select_pulse(self, original: collections.abc.Callable[..., typing.Any], /) "
+                  "-> typing.Any"))
       .def(
           "timed",
           [](nb::handle self, nb::handle coro, std::uint64_t token, nb::handle report,

@@ -32,38 +32,30 @@ class Blocking:
     count: int
     total_ms: float
     events: list[BlockingEvent] = field(default_factory=list)
-    # The time others' blocks froze it, read with the count (Server-Timing shows both).
-    wait_ms: float = 0.0
 
     @property
     def pending(self) -> bool:
         return len(self.events) < self.count
 
 
-def so_far(guard: LoopGuard, info: RequestInfo) -> Blocking:
-    """The request's blocks by the watchdog's live counters, read in one crossing: all a request
-    that did not block needs, and nearly every request is one."""
-    count, total_ms, wait_ms = guard.delay_of(info)
-    return Blocking(count, total_ms, wait_ms=wait_ms)
+async def settled(
+    guard: LoopGuard, info: RequestInfo, count: int, total_ms: float, timeout: float
+) -> Blocking:
+    """The blocks of a request that blocked, at response start, in the numbers its events and log
+    lines give. ``count`` and ``total_ms`` are the live counters (``delay_of``), read first: a
+    request that did not block (nearly all) has no reason to come here.
 
-
-async def settled(guard: LoopGuard, info: RequestInfo, live: Blocking, timeout: float) -> Blocking:
-    """The request's blocks at response start, in the numbers its events and log lines give.
-
-    The watchdog's live counters (``live``, from ``so_far``) know of a block during the stall,
-    but with its length as of the last sample; the event, with the final length, is delivered
-    one watchdog tick after the loop came back. Reading the counters at response start gave a
-    page saying 297.5 ms for a 300.4 ms event. So a request that blocked waits here (bounded,
-    yielding to the loop) for its events, and everything shown is their count and sum; only if
-    they do not all come in time are the counters shown, and the culprit marked pending.
+    The watchdog's live counters know of a block during the stall, but with its length as of the
+    last sample; the event, with the final length, is delivered one watchdog tick after the loop
+    came back. Reading the counters at response start gave a page saying 297.5 ms for a 300.4 ms
+    event. So a request that blocked waits here (bounded, yielding to the loop) for its events,
+    and everything shown is their count and sum; only if they do not all come in time are the
+    counters shown, and the culprit marked pending.
     """
-    if not live.count:
-        return live
-    events = await guard.wait_for_events(info, live.count, timeout)
-    if len(events) >= live.count:
-        total_ms = sum(e.duration_ms for e in events)
-        return Blocking(len(events), total_ms, events, live.wait_ms)
-    return Blocking(live.count, live.total_ms, events, live.wait_ms)
+    events = await guard.wait_for_events(info, count, timeout)
+    if len(events) >= count:
+        return Blocking(len(events), sum(e.duration_ms for e in events), events)
+    return Blocking(count, total_ms, events)
 
 
 def _culprit(event: BlockingEvent) -> str:

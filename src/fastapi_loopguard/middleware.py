@@ -158,15 +158,17 @@ class LoopGuardMiddleware:
             if message["type"] == "http.response.start":
                 body = None
                 try:
-                    blocking = enforcement.so_far(self.guard, info)
-                    if blocking.count:  # a request that blocked: its events are waited for
+                    # The live counters, in one crossing: all a request that did not block needs.
+                    count, total_ms, wait_ms = self.guard.delay_of(info)
+                    if count:  # a request that blocked: its events are waited for
                         blocking = await enforcement.settled(
-                            self.guard, info, blocking, self._settle_timeout
+                            self.guard, info, count, total_ms, self._settle_timeout
                         )
+                        count, total_ms = blocking.count, blocking.total_ms
                         replacement = self._enforce(scope, info, blocking)
                         if replacement is not None:
                             message, body = replacement
-                    message = self._with_headers(message, info, blocking)
+                    message = self._with_headers(message, info, count, total_ms, wait_ms)
                 except Exception:
                     self._failed("checking the response start")
                 if body is not None:
@@ -211,7 +213,7 @@ class LoopGuardMiddleware:
         return {"type": "http.response.start", "status": 503, "headers": headers}, body
 
     def _with_headers(
-        self, message: Message, info: RequestInfo, blocking: enforcement.Blocking
+        self, message: Message, info: RequestInfo, count: int, total_ms: float, wait_ms: float
     ) -> Message:
         # The same numbers as the events and the page (enforcement.settled): the block this
         # request caused usually ended in this very loop iteration, and its event is waited for.
@@ -220,9 +222,12 @@ class LoopGuardMiddleware:
         # the loop. A header of its own, so an app's Server-Timing is left as it is (the values
         # list up). The list is built natively: every such response pays for it (see
         # http_headers.h).
-        wait_ms = blocking.wait_ms if self.config.dev_mode else None
         headers = self._core.with_guard_headers(
-            message.get("headers"), info.request_id, blocking.count, blocking.total_ms, wait_ms
+            message.get("headers"),
+            info.request_id,
+            count,
+            total_ms,
+            wait_ms if self.config.dev_mode else None,
         )
         return {**message, "headers": headers}
 

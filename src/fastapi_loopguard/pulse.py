@@ -251,34 +251,17 @@ def _install_selector_pulse(
         selector, selectors.BaseSelector
     ):
         return None
-    original = selector.select
     # Another guard's pulse on this loop (guards stack: the plugin's and the app's), kept when
     # ours comes off before it, or that guard would be left without a pulse.
     previous = _own_attr(selector, "select")
-    pulse: tuple[Callable[[], None], Callable[[], None]] | None = (
-        engine.wait_begin,
-        engine.wait_end,
-    )
-
-    def select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        calls = pulse
-        if calls is None:  # taken off while another guard's pulse sat on top: passes through
-            return original(timeout)
-        calls[0]()
-        try:
-            return original(timeout)
-        finally:
-            calls[1]()
-
+    # Native: it runs on every loop iteration (see select_pulse.h).
+    select = engine.select_pulse(selector.select)
+    select._loopguard_below = previous
     selector.select = select  # type: ignore[method-assign]
     engine.wait_end()  # this very iteration is busy from now on
 
-    select._loopguard_below = previous  # type: ignore[attr-defined]
-
     def restore() -> None:
-        nonlocal pulse
-        pulse = None  # and no reference to the engine left, wherever this wrapper stays
-        select._loopguard_inert = True  # type: ignore[attr-defined]
+        select.release()  # a pass-through, with no engine, wherever it stays
         if _own_attr(selector, "select") is select:
             below = _first_live(previous)
             if below is None:
