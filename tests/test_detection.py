@@ -293,9 +293,12 @@ def test_sql_threads_holding_the_gil_are_gil_not_lock(server: Server) -> None:
             # for it in Thread.start, a real lock wait that is not what this test is about.
             assert (await client.get("/sql?repeat=0&hold=0.2")).status_code == 200
             assert (await client.delete("/_events")).status_code == 200
+            # Each pure-Python run between two fetches well past the 50 ms threshold: a pass is
+            # about 4 ms (3.7 on 3.14), so 10 of them left the loop's longest wait at 37-47 ms
+            # on 3.14, never a stall. 30 outlast the 100 ms slice, so the loop waits it out.
             query = asyncio.create_task(
                 client.get(
-                    "/sql?slice_ms=100&passes=10&repeat=3", headers={"x-request-id": "sql-1"}
+                    "/sql?slice_ms=100&passes=30&repeat=3", headers={"x-request-id": "sql-1"}
                 )
             )
             await asyncio.sleep(0.1)  # the SQL threads are running now
