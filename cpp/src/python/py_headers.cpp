@@ -112,7 +112,10 @@ int is_request_id(PyObject* name) {
 PyObject* request_id_of(PyObject* headers) {
   if (headers == nullptr || headers == Py_None) return str_of(new_request_id());
   PyObject* items = PySequence_Fast(headers, "the scope's headers must be iterable");
-  if (items == nullptr) return nullptr;
+  if (items == nullptr) {
+    PyErr_Clear();  // unreadable: an id of its own, as below
+    return str_of(new_request_id());
+  }
   PyObject* id = nullptr;
   bool failed = false;
   // As Python's `for name, value in headers` would: every header up to the first X-Request-ID
@@ -138,7 +141,14 @@ PyObject* request_id_of(PyObject* headers) {
     Py_DECREF(pair);
   }
   Py_DECREF(items);
-  if (failed) return nullptr;
+  if (failed) {
+    // Headers the guard cannot read are no reason to fail the request, nor to raise: the request
+    // gets an id of its own, as one without X-Request-ID does. (Raising would also mean a C++
+    // exception through the binding, which the sanitizer build cannot throw.)
+    PyErr_Clear();
+    Py_XDECREF(id);
+    id = nullptr;
+  }
   return id != nullptr ? id : str_of(new_request_id());
 }
 

@@ -9,7 +9,8 @@ namespace loopguard {
 
 // The request's id (a new str): its X-Request-ID when that may be reused, else a new one.
 // `headers` is an ASGI scope's (None, or an iterable of name/value pairs of bytes); only the
-// first X-Request-ID counts. nullptr with a Python error set if the headers are malformed.
+// first X-Request-ID counts. Headers it cannot read (not pairs, not bytes) count as no
+// X-Request-ID. nullptr with a Python error set only when out of memory.
 PyObject* request_id_of(PyObject* headers);
 
 // A new list: `headers` (None or any iterable of header pairs, left as it is) followed by
