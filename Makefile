@@ -165,8 +165,9 @@ test-transparency: system-deps venv ## Framework suites (Starlette, FastAPI) wit
 # Sanitizers. The C++ unit tests run under ASan+UBSan (all of them) and TSan (the watchdog and
 # the hand-off queue: the two places where threads meet). The extension itself runs under
 # ASan+UBSan inside the Python tests listed in SANITIZE_PYTEST: CPython is not built with ASan, so
-# the runtime is preloaded, and leak checking is off because CPython keeps its own allocations
-# for the life of the process. TSan cannot run the extension: an uninstrumented CPython takes and
+# the runtime is preloaded. libstdc++ is preloaded with it: ASan must find __cxa_throw when it
+# starts, or the extension's first C++ exception (nanobind's way of raising) aborts the process.
+# Leak checking is off because CPython keeps its own allocations for the life of the process. TSan cannot run the extension: an uninstrumented CPython takes and
 # hands over the GIL without TSan seeing it, so every sampler read would be a false race.
 # setarch -R: gcc 12's TSan refuses the address layout of kernels with high mmap randomisation
 # (the build runs the test binary too, to list its tests). The extension is built in a directory
@@ -187,7 +188,7 @@ sanitize: system-deps ## C++ tests under ASan+UBSan and TSan; Python subset unde
 	$(ASAN_VENV)/bin/python -m pip install -q -Cbuild-dir=$(SANITIZE_DIR)/wheel \
 		-Ccmake.define.LOOPGUARD_SANITIZE=address,undefined -Ccmake.build-type=RelWithDebInfo \
 		'.[test]'
-	LD_PRELOAD="$$(g++ -print-file-name=libasan.so)" \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 		$(ASAN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SANITIZE_PYTEST)
 

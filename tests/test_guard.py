@@ -262,6 +262,29 @@ def test_the_first_request_id_decides_and_unreadable_headers_get_a_new_one() -> 
     assert headers_of(broken)["x-request-id"].isalnum()
 
 
+def test_a_response_the_guard_cannot_add_headers_to_goes_out_as_the_app_sent_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Headers that are not a list of pairs: building the dev-mode list raises in the engine's
+    # binding, the guard says so once, and the app's response is sent untouched.
+    start = {"type": "http.response.start", "status": 200, "headers": 5}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> list[dict[str, Any]]:
+        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
+        sent = await call(middleware, http_scope("/"))
+        middleware.guard.stop()
+        return sent
+
+    with caplog.at_level(logging.ERROR, logger="fastapi_loopguard"):
+        sent = asyncio.run(main())
+    assert sent == [start, {"type": "http.response.body", "body": b"ok"}]
+    assert "checking the response start failed" in caplog.text
+
+
 def test_response_start_keeps_its_other_keys() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
