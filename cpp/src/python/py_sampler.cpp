@@ -255,9 +255,11 @@ class PySampler final : public StackSampler {
       frames = want_frames_;
     }
     Sample local;
+    PyReader::Walked walked;
     local.t = monotonic_now();
-    reader_.capture(local, frames, target);
+    reader_.capture(local, frames, target, walked);
     pause_.record(monotonic_now() - local.t);
+    reader_.finish(local, walked);
     std::lock_guard<std::mutex> guard(mutex_);
     if (state_ != State::kAbandoned || served_ || !local.found || !local.has_stack) return;
     late_ = std::move(local);
@@ -305,11 +307,12 @@ class PySampler final : public StackSampler {
         }
         const Nanos t0 = monotonic_now();
         local.t = t0;
-        reader_.capture(local, frames, target);
+        reader_.capture(local, frames, target, walked_);
         if (others && target == 0 && local.found) reader_.read_others(local.others);
         pause_.record(monotonic_now() - t0);
         g_samplers_holding_gil.fetch_sub(1, std::memory_order_relaxed);
         self = PyEval_SaveThread();
+        reader_.finish(local, walked_);
         ok = true;
       }
       lock.lock();
@@ -341,6 +344,7 @@ class PySampler final : public StackSampler {
 
   const SamplerConfig config_;
   PyReader reader_;
+  PyReader::Walked walked_;  // the sampler thread's, kept so its buffer is reused
   const pid_t pid_;
   std::uintptr_t id_ = 0;
   LagHistogram pause_;
