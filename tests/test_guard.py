@@ -17,7 +17,7 @@ import pytest
 
 from fastapi_loopguard import BlockingEvent, LoopGuard, LoopGuardConfig, LoopGuardMiddleware
 
-from .asgi import call, headers_of, http_scope
+from .asgi import Message, call, headers_of, http_scope
 from .conftest import culprit_line
 
 THIS_FILE = __file__
@@ -28,6 +28,19 @@ def run(loop_name: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         import uvloop
 
         return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def sent_in_dev_mode(app: Any, headers: list[tuple[bytes, bytes]] | None = None) -> list[Message]:
+    """What one request through the dev-mode middleware sends, on a loop of its own."""
+
+    async def main() -> list[Message]:
+        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
+        try:
+            return await call(middleware, http_scope("/", headers))
+        finally:
+            middleware.guard.stop()
+
     return asyncio.run(main())
 
 
@@ -226,15 +239,7 @@ def test_request_id_reused_only_when_valid(incoming: str, kept: bool) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": [(b"x-app", b"1")]})
         await send({"type": "http.response.body", "body": b""})
 
-    async def main() -> list[dict[str, Any]]:
-        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
-        sent = await call(
-            middleware, http_scope("/", [(b"x-request-id", incoming.encode("latin-1"))])
-        )
-        middleware.guard.stop()
-        return sent
-
-    sent = asyncio.run(main())
+    sent = sent_in_dev_mode(app, [(b"x-request-id", incoming.encode("latin-1"))])
     headers = headers_of(sent)
     assert (headers["x-request-id"] == incoming) is kept
     assert headers["x-app"] == "1"  # the app's own headers survive
@@ -273,14 +278,8 @@ def test_a_response_the_guard_cannot_add_headers_to_goes_out_as_the_app_sent_it(
         await send(start)
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def main() -> list[dict[str, Any]]:
-        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
-        sent = await call(middleware, http_scope("/"))
-        middleware.guard.stop()
-        return sent
-
     with caplog.at_level(logging.ERROR, logger="fastapi_loopguard"):
-        sent = asyncio.run(main())
+        sent = sent_in_dev_mode(app)
     assert sent == [start, {"type": "http.response.body", "body": b"ok"}]
     assert "checking the response start failed" in caplog.text
 
@@ -290,13 +289,7 @@ def test_response_start_keeps_its_other_keys() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
         await send({"type": "http.response.body", "body": b""})
 
-    async def main() -> list[dict[str, Any]]:
-        middleware = LoopGuardMiddleware(app, LoopGuardConfig(dev_mode=True))
-        sent = await call(middleware, http_scope("/"))
-        middleware.guard.stop()
-        return sent
-
-    start = asyncio.run(main())[0]
+    start = sent_in_dev_mode(app)[0]
     assert start["trailers"] is True
     assert start["status"] == 200
 
