@@ -115,20 +115,32 @@ def detection(loop: str) -> list[str]:
     ]
 
 
-def memory(loop: str, requests: int) -> str:
+def memory(loop: str, requests: int, step: int) -> list[str]:
     """RSS of the guarded and the bare app after warm-up, and how much each grew over the same
-    number of requests: the bare app's growth is the allocator's and the server's own."""
+    number of requests: the bare app's growth is the allocator's and the server's own. With a
+    ``step`` below ``requests``, the growth is also printed every ``step`` requests, to tell a
+    creep that levels off (allocator arenas filling) from one that keeps going (a leak)."""
     bare, bare_url = start("bare", loop, {})
     guarded, guarded_url = start("guarded", loop, {})
+    lines = []
     try:
         for url in (bare_url, guarded_url):
             wrk_run(url, 5)  # warm-up: caches, allocator arenas, the guard's lazy start
         base = {p.pid: rss_kib(p.pid) for p in (bare, guarded)}
         done = {bare.pid: 0, guarded.pid: 0}
+        mark = step
         while min(done.values()) < requests:
             for p, url in ((bare, bare_url), (guarded, guarded_url)):
                 if done[p.pid] < requests:
                     done[p.pid] += wrk_run(url, 20)[1]
+            if step < requests and min(done.values()) >= mark:
+                g, b = (rss_kib(p.pid) - base[p.pid] for p in (guarded, bare))
+                lines.append(
+                    f"{loop:<8} after {min(done.values()):>9} requests: RSS growth guarded "
+                    f"{g / 1024:+.2f} MB, bare {b / 1024:+.2f} MB"
+                )
+                print(lines[-1], flush=True)
+                mark += step
         grown = {p.pid: rss_kib(p.pid) - base[p.pid] for p in (bare, guarded)}
     finally:
         for p in (bare, guarded):
@@ -136,12 +148,13 @@ def memory(loop: str, requests: int) -> str:
             p.wait()
     added = (base[guarded.pid] - base[bare.pid]) / 1024
     g, b = grown[guarded.pid], grown[bare.pid]
-    return (
+    lines.append(
         f"{loop:<8} RSS guarded - bare after warm-up {added:+.1f} MB; growth over "
         f"{done[guarded.pid]} requests: guarded {g / 1024:+.2f} MB "
         f"({g / base[guarded.pid] * 100:+.2f}%), bare {b / 1024:+.2f} MB "
         f"({b / base[bare.pid] * 100:+.2f}%) (targets <= 2 MB; <= 1%)"
     )
+    return lines
 
 
 def cpu_ns(pid: int) -> int:
@@ -159,6 +172,9 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=int, default=20)
     parser.add_argument(
         "--rss-requests", type=int, default=1_000_000, help="requests for the RSS growth (0: skip)"
+    )
+    parser.add_argument(
+        "--rss-step", type=int, default=0, help="also print the RSS growth every this many requests"
     )
     args = parser.parse_args()
     rows = []
@@ -213,7 +229,7 @@ def main() -> None:
     for loop in ("asyncio", "uvloop"):
         notes += detection(loop)
         if args.rss_requests > 0:
-            notes.append(memory(loop, args.rss_requests))
+            notes += memory(loop, args.rss_requests, args.rss_step or args.rss_requests)
     print(f"\n{'loop':<8} {'config':<14} {'throughput guarded/bare':>24} {'idle CPU added':>22}")
     for row in rows:
         print(f"{row[0]:<8} {row[1]:<14} {row[2]:>24} {row[3]:>22}")
