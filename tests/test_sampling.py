@@ -41,7 +41,10 @@ def test_one_function_blocking_at_two_lines_is_named_at_each_every_time(loop_nam
 
     run(loop_name, main)
     first, second = culprit_line(THIS_FILE, "first"), culprit_line(THIS_FILE, "second")
-    lines = [(e.culprit.filename, e.culprit.lineno) if e.culprit else None for e in seen]
+    # Only the sleeps: on a busy machine a collection can stall the loop too, a true report of
+    # its own with a line of its own.
+    sleeps = [e for e in seen if e.kind == "sleep"]
+    lines = [(e.culprit.filename, e.culprit.lineno) if e.culprit else None for e in sleeps]
     assert lines == [(THIS_FILE, first), (THIS_FILE, second)] * 2, seen
 
 
@@ -65,7 +68,7 @@ def test_code_the_sampler_saw_is_let_go_once_its_loop_is_gone(loop_name: str) ->
         )
 
     run(loop_name, main)
-    assert seen[0].stack[-1].function == "handler", seen
+    assert [e.stack[-1].function for e in seen if e.kind == "sleep"] == ["handler"], seen
     # The events hold names and lines only; the app's own references go with its namespace.
     namespace.clear()
     gc.collect()
