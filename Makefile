@@ -40,7 +40,7 @@ SANITIZE_DIR := build/sanitize
 # A venv (and build directory) of its own for the extension built with ASan+UBSan, so .venv
 # keeps the normal build.
 ASAN_VENV := .venv-asan
-# The Python tests that drive the engine hardest (sampler and its code cache, GIL hand-overs, split
+# The Python tests that drive the engine hardest (sampler, GIL hand-overs, split
 # stalls, hangs, cumulative steps, stacks read without the GIL while the process exits or forks),
 # on real uvicorn and in process; the rest would add time, not native coverage.
 SANITIZE_PYTEST ?= tests/test_guard.py tests/test_detection.py tests/test_attribution.py \

@@ -1,6 +1,6 @@
-"""What the sampler keeps from one stack sample to the next: each code object's names and the
-lines it was sampled at. The cache must never name a stale line, and must not keep code alive
-once its loop is gone. Every test runs on asyncio and on uvloop.
+"""What a stack sample names across samples: every sample the line it was taken at, even in code
+sampled before at another line, and nothing of the code it saw kept alive once its loop is gone.
+Every test runs on asyncio and on uvloop.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ THIS_FILE = str(Path(__file__))
 
 
 def test_one_function_blocking_at_two_lines_is_named_at_each_every_time(loop_name: str) -> None:
-    # The same code object sampled at two offsets, twice over: a line kept for the first offset
-    # must not be given for the second, nor the other way round.
+    # The same code object sampled at two offsets, twice over: each event names its own line.
     seen: list[BlockingEvent] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -49,8 +48,7 @@ def test_one_function_blocking_at_two_lines_is_named_at_each_every_time(loop_nam
 
 
 def test_code_the_sampler_saw_is_let_go_once_its_loop_is_gone(loop_name: str) -> None:
-    # The reader holds each code object it sampled, so that no other code can take its address
-    # while it is cached; with the engine gone, nothing of ours may keep it alive.
+    # With the engine gone, nothing of ours may keep the code it sampled alive.
     seen: list[BlockingEvent] = []
     namespace: dict[str, Any] = {}
     source = "import time\nasync def handler():\n    time.sleep(0.15)\n"

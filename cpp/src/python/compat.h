@@ -13,8 +13,9 @@
 // "What's New": PyThreadState still has context and native_thread_id (cpython/pystate.h);
 // _Py_IsFinalizing is still the only spelling (cpython/pylifecycle.h); PyCodeObject still has
 // co_filename, co_qualname, co_flags and co_firstlineno, and CO_COROUTINE is unchanged
-// (cpython/code.h). What the sampler calls is all there with the same signatures and reference
-// semantics: PyCode_Addr2Line, PyInterpreterState_ThreadHead/PyThreadState_Next,
+// (cpython/code.h). What py_sampler.cpp calls is all there with the same signatures and reference
+// semantics: the frame accessors (PyThreadState_GetFrame, PyFrame_GetCode, PyFrame_GetBack,
+// PyFrame_GetLasti, PyCode_Addr2Line), PyInterpreterState_ThreadHead/PyThreadState_Next,
 // PyGILState_*, PyEval_SaveThread/RestoreThread, PyGC_Disable/Enable and PyUnicode_AsUTF8AndSize.
 // Py_AddPendingCall, whose pending calls 3.12 made per interpreter, still queues for the main
 // thread of the main interpreter, which is where PySampler's loop capture wants to run.
@@ -164,13 +165,10 @@ inline PyObject* take_stop_iteration_value() {
   return value != nullptr ? value : Py_NewRef(Py_None);
 }
 
-// ---- Reading a stack from its frame records ---------------------------------------------------
-// Every stack sample reads the interpreter's frame records directly, with the GIL or without it.
-// With it, this spares making a frame object for every level (PyFrame_GetBack), which a sample
-// of a deep stack paid for while the loop waited. Without it, it is the only way in: when native
-// code holds the GIL for seconds (a C extension in a long computation or a deadlock), no stack
-// can be had through the API, so a hang line would name nothing while it lasts. The thread's
-// frames can still be read, as faulthandler reads them from its watchdog thread: plain
+// ---- Reading a stack without the GIL ----------------------------------------------------------
+// When native code holds the GIL for seconds (a C extension in a long computation or a deadlock),
+// no stack can be had through the API, so a hang line would name nothing while it lasts. The
+// thread's frames can still be read, as faulthandler reads them from its watchdog thread: plain
 // loads from the interpreter's frame records and code objects, nothing that needs the GIL,
 // allocates, or touches a reference count. That is only sound while no thread can move those
 // records, and the caller (PySampler::read_without_gil) decides when that is; everything below is

@@ -3,6 +3,7 @@
 #include "py_reader.h"
 
 #include <Python.h>
+#include <frameobject.h>
 
 #include <algorithm>
 #include <string>
@@ -100,26 +101,26 @@ std::uint64_t PyReader::read_token(PyThreadState* tstate) const {
 // coroutine alone otherwise, "(callback)" when no coroutine is on the stack (a plain handle).
 // The name comes from the exact asyncio Task type's get_name, which is C code; a subclass could
 // override it in Python, so a subclass is named by its coroutine only.
-std::string PyReader::describe_task(const CodeInfo* coroutine) const {
-  if (coroutine == nullptr) return "(callback)";
+std::string PyReader::describe_task(const std::string& coroutine) const {
+  if (coroutine.empty()) return "(callback)";
   PyObject* task = compat::running_task(tasks_.current_tasks, tasks_.current_task, tasks_.loop);
   if (task == nullptr || tasks_.task_type == nullptr ||
       Py_TYPE(task) != reinterpret_cast<PyTypeObject*>(tasks_.task_type)) {
     Py_XDECREF(task);
-    return coroutine->function;
+    return coroutine;
   }
   PyObject* name = PyObject_CallMethod(task, "get_name", nullptr);
   Py_DECREF(task);
   if (name == nullptr) {
     PyErr_Clear();
-    return coroutine->function;
+    return coroutine;
   }
   std::string text = utf8_of(name);
   Py_DECREF(name);
-  return text + " (" + coroutine->function + ")";
+  return text + " (" + coroutine + ")";
 }
 
-void PyReader::capture(Sample& out, bool frames, long target, Walked& walked) {
+void PyReader::capture(Sample& out, bool frames, long target) {
   out.found = false;
   out.thread = target;
   PyThreadState* tstate = find_thread(target);
@@ -128,89 +129,36 @@ void PyReader::capture(Sample& out, bool frames, long target, Walked& walked) {
   const int gc_was_enabled = PyGC_Disable();
   out.token = read_token(tstate);
   if (frames) {
-    const CodeInfo* outermost_coroutine = walk_with_gil(tstate, walked);
+    // The outermost coroutine frame is the running task's own coroutine: the task step that
+    // drives it is C, so the loop's frames come right below it.
+    std::string outermost_coroutine;
+    PyFrameObject* frame = PyThreadState_GetFrame(tstate);
+    while (frame != nullptr && out.frames.size() < max_depth_) {
+      PyCodeObject* code = PyFrame_GetCode(frame);
+      FrameInfo info;
+      info.line = compat::line_at(code, PyFrame_GetLasti(frame));
+      info.filename = utf8_of(compat::code_filename(code));
+      info.function = utf8_of(compat::code_qualname(code));
+      if (compat::is_coroutine_code(code)) outermost_coroutine = info.function;
+      Py_DECREF(code);
+      out.frames.push_back(std::move(info));
+      PyFrameObject* back = PyFrame_GetBack(frame);
+      Py_DECREF(frame);
+      frame = back;
+    }
+    Py_XDECREF(frame);
     out.has_stack = true;
+    // File names are normalised here, through the filter's cache, so that events, reports and
+    // the culprit rule all see one spelling of each path (never "venv/bin/../lib/...").
+    const Culprit culprit = filter_.apply(out.frames);
+    out.culprit = culprit.index;
+    out.culprit_is_library = culprit.library;
     // Named even with a request token: the engine keeps the name only if that request has
     // ended (a task it left behind), and it cannot tell from here.
     if (target == 0) out.task = describe_task(outermost_coroutine);
   }
   if (gc_was_enabled) PyGC_Enable();
   if (PyErr_Occurred()) PyErr_Clear();
-}
-
-void PyReader::finish(Sample& out, const Walked& walked) {
-  if (!out.has_stack) return;
-  out.frames.clear();
-  out.frames.reserve(walked.frames.size());
-  for (const auto& frame : walked.frames) {
-    out.frames.push_back(FrameInfo{frame.code->filename, frame.code->function, frame.line});
-  }
-  // File names are normalised here, through the filter's cache, so that events, reports and the
-  // culprit rule all see one spelling of each path (never "venv/bin/../lib/...").
-  const Culprit culprit = filter_.apply(out.frames);
-  out.culprit = culprit.index;
-  out.culprit_is_library = culprit.library;
-}
-
-PyReader::~PyReader() {
-  for (const auto& entry : codes_) Py_DECREF(entry.first);
-}
-
-PyReader::CodeInfo* PyReader::code_info(PyCodeObject* code) {
-  const auto it = codes_.find(code);
-  if (it != codes_.end()) return &it->second;
-  if (codes_.size() >= kMaxCodes) return nullptr;
-  CodeInfo info;
-  info.filename = utf8_of(compat::code_filename(code));
-  info.function = utf8_of(compat::code_qualname(code));
-  info.coroutine = compat::is_coroutine_code(code);
-  Py_INCREF(code);
-  return &codes_.emplace(code, std::move(info)).first->second;
-}
-
-// A code object's bytes never change, so neither does the line at an offset. A function sampled
-// at more offsets than kept (a long CPU loop seen everywhere) has the rest computed each time.
-int PyReader::line_of(CodeInfo& info, PyCodeObject* code, int offset) {
-  for (const auto& [at, line] : info.lines) {
-    if (at == offset) return line;
-  }
-  const int line = compat::line_at(code, offset);
-  if (info.lines.size() < kMaxLinesPerCode) info.lines.emplace_back(offset, line);
-  return line;
-}
-
-// With the GIL: a thread's frames, innermost first, through the same frame records as walk()
-// (sound here, as no thread can move them while this one holds the GIL), so no frame object is
-// made for any level; names and lines come from codes_. The outermost coroutine frame is the
-// running task's own coroutine (returned, or NULL): the task step that drives it is C, so the
-// loop's frames come right below it.
-const PyReader::CodeInfo* PyReader::walk_with_gil(PyThreadState* tstate, Walked& walked) {
-  const CodeInfo* outermost_coroutine = nullptr;
-  walked.frames.clear();
-  walked.uncached.clear();
-  compat::InterpreterFrame* frame = compat::unlocked_top_frame(tstate);
-  for (std::size_t seen = 0;
-       frame != nullptr && walked.frames.size() < max_depth_ && seen < kMaxRecords; ++seen) {
-    PyCodeObject* code = compat::unlocked_code(frame);
-    if (code != nullptr) {
-      const int offset = compat::unlocked_offset(frame);
-      CodeInfo* known = code_info(code);
-      int line = 0;
-      if (known != nullptr) {
-        line = line_of(*known, code, offset);
-      } else {
-        known = &walked.uncached.emplace_back();
-        known->filename = utf8_of(compat::code_filename(code));
-        known->function = utf8_of(compat::code_qualname(code));
-        known->coroutine = compat::is_coroutine_code(code);
-        line = compat::line_at(code, offset);
-      }
-      if (known->coroutine) outermost_coroutine = known;
-      walked.frames.push_back({known, line});
-    }
-    frame = compat::unlocked_previous(frame);
-  }
-  return outermost_coroutine;
 }
 
 // A thread's frames, innermost first, read without touching a reference count or allocating

@@ -11,7 +11,6 @@
 #include "py_sampler.h"
 
 #include <Python.h>
-#include <pthread.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -41,27 +40,6 @@ std::atomic<int> g_samplers_holding_gil{0};
 
 class PySampler;
 
-// The sampler thread turns a sample into strings after it has let go of the GIL (finish()), and
-// the thread that takes the GIL back may fork right then. A fork in the middle of an allocation
-// can leave the child an allocator lock held forever by a thread it does not have: glibc's malloc
-// guards against that, ASan's in gcc 12 seems not to (one run of the fork test hung in CI, most
-// likely on it). So a fork waits for a finish under way: the prepare handler takes the lock every
-// finish holds (a finish needs neither the GIL nor anything the forking thread holds, so it always
-// ends), and both sides let go of it after the fork. Never destroyed: a fork may come during
-// interpreter finalization.
-std::mutex& finish_mutex() {
-  static auto* m = new std::mutex;
-  return *m;
-}
-
-void hold_finishes_across_fork() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    ::pthread_atfork([] { finish_mutex().lock(); }, [] { finish_mutex().unlock(); },
-                     [] { finish_mutex().unlock(); });
-  });
-}
-
 // Samplers that a queued pending call may still name, by id. Py_AddPendingCall keeps its argument
 // until the call runs, which can be after the sampler is gone; the call then finds no entry and
 // does nothing. Never destroyed: a pending call may run during interpreter finalization.
@@ -80,7 +58,6 @@ class PySampler final : public StackSampler {
       : config_(std::move(config)),
         reader_(loop, request_var, tasks, config_.frames, config_.max_depth),
         pid_(::getpid()) {
-    hold_finishes_across_fork();
     {
       std::lock_guard<std::mutex> guard(registry_mutex());
       static std::uintptr_t next_id = 0;
@@ -278,10 +255,8 @@ class PySampler final : public StackSampler {
       frames = want_frames_;
     }
     Sample local;
-    PyReader::Walked walked;
     local.t = monotonic_now();
-    reader_.capture(local, frames, target, walked);
-    reader_.finish(local, walked);
+    reader_.capture(local, frames, target);
     pause_.record(monotonic_now() - local.t);
     std::lock_guard<std::mutex> guard(mutex_);
     if (state_ != State::kAbandoned || served_ || !local.found || !local.has_stack) return;
@@ -330,15 +305,11 @@ class PySampler final : public StackSampler {
         }
         const Nanos t0 = monotonic_now();
         local.t = t0;
-        reader_.capture(local, frames, target, walked_);
+        reader_.capture(local, frames, target);
         if (others && target == 0 && local.found) reader_.read_others(local.others);
         pause_.record(monotonic_now() - t0);
         g_samplers_holding_gil.fetch_sub(1, std::memory_order_relaxed);
         self = PyEval_SaveThread();
-        {
-          std::lock_guard<std::mutex> finishing(finish_mutex());
-          reader_.finish(local, walked_);
-        }
         ok = true;
       }
       lock.lock();
@@ -370,7 +341,6 @@ class PySampler final : public StackSampler {
 
   const SamplerConfig config_;
   PyReader reader_;
-  PyReader::Walked walked_;  // the sampler thread's, kept so its buffer is reused
   const pid_t pid_;
   std::uintptr_t id_ = 0;
   LagHistogram pause_;
