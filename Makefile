@@ -40,9 +40,9 @@ SANITIZE_DIR := build/sanitize
 # A venv (and build directory) of its own for the extension built with ASan+UBSan, so .venv
 # keeps the normal build.
 ASAN_VENV := .venv-asan
-# The Python tests that drive the engine hardest (sampler, GIL hand-overs, split
-# stalls, hangs, cumulative steps, stacks read without the GIL while the process exits or forks),
-# on real uvicorn and in process; the rest would add time, not native coverage.
+# The Python tests that drive the engine hardest (sampler, GIL hand-overs, split stalls, hangs,
+# cumulative steps, stacks read without the GIL while the process exits or forks), on real uvicorn
+# and in process; the rest would add time, not native coverage.
 SANITIZE_PYTEST ?= tests/test_guard.py tests/test_detection.py tests/test_attribution.py \
 	tests/test_sampling.py tests/test_faults.py::test_exit_and_fork_during_a_read_without_the_gil
 
@@ -167,8 +167,9 @@ test-transparency: system-deps venv ## Framework suites (Starlette, FastAPI) wit
 # ASan+UBSan inside the Python tests listed in SANITIZE_PYTEST: CPython is not built with ASan, so
 # the runtime is preloaded. libstdc++ is preloaded with it: ASan must find __cxa_throw when it
 # starts, or the extension's first C++ exception (nanobind's way of raising) aborts the process.
-# Leak checking is off because CPython keeps its own allocations for the life of the process. TSan cannot run the extension: an uninstrumented CPython takes and
-# hands over the GIL without TSan seeing it, so every sampler read would be a false race.
+# Leak checking is off because CPython keeps its own allocations for the life of the process.
+# TSan cannot run the extension: an uninstrumented CPython takes and hands over the GIL without
+# TSan seeing it, so every sampler read would be a false race.
 # setarch -R: gcc 12's TSan refuses the address layout of kernels with high mmap randomisation
 # (the build runs the test binary too, to list its tests). The extension is built in a directory
 # of its own, so the normal build's CMake cache never learns the sanitizer flags.
