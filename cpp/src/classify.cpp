@@ -222,6 +222,11 @@ Kind refine(const OsState& state, const Evidence& ev) noexcept {
   // blocking: as a starved sample its run counts as saturation, unless the loop itself ran a
   // threshold of CPU.
   if (kind == Kind::kLock && ev.gil_futex) return gil_wait(ev);
+  // A futex wait while another thread collects, before the GIL's futex is known: the collector
+  // holds the GIL throughout, so the wait is most likely for it (the sampler learns the address
+  // only when it finds itself waiting, which a starved sampler on a loaded host may not). Once
+  // known, a wait on another futex stays a lock: the loop waits for something else then.
+  if (kind == Kind::kLock && !ev.gil_known && ev.gc_thread != 0) return gil_wait(ev);
   // Runnable but not running for most of the time since the last look: the thread was starved
   // of CPU (cgroup throttling, an overloaded host), whatever it was doing. Not a thread asleep
   // right now: what it sleeps in is the kind.

@@ -324,7 +324,7 @@ TEST(Refine, GcAndIdle) {
 }
 
 // Another thread inside a collection holds the GIL throughout: a GIL wait meanwhile is the
-// collector's, read from the GIL's futex or, without a stack, from any futex that may be it.
+// collector's, read from the GIL's futex or, before that futex is known, from any futex.
 // Any other reading keeps its kind: the loop is not waiting for the GIL then.
 TEST(Refine, AGilWaitWhileAnotherThreadCollectsIsGc) {
   Evidence ev;
@@ -340,9 +340,15 @@ TEST(Refine, AGilWaitWhileAnotherThreadCollectsIsGc) {
   EXPECT_EQ(without_stack(Kind::kLock, ev), Kind::kLock);  // known to be another futex
   ev.gil_known = false;
   EXPECT_EQ(without_stack(Kind::kLock, ev), Kind::kGc);
+  // With a stack, too: the address not learned yet (a starved sampler never saw itself wait).
+  EXPECT_EQ(refine(futex, ev), Kind::kGc);
   ev.sampler_has_gil = true;  // then it is our own sampler that holds it
   EXPECT_EQ(without_stack(Kind::kLock, ev), Kind::kStarved);
+  EXPECT_EQ(refine(futex, ev), Kind::kStarved);
   ev.sampler_has_gil = false;
+  ev.gc_thread = 0;  // nobody collecting: a futex wait of unknown kind is a lock
+  EXPECT_EQ(refine(futex, ev), Kind::kLock);
+  ev.gc_thread = 5151;
 #endif
   EXPECT_EQ(refine(Read("running", 'R'), ev), Kind::kCpu);
 }
