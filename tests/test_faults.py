@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import gc
 import os
@@ -618,19 +619,76 @@ def test_fork_while_the_engine_runs(loop_name: str) -> None:
     _no_guard_failure(result.stderr)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (a forked child of a program, and its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # ended while we looked
+        # "pid (comm) state ppid ...": the name may hold spaces and parentheses.
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _stacks(pids: list[int]) -> str:
+    """What each thread of a hung process tree is doing, for the failure message: gdb's
+    backtraces where gdb is installed, else each thread's state and kernel wait channel."""
+    gdb = shutil.which("gdb")
+    # gdb itself must not start under the sanitizer runtime preloaded into the programs.
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    out = []
+    for pid in pids:
+        out.append(f"-- process {pid}")
+        if gdb is not None:
+            try:
+                bt = subprocess.run(
+                    [gdb, "-batch", "-nx", "-p", str(pid), "-ex", "thread apply all bt 12"],
+                    capture_output=True, text=True, timeout=60, env=env,
+                ).stdout  # fmt: skip
+            except subprocess.TimeoutExpired:
+                bt = "gdb did not answer"
+            out += [line[:200] for line in bt.splitlines() if line.startswith(("Thread ", "#"))]
+            continue
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+            try:
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                out.append(f"{task.name} {(task / 'comm').read_text().strip()} {state} "
+                           f"{(task / 'wchan').read_text()}")  # fmt: skip
+            except OSError:
+                continue
+    return "\n".join(out)
+
+
 def _run_programs(program: str, runs: list[list[str]]) -> list[tuple[list[str], int | str, str]]:
     """Runs ``python -c program`` once per argument list, four at a time: each run's arguments,
-    its exit status (or "hung"), and its stderr."""
+    its exit status (or "hung"), and its stderr. A run that hangs is not only killed: its stderr
+    so far and the stacks of its processes (a forked child's included) say where it stopped."""
 
     def one(args: list[str]) -> tuple[list[str], int | str, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", program, *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         try:
-            done = subprocess.run(
-                [sys.executable, "-c", program, *args],
-                cwd=ROOT, capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
+            _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            return args, "hung", ""
-        return args, done.returncode, done.stderr
+            pids = [proc.pid, *_descendants(proc.pid)]
+            stacks = _stacks(pids)
+            for pid in pids:  # a forked child holds the pipes open too
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            return args, "hung", f"{err}\n{stacks}"
+        return args, proc.returncode, err
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         return list(pool.map(one, runs))
