@@ -314,7 +314,7 @@ def judge(suite: Suite, max_ratio: float, allowed_threads: list[str]) -> None:
             continue
         run = runs[mode]
         # Judged on CPU time: wall time on this shared 2-core machine moved 0.71-1.49x between
-        # runs of the same code, CPU time 0.88-1.24x (the spread is in suites.toml).
+        # runs of the same code, CPU time 0.88-1.46x (the spread is in suites.toml).
         ratio = run.meta["cpu_s"] / base.meta["cpu_s"]
         suite.check(
             mode,
