@@ -619,6 +619,12 @@ def test_fork_while_the_engine_runs(loop_name: str) -> None:
     _no_guard_failure(result.stderr)
 
 
+def _stat_after_name(path: Path) -> list[str]:
+    """The fields of a /proc stat file after the name: "pid (comm) state ppid ...", where the
+    name may hold spaces and parentheses, so the fields start after its last ')'."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
 def _descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (a forked child of a program, and its children)."""
     children: dict[int, list[int]] = {}
@@ -626,11 +632,10 @@ def _descendants(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(_stat_after_name(Path(f"/proc/{entry}/stat"))[1])
         except OSError:
             continue  # ended while we looked
-        # "pid (comm) state ppid ...": the name may hold spaces and parentheses.
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        children.setdefault(ppid, []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])
@@ -660,7 +665,7 @@ def _stacks(pids: list[int]) -> str:
             continue
         for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
             try:
-                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                state = _stat_after_name(task / "stat")[0]
                 out.append(f"{task.name} {(task / 'comm').read_text().strip()} {state} "
                            f"{(task / 'wchan').read_text()}")  # fmt: skip
             except OSError:
